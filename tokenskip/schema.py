@@ -78,6 +78,7 @@ REJECT_SCHEMA = pa.schema(
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), metadata={"doc": "problem or sample key where one could be computed"}),
+        pa.field("problem_id", pa.string(), metadata={"doc": "problem key, null when the input was unusable"}),
         pa.field("stage", pa.string()),
         pa.field("reason", pa.string(), metadata={"doc": "short machine-readable reason"}),
         pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),
