@@ -100,6 +100,17 @@ def test_write_commit_read_back_through_manifest(config):
     errors = storage.read_table(config, DATASET, kind="errors", run_id="run-1")
     assert errors.num_rows == 0 and errors.schema.equals(ERROR_SCHEMA)
 
+    subset = storage.read_table(config, DATASET, columns=["cot", "key"])
+    assert subset.column_names == ["cot", "key"] and subset.column("cot").to_pylist()[2] == "cot of c"
+    with pytest.raises(ValueError, match="unknown columns"):
+        storage.read_table(config, DATASET, columns=["nope"])
+    # Parallel readers get exactly the manifest's files (the stray below is not among them).
+    raw_write(config, "runs/run-1/data/part-stray.parquet", b"not parquet")
+    fs, paths, schema = storage.committed_files(config, DATASET)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["part-0000.parquet", "part-0001.parquet"]
+    via_files = pa.concat_tables([pq.read_table(p, filesystem=fs, schema=schema) for p in paths])
+    assert via_files.equals(data)
+
 
 def test_latest_follows_newest_commit_and_missing_latest_is_a_clear_error(config):
     with pytest.raises(NotCommitted, match="no LATEST"):
@@ -123,6 +134,21 @@ def test_shard_rewrite_is_idempotent_and_different_content_is_refused(config):
     store.commit({})
     # The refused rewrite did not touch the committed part.
     assert storage.read_table(config, DATASET).column("key").to_pylist() == ["a"]
+
+
+def test_store_pickles_for_ray_workers_and_config_models_are_hashed(config):
+    import pickle
+
+    from pydantic import BaseModel
+
+    class GenConfig(BaseModel):
+        temperature: float = 0.6
+
+    store = pickle.loads(pickle.dumps(RunStore(config, DATASET, "run-1")))
+    store.write_shard("0000", {"data": data_table(["a"])})
+    manifest = store.commit({"config": GenConfig()})
+    assert manifest.config == {"temperature": 0.6}
+    assert manifest.config_hash == config_hash({"temperature": 0.6})
 
 
 def test_committed_run_is_immutable(config):

@@ -120,7 +120,8 @@ class StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     root: str = Field(
-        description="Local folder, 's3://bucket/prefix' or any fsspec URL. Datasets are folders below it."
+        min_length=1,
+        description="Local folder, 's3://bucket/prefix' or any fsspec URL. Datasets are folders below it.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -628,6 +629,10 @@ class RunStore:
         self.run_dir = self._paths.run_dir(run_id)
         self._manifest_path = self._paths.manifest(run_id)
 
+    def __reduce__(self):
+        # Ray ships stores to workers: send the arguments, rebuild the filesystem client there.
+        return (RunStore, (self.config, self.dataset, self.run_id))
+
     def _marker_path(self, shard_id: str) -> str:
         return posixpath.join(self.run_dir, "_shards", f"{shard_id}.json")
 
@@ -743,6 +748,8 @@ class RunStore:
         self._refuse_if_committed()
         fields = dict(manifest_fields)
         known = {k: fields.pop(k) for k in ("config", "config_hash", "model", "counts") if k in fields}
+        if isinstance(known.get("config"), BaseModel):
+            known["config"] = known["config"].model_dump(mode="json")
         if "config" in known and "config_hash" not in known:
             known["config_hash"] = compute_config_hash(known["config"])
         shards = self.committed_shards()
@@ -840,20 +847,35 @@ def read_manifest(config: StorageConfig, dataset: str, run_id: str | None = None
     return _read_manifest(backend, _DatasetPaths(root_path, dataset), dataset, run_id)
 
 
+def _kind_schema(manifest: Manifest, kind: str) -> pa.Schema:
+    if kind not in manifest.schemas:
+        raise StorageError(
+            f"run {manifest.run_id!r} of {manifest.dataset!r} has no {kind!r} table; "
+            f"it has {sorted(manifest.schemas)}"
+        )
+    return manifest.schemas[kind].to_arrow()
+
+
 def read_table(
-    config: StorageConfig, dataset: str, kind: str = "data", run_id: str | None = None
+    config: StorageConfig,
+    dataset: str,
+    kind: str = "data",
+    run_id: str | None = None,
+    columns: list[str] | None = None,
 ) -> pa.Table:
     """All rows of ``kind`` in a committed run (LATEST when ``run_id`` is None), read from exactly the
-    files its manifest lists, each checked against its recorded size (and sha256)."""
+    files its manifest lists, each checked against its recorded size (and sha256), with the schema the
+    manifest records (only ``columns`` if given)."""
     _check_kind(kind)
     backend, root_path = _backend(config)
     paths = _DatasetPaths(root_path, dataset)
     manifest = _read_manifest(backend, paths, dataset, run_id)
-    if kind not in manifest.schemas:
-        raise StorageError(
-            f"run {manifest.run_id!r} of {dataset!r} has no {kind!r} table; it has {sorted(manifest.schemas)}"
-        )
-    schema = manifest.schemas[kind].to_arrow()
+    schema = _kind_schema(manifest, kind)
+    if columns is not None:
+        unknown = sorted(set(columns) - set(schema.names))
+        if unknown:
+            raise ValueError(f"unknown columns {unknown} for {kind!r}; the schema has {schema.names}")
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     run_dir = paths.run_dir(manifest.run_id)
     records = {posixpath.join(run_dir, f.path): f for f in manifest.files.get(kind, [])}
     try:
@@ -869,13 +891,29 @@ def read_table(
             raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
         if config.verify_sha256 and _sha256(data) != record.sha256:
             raise IntegrityError(f"{path}: sha256 differs from the manifest")
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), columns=columns)
         if table.num_rows != record.rows:
             raise IntegrityError(f"{path}: {table.num_rows} rows, the manifest says {record.rows}")
         tables.append(table if table.schema.equals(schema, check_metadata=True) else table.cast(schema))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
+
+
+def committed_files(
+    config: StorageConfig, dataset: str, kind: str = "data", run_id: str | None = None
+) -> tuple[fsspec.AbstractFileSystem, list[str], pa.Schema]:
+    """The filesystem, full paths and schema of ``kind``'s files in a committed run, for readers that
+    parallelise themselves (e.g. ``ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(
+    fs)), schema=schema)``). They read exactly the manifest's files but skip the size/sha256 checks that
+    :func:`read_table` does."""
+    _check_kind(kind)
+    backend, root_path = _backend(config)
+    paths = _DatasetPaths(root_path, dataset)
+    manifest = _read_manifest(backend, paths, dataset, run_id)
+    schema = _kind_schema(manifest, kind)
+    run_dir = paths.run_dir(manifest.run_id)
+    return backend.fs, [posixpath.join(run_dir, f.path) for f in manifest.files.get(kind, [])], schema
 
 
 def list_committed_runs(config: StorageConfig, dataset: str) -> list[Manifest]:
