@@ -691,7 +691,8 @@ class RunStore:
             # attempts must write the same content; the sha256 in the marker (checked by readers)
             # catches the case where they did not.
             existing = self._read_marker(marker_path)
-            assert existing is not None
+            if existing is None:  # only retention deletes markers, and only of committed runs
+                raise ShardConflict(f"shard {shard_id!r} of run {self.run_id!r}: marker vanished") from None
             return self._same_shard_or_raise(existing, tables, encoded)
         return record
 
