@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, normalise_text, problem_id
+from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, normalise_text, problem_id, to_table
 from tokenskip.sources import (
     ERROR_REASONS,
     FieldMap,
@@ -357,3 +357,25 @@ def test_malformed_records_all_become_errors_with_their_reason(tmp_path):
     assert valid["Ünïcödé ✓ question — 数学?"] == "√2"
     assert valid["Original layout?"] == "1,000"
     assert len(valid["z" * 20_000]) == 1
+
+
+@pytest.mark.slow
+def test_normalise_rows_as_a_ray_data_stage(shared_data):
+    """The pipeline reads files with Ray Data and normalises in map_batches: same problems as load_problems."""
+    import ray
+
+    config = SourceConfig(path=str(shared_data / "math500/test.jsonl"), kind="math", split="test")
+
+    def normalise_batch(batch: pa.Table) -> pa.Table:
+        problems, errors = normalise_rows(batch.to_pylist(), config)
+        assert not errors
+        return to_table(problems, PROBLEM_SCHEMA)
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        dataset = ray.data.read_json(config.path).map_batches(normalise_batch, batch_format="pyarrow")
+        problems = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    finally:
+        ray.shutdown()
+    expected, _ = load_problems(config)
+    assert problems.sort_by("id").equals(expected.sort_by("id"))
