@@ -3,6 +3,7 @@ parquet, S3 (moto), and a file of malformed records where every record must land
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -198,6 +199,40 @@ def test_parquet_directory_and_limit(shared_data, tmp_path):
     )
     assert single["id"].to_pylist() == expected["id"].to_pylist()[700:705]
     assert len(list(iter_raw_rows(SourceConfig(path=str(folder), kind="gsm8k", limit=3)))) == 3
+
+
+def test_json_documents_original_math_layout_and_compression(shared_data, tmp_path):
+    """The original MATH release: one pretty-printed JSON file per problem, in subject folders, no answer."""
+    rows = _read_jsonl(shared_data / "math500/test.jsonl")[:30]
+    for index, row in enumerate(rows):
+        folder = tmp_path / "MATH" / "test" / row["type"].lower().replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        original = {"problem": row["problem"], "level": f"Level {row['level']}", "type": row["type"]}
+        (folder / f"{index:03d}.json").write_text(
+            json.dumps({**original, "solution": row["solution"]}, indent=4)
+        )
+    problems, errors = load_problems(SourceConfig(path=str(tmp_path / "MATH"), kind="math", split="test"))
+    assert (problems.num_rows, errors.num_rows) == (30, 0)
+    assert sorted(problems["answer"].to_pylist()) == sorted(r["answer"] for r in rows)
+
+    # A JSON array file; a ".json" file that is really JSON lines; gzip-compressed JSON lines.
+    gsm = _read_jsonl(shared_data / "gsm8k/test.jsonl")[:20]
+    expected, _ = load_problems(
+        SourceConfig(path=str(shared_data / "gsm8k/test.jsonl"), kind="gsm8k", limit=20)
+    )
+    (tmp_path / "array.json").write_text(json.dumps(gsm))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    with gzip.open(tmp_path / "lines.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in gsm))
+    for name in ("array.json", "lines.json", "lines.jsonl.gz"):
+        problems, errors = load_problems(SourceConfig(path=str(tmp_path / name), kind="gsm8k"))
+        assert errors.num_rows == 0 and problems.equals(expected), name
+    # Asked for one JSON document explicitly, a JSON-lines file is one invalid document, not a crash.
+    problems, errors = load_problems(
+        SourceConfig(path=str(tmp_path / "lines.json"), format="json", kind="gsm8k")
+    )
+    assert (problems.num_rows, errors["reason"].to_pylist()) == (0, ["invalid_json"])
+    assert json.loads(errors["raw"][0].as_py()) == (tmp_path / "lines.json").read_text()
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -119,12 +119,15 @@ class SourceConfig(BaseModel):
 
     path: str = Field(
         description="Local path or fsspec URL (s3://bucket/key, gs://, https://...) of a file, a directory "
-        "(every *.jsonl / *.parquet file in it, sorted) or a glob. Compressed jsonl (.gz, .zst) is inferred "
-        "from the suffix."
+        "(every *.jsonl / *.json / *.parquet file under it, sorted) or a glob. Compression (.gz, .bz2, .xz, "
+        ".zst) is inferred from the suffix."
     )
-    format: Literal["jsonl", "parquet", "auto"] = Field(
+    format: Literal["jsonl", "json", "parquet", "auto"] = Field(
         default="auto",
-        description="File format; `auto` picks it from each file's suffix (.parquet -> parquet).",
+        description="File format. `jsonl`: one record per line (bad lines become errors, the rest loads); "
+        "`json`: each file is one JSON document, an object (one record, e.g. the original MATH layout of one "
+        "file per problem) or an array of records; `auto` picks by suffix: .parquet/.pq -> parquet, .json -> "
+        "json when the whole file parses as one document, else jsonl.",
     )
     kind: Kind = Field(default="custom", description="Data set layout; `custom` requires `field_map`.")
     name: str | None = Field(
@@ -422,17 +425,29 @@ def normalise_rows(rows: list[dict[str, Any]], config: SourceConfig) -> tuple[li
 # Reading
 
 
+def _data_suffix(path: str) -> str:
+    """``a/b.jsonl.gz`` -> ``.jsonl``: the suffix that names the format, under any compression suffix."""
+    name = path.rsplit("/", 1)[-1]
+    for compression in (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip"):
+        if name.endswith(compression):
+            name = name[: -len(compression)]
+            break
+    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+
+
 def _file_format(path: str, config: SourceConfig) -> str:
     if config.format != "auto":
         return config.format
-    return "parquet" if path.endswith((".parquet", ".pq")) else "jsonl"
+    suffix = _data_suffix(path)
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    return "json" if suffix == ".json" else "jsonl"
 
 
 def _input_files(config: SourceConfig) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, _, paths = fsspec.get_fs_token_paths(config.path, storage_options=config.storage_options)
     if len(paths) == 1 and fs.isdir(paths[0]):
-        wanted = (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst", ".parquet", ".pq")
-        paths = sorted(p for p in fs.find(paths[0]) if p.endswith(wanted))
+        paths = [p for p in fs.find(paths[0]) if _data_suffix(p) in (".jsonl", ".json", ".parquet", ".pq")]
     if not paths or (len(paths) == 1 and not fs.exists(paths[0])):
         raise FileNotFoundError(f"no input files at {config.path!r}")
     return fs, sorted(paths)
@@ -466,6 +481,28 @@ def _iter_jsonl(fs: fsspec.AbstractFileSystem, path: str, source: str) -> Iterat
                 )
 
 
+def _iter_json_document(
+    fs: fsspec.AbstractFileSystem, path: str, source: str, fallback_to_lines: bool
+) -> Iterator[RawRecord]:
+    with fs.open(path, "rb", compression="infer") as handle:
+        data = handle.read()
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        if fallback_to_lines:  # a .json file that is really JSON lines
+            yield from _iter_jsonl(fs, path, source)
+            return
+        reason = "invalid_unicode" if isinstance(err, UnicodeDecodeError) else "invalid_json"
+        raw = json.dumps(data.decode("utf-8", "surrogateescape"))
+        yield RawRecord(path, error=error_row(reason, f"{path}: not one JSON document ({err})", source, raw))
+        return
+    if isinstance(document, list):
+        for index, row in enumerate(document, start=1):
+            yield RawRecord(f"{path}[{index}]", row=row)
+    else:
+        yield RawRecord(path, row=document)
+
+
 def _iter_parquet(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[RawRecord]:
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
@@ -486,11 +523,15 @@ def iter_raw_rows(config: SourceConfig) -> Iterator[RawRecord]:
     fs, paths = _input_files(config)
     count = 0
     for path in paths:
-        records = (
-            _iter_parquet(fs, path)
-            if _file_format(path, config) == "parquet"
-            else _iter_jsonl(fs, path, config.source_name)
-        )
+        file_format = _file_format(path, config)
+        if file_format == "parquet":
+            records = _iter_parquet(fs, path)
+        elif file_format == "json":
+            records = _iter_json_document(
+                fs, path, config.source_name, fallback_to_lines=config.format == "auto"
+            )
+        else:
+            records = _iter_jsonl(fs, path, config.source_name)
         for record in records:
             if config.limit is not None and count >= config.limit:
                 return
