@@ -48,7 +48,7 @@ from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, problem_id, to_table
 STAGE = "sources"
 
 ERROR_REASONS = {
-    "invalid_json": "the line is not valid JSON",
+    "invalid_json": "the line (or, for format json, the file) is not valid JSON",
     "invalid_unicode": "the bytes are not UTF-8, or a string holds a lone surrogate",
     "not_an_object": "the record is valid JSON but not an object (a list, a number, ...)",
     "missing_question": "the question field is absent or null",
