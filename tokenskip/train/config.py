@@ -1,0 +1,292 @@
+"""Typed configuration of the SFT stage (TokenSkip mode and TL;DR re-weighting), loaded from YAML.
+
+Defaults follow TokenSkip's LLaMA-Factory recipe for Qwen2.5-7B-Instruct: LoRA on all linear layers
+with r=8, alpha=16, lr 5e-5, 3 epochs, cosine schedule with 10% warm-up, cutoff 2048 tokens,
+batch 1 x 8 accumulation steps per device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tokenskip.engine import EngineConfig, SamplingConfig
+from tokenskip.sft import SFTMixConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataSourceConfig(_Strict):
+    """Where training examples come from: a committed dataset (through its manifest) or one file."""
+
+    path: str | None = Field(
+        default=None,
+        description="A single jsonl or parquet file (local path or fsspec URL such as s3://...). Handy for "
+        "tests and hand-made sets; production data should come through `storage_root` + `dataset`.",
+    )
+    storage_root: str | None = Field(
+        default=None,
+        description="tokenskip.storage root (local folder or s3://bucket/prefix). The table is read through "
+        "the run's manifest, so a half-written run can never be trained on.",
+    )
+    dataset: str | None = Field(default=None, description="Dataset name under storage_root.")
+    run_id: str | None = Field(default=None, description="Committed run to read; None follows LATEST.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for storage_root/path, e.g. {'endpoint_url': 'http://127.0.0.1:9000'}.",
+    )
+    format: Literal["auto", "compressed", "sft", "cot"] = Field(
+        default="auto",
+        description="'compressed' = COMPRESSED_SCHEMA rows, turned into the TokenSkip mix by `mix`; 'sft' = "
+        "rows with `messages` or instruction/input/output; 'cot' = question + full response columns (e.g. a "
+        "long-CoT TL;DR domain); 'auto' decides from the columns.",
+    )
+    mix: SFTMixConfig = Field(
+        default_factory=SFTMixConfig, description="TokenSkip ratio mix, used for 'compressed' data only."
+    )
+    question_field: str = Field(default="question", description="Question column for format 'cot'.")
+    response_field: str = Field(default="response", description="Response (CoT) column for format 'cot'.")
+    limit: int | None = Field(
+        default=None, ge=1, description="Use only the first N examples (smoke runs); None = all of them."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSourceConfig:
+        if bool(self.path) == bool(self.storage_root):
+            raise ValueError("set exactly one of `path` or `storage_root` (+ `dataset`)")
+        if self.storage_root and not self.dataset:
+            raise ValueError("`dataset` is required with `storage_root`")
+        return self
+
+
+class LoraSettings(_Strict):
+    """LoRA adapter (peft). Disabled = full fine-tune of every weight."""
+
+    enabled: bool = Field(
+        default=True, description="LoRA (small checkpoints, fits one GPU) vs full fine-tune (more capacity)."
+    )
+    r: int = Field(default=8, ge=1, description="Rank; higher = more capacity and memory. TokenSkip: 8.")
+    alpha: int = Field(
+        default=16, ge=1, description="Scaling numerator (update scale = alpha / r). TokenSkip: 16."
+    )
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Dropout on the LoRA input; LLaMA-Factory default 0."
+    )
+    target_modules: list[str] | str = Field(
+        default="all-linear",
+        description="Modules that get adapters; 'all-linear' = every linear layer but the LM head "
+        "(LLaMA-Factory's lora_target: all, as TokenSkip). Fewer modules = fewer parameters.",
+    )
+
+
+class OptimSettings(_Strict):
+    """Optimiser and schedule."""
+
+    learning_rate: float = Field(
+        default=5e-5, gt=0, description="Peak learning rate (AdamW). TokenSkip: 5e-5."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    epochs: float = Field(
+        default=3.0, gt=0, description="Passes over the data; sets the step count unless max_steps is given."
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimiser steps to run; overrides epochs (smoke tests, TL;DR budgets).",
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="LR schedule after warm-up. TokenSkip: cosine."
+    )
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    per_device_batch_size: int = Field(
+        default=1, ge=1, description="Examples per worker per micro-step; more = faster, more memory."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=8, ge=1, description="Micro-steps per optimiser step. Global batch = this x batch x workers."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    cutoff_len: int = Field(
+        default=2048,
+        ge=8,
+        description="Max tokens per example (prompt + response); longer examples are "
+        "truncated from the end of the response. TokenSkip: 2048.",
+    )
+
+
+class ScalingSettings(_Strict):
+    """Ray Train workers."""
+
+    num_workers: int = Field(default=1, ge=1, description="Data-parallel workers (one process each).")
+    use_gpu: bool = Field(default=False, description="One GPU per worker (nccl); CPU workers use gloo.")
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="Ray resources per worker, e.g. {'CPU': 8, 'GPU': 1}. None = Ray's default."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch.set_num_threads in each worker; set 1 on small CPU machines so "
+        "workers do not oversubscribe cores.",
+    )
+
+
+class CheckpointSettings(_Strict):
+    """Where and how often the run is checkpointed (local folder or S3)."""
+
+    storage_path: str = Field(
+        description="Ray Train storage: a local folder or s3://bucket/prefix. Checkpoints (adapter, optimiser, "
+        "scheduler, sampler, step, TL;DR state) land under <storage_path>/<name>/."
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, moto, ...). None = AWS. Credentials come from the usual "
+        "AWS environment variables.",
+    )
+    region: str = Field(default="us-east-1", description="S3 region for storage_path.")
+    save_steps: int = Field(
+        default=300,
+        ge=1,
+        description="Checkpoint every N optimiser steps (and at the end). Lower = less work "
+        "lost on failure, more upload traffic.",
+    )
+    num_to_keep: int | None = Field(
+        default=2,
+        ge=1,
+        description="Checkpoints kept (newest); None keeps all. Resume needs only the latest.",
+    )
+    max_failures: int = Field(
+        default=3,
+        ge=-1,
+        description="Worker-group restarts from the latest checkpoint before giving up (-1 = unlimited).",
+    )
+
+
+class DomainSettings(_Strict):
+    """One TL;DR data domain (e.g. short CoTs, long CoTs)."""
+
+    name: str = Field(description="Domain name used in metrics and the weight history.")
+    role: Literal["short", "long", "other"] = Field(
+        description="'short' gains weight while outputs are longer than the short reference; 'long' gains "
+        "weight while accuracy is below the long reference; 'other' keeps zero benefit."
+    )
+    source: DataSourceConfig = Field(description="Where this domain's examples come from.")
+    initial_weight: float = Field(default=1.0, gt=0, description="Starting weight (normalised over domains).")
+
+
+class ReferencePoint(_Strict):
+    tokens: float = Field(description="Mean generated tokens on the dev set.")
+    accuracy: float = Field(ge=0, le=1, description="Dev accuracy in [0, 1].")
+
+
+class DevSetSettings(_Strict):
+    path: str = Field(description="jsonl/parquet of dev problems (local or fsspec URL).")
+    question_field: str = Field(default="question", description="Question column.")
+    answer_field: str = Field(default="answer", description="Gold answer column.")
+    limit: int | None = Field(
+        default=None, ge=1, description="First N problems only; smaller = faster evals."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for path.")
+
+
+class TLDRSettings(_Strict):
+    """TL;DR dynamic re-weighting (arXiv 2506.02678) between short- and long-CoT domains."""
+
+    domains: list[DomainSettings] = Field(min_length=2, description="Two or more domains to mix.")
+    short_reference: ReferencePoint = Field(
+        description="(tokens, accuracy) of the short-CoT reference model on the dev set."
+    )
+    long_reference: ReferencePoint = Field(
+        description="(tokens, accuracy) of the long-CoT reference model on the dev set."
+    )
+    eval_steps: int = Field(
+        default=50,
+        ge=1,
+        description="Re-weight every N optimiser steps; fewer = faster reaction, more dev cost.",
+    )
+    eta: float = Field(
+        default=4.0, gt=0, description="Step size of the exponentiated-gradient weight update."
+    )
+    smoothing: float = Field(
+        default=1e-4, ge=0, lt=1, description="c in (1-c)w + c/k: keeps every domain sampled with p >= c/k."
+    )
+    dev: DevSetSettings = Field(description="Dev problems the current model answers at each re-weighting.")
+    backend: Literal["vllm", "transformers"] = Field(
+        default="vllm",
+        description="Dev generation: vLLM with the LoRA adapter per request (fast; needs vllm + enable_lora) or "
+        "transformers generate (slow, but works everywhere, e.g. CPU tests or full fine-tunes).",
+    )
+    engine: EngineConfig | None = Field(
+        default=None,
+        description="vLLM engine for backend 'vllm' (model is filled in from the run; enable_lora is forced "
+        "for LoRA runs). On a training GPU leave room: set kv_cache_memory_bytes / gpu_memory_utilization.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=1024),
+        description="Dev sampling; greedy by default so the token/accuracy signal is not sampling noise.",
+    )
+    last_number_fallback: bool = Field(
+        default=True, description="Grade with the last-number fallback (TokenSkip-compatible evaluation)."
+    )
+
+
+class FailureInjection(_Strict):
+    """Testing only: crash once to exercise resume. Never set in production configs."""
+
+    at_step: int = Field(ge=1, description="Raise on rank 0 right after finishing this optimiser step.")
+    marker_path: str = Field(description="Local file created before raising, so the crash happens only once.")
+
+
+class TrainConfig(_Strict):
+    """One fine-tuning run (``tokenskip train --config train.yaml``)."""
+
+    name: str = Field(
+        default="tokenskip-sft", description="Run name: the folder under checkpoint.storage_path."
+    )
+    model: str = Field(description="HF id or local folder of the base causal LM.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer if it differs from the model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16",
+        description="Weight dtype for training. bfloat16 on GPUs (TokenSkip: bf16); float32 on CPU.",
+    )
+    mode: Literal["tokenskip", "tldr"] = Field(
+        default="tokenskip", description="'tokenskip' trains on one data source; 'tldr' re-weights domains."
+    )
+    data: DataSourceConfig | None = Field(default=None, description="Training data for mode 'tokenskip'.")
+    tldr: TLDRSettings | None = Field(default=None, description="Domains, references and dev set for 'tldr'.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA or full fine-tune.")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="Optimiser and schedule.")
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Ray Train workers.")
+    checkpoint: CheckpointSettings = Field(description="Checkpoint storage and cadence.")
+    system: str | None = Field(
+        default=None, description="System message for examples that carry none (keeps chat templates honest)."
+    )
+    seed: int = Field(default=42, description="Seed of data order, domain sampling and model init (LoRA).")
+    log_every: int = Field(default=1, ge=1, description="Report metrics every N optimiser steps.")
+    failure_injection: FailureInjection | None = Field(
+        default=None, description="Testing only: crash once at a step to exercise resume."
+    )
+
+    @model_validator(mode="after")
+    def _mode_inputs(self) -> TrainConfig:
+        if self.mode == "tokenskip" and self.data is None:
+            raise ValueError("mode 'tokenskip' needs `data`")
+        if self.mode == "tldr":
+            if self.tldr is None:
+                raise ValueError("mode 'tldr' needs `tldr`")
+            names = [d.name for d in self.tldr.domains]
+            if len(set(names)) != len(names):
+                raise ValueError(f"domain names must be unique: {names}")
+        return self
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML training config (unknown keys are an error, not silently ignored)."""
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return TrainConfig.model_validate(raw)

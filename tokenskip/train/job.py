@@ -1,0 +1,122 @@
+"""Launch a fine-tuning run on Ray Train (``tokenskip train --config train.yaml``).
+
+Failures restart the worker group from the latest checkpoint (``checkpoint.max_failures``); a run
+started again with the same ``name`` and ``storage_path`` also continues from its latest checkpoint,
+because Ray Train restores it from the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tokenskip.train.config import CheckpointSettings, TrainConfig, load_train_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Where the run ended: its final metrics and the latest checkpoint's location."""
+
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    run_path: str
+    error: str | None
+
+
+def storage_target(settings: CheckpointSettings) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for ``RunConfig``.
+
+    With a custom S3 endpoint Ray cannot build the filesystem from a URL, so we pass a pyarrow
+    ``S3FileSystem`` and the bucket/prefix path without scheme.
+    """
+    path = settings.storage_path
+    if not (path.startswith("s3://") and settings.endpoint_url):
+        return path, None
+    from pyarrow import fs
+
+    scheme = "https" if settings.endpoint_url.startswith("https://") else "http"
+    endpoint = settings.endpoint_url.split("://", 1)[1]
+    filesystem = fs.S3FileSystem(endpoint_override=endpoint, scheme=scheme, region=settings.region)
+    return path[len("s3://") :].rstrip("/"), filesystem
+
+
+def build_trainer(config: TrainConfig):
+    """The ``TorchTrainer`` for ``config`` (separate from :func:`run_training` for dry runs)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tokenskip.train.loop import train_loop_per_worker
+
+    storage_path, storage_filesystem = storage_target(config.checkpoint)
+    scaling = ScalingConfig(
+        num_workers=config.scaling.num_workers,
+        use_gpu=config.scaling.use_gpu,
+        resources_per_worker=config.scaling.resources_per_worker,
+    )
+    run_config = RunConfig(
+        name=config.name,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
+        failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Fit on Ray Train (connects to / starts Ray as ``ray.init`` would) and return where it ended."""
+    result = build_trainer(config).fit()
+    return TrainResult(
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        run_path=result.path,
+        error=repr(result.error) if result.error else None,
+    )
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    config = load_train_config(args.config)
+    if args.dry_run:
+        print(json.dumps(config.model_dump(mode="json"), indent=1))
+        return 0
+    result = run_training(config)
+    print(
+        json.dumps({"metrics": result.metrics, "checkpoint": result.checkpoint_path, "run": result.run_path})
+    )
+    return 0 if result.error is None else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)."
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Validate and print the config, do not train.")
+
+
+def register_cli(subparsers) -> None:
+    """Add ``train`` to the ``tokenskip`` command (called by tokenskip.cli)."""
+    parser = subparsers.add_parser(
+        "train",
+        help="Fine-tune on TokenSkip / TL;DR data with Ray Train (LoRA or full).",
+        description=__doc__,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=_cli_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO)
+    parser = argparse.ArgumentParser(prog="train_sft", description=__doc__)
+    add_arguments(parser)
+    return _cli_train(parser.parse_args(argv))

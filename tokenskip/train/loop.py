@@ -1,0 +1,289 @@
+"""The Ray Train worker loop: LoRA / full fine-tune of a causal LM, checkpoint and resume.
+
+A checkpoint folder holds everything needed to continue exactly where the run stopped:
+
+* ``adapter/`` - the peft adapter (LoRA runs; loadable by vLLM / transformers), or ``model/`` for full
+  fine-tunes (final checkpoint only; resume uses ``trainable.pt``);
+* ``trainable.pt`` - the trainable parameters; ``optim.pt`` - optimiser + scheduler state;
+* ``trainer_state.json`` - step, sampler state, loss history, resume attempts and (TL;DR) the domain
+  weights with their history and dev metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from tokenskip.train.config import TrainConfig
+from tokenskip.train.data import (
+    EpochSampler,
+    TokenizedExample,
+    collate,
+    source_messages,
+    tokenize_all,
+    worker_slice,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.pt"
+OPTIM_FILE = "optim.pt"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by ``failure_injection`` (tests of resume)."""
+
+
+def _load_model(config: TrainConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, config.dtype)
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    if config.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def _scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(config.optim.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(config.optim.scheduler, config.optim.scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _trainable_state(model) -> dict[str, Any]:
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(
+    directory: str, model, optimizer, scheduler, state: dict[str, Any], config: TrainConfig, final: bool
+):
+    import torch
+
+    torch.save(_trainable_state(model), os.path.join(directory, TRAINABLE_FILE))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        os.path.join(directory, OPTIM_FILE),
+    )
+    if config.lora.enabled:
+        model.save_pretrained(os.path.join(directory, "adapter"))
+    elif final:
+        model.save_pretrained(os.path.join(directory, "model"))
+    with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=1)
+
+
+def _restore_checkpoint(checkpoint, model, optimizer, scheduler) -> dict[str, Any]:
+    import torch
+
+    with checkpoint.as_directory() as directory:
+        trainable = torch.load(os.path.join(directory, TRAINABLE_FILE), map_location="cpu")
+        missing = set(_trainable_state(model)) - set(trainable)
+        if missing:
+            raise RuntimeError(f"checkpoint lacks trainable parameters {sorted(missing)[:5]}...")
+        model.load_state_dict(trainable, strict=False)
+        optim = torch.load(os.path.join(directory, OPTIM_FILE), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(optim["optimizer"])
+        scheduler.load_state_dict(optim["scheduler"])
+        with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as handle:
+            return json.load(handle)
+
+
+def _tokenized_domains(config: TrainConfig, tokenizer) -> tuple[list[str], list[list[TokenizedExample]], int]:
+    """Domain names, their tokenized examples, and how many examples the cutoff dropped."""
+    if config.mode == "tldr":
+        sources = [(d.name, d.source) for d in config.tldr.domains]
+    else:
+        sources = [("data", config.data)]
+    names, domains, dropped = [], [], 0
+    for name, source in sources:
+        examples, n_dropped = tokenize_all(
+            tokenizer, source_messages(source, tokenizer, config.system), config.optim.cutoff_len
+        )
+        names.append(name)
+        domains.append(examples)
+        dropped += n_dropped
+    return names, domains, dropped
+
+
+def _broadcast(obj: Any, world_size: int) -> Any:
+    """Rank 0's ``obj`` on every rank (TL;DR weights are decided on rank 0 only)."""
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    payload = [obj]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry: ``loop_config = {"config": TrainConfig.model_dump()}``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import AutoTokenizer
+
+    from tokenskip.train.tldr import DevEvaluator, TLDRState, WeightedDomainSampler
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if config.scaling.torch_threads:
+        torch.set_num_threads(config.scaling.torch_threads)
+    torch.manual_seed(config.seed)  # identical LoRA init on every rank
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    names, domains, dropped = _tokenized_domains(config, tokenizer)
+
+    optim = config.optim
+    global_batch = optim.per_device_batch_size * optim.gradient_accumulation_steps * world
+    epoch_sampler = EpochSampler(sum(len(d) for d in domains), global_batch, config.seed)
+    total_steps = optim.max_steps or epoch_sampler.steps_for_epochs(optim.epochs)
+    flat = [example for domain in domains for example in domain]
+    weighted_sampler = WeightedDomainSampler([len(d) for d in domains], global_batch, config.seed)
+
+    model = _load_model(config)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model  # unwrap DDP
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    scheduler = _scheduler(optimizer, config, total_steps)
+
+    tldr_state = TLDRState.initial(config.tldr) if config.mode == "tldr" else None
+    state: dict[str, Any] = {"step": 0, "total_steps": total_steps, "attempts": [], "loss_history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _restore_checkpoint(checkpoint, bare, optimizer, scheduler)
+        if tldr_state is not None:
+            tldr_state = TLDRState.from_dict(state["tldr"])
+    state["attempts"].append({"start_step": state["step"], "world_size": world})
+    if rank == 0:
+        log.info(
+            "training %s from step %d to %d (%d examples dropped by the cutoff)",
+            config.name,
+            state["step"],
+            total_steps,
+            dropped,
+        )
+
+    evaluator = None
+    if tldr_state is not None and rank == 0:
+        evaluator = DevEvaluator(config.tldr, config.model, tokenizer, config.lora.enabled, config.lora.r)
+    workdir = tempfile.mkdtemp(prefix="tokenskip-train-")
+    accum = optim.gradient_accumulation_steps
+    model.train()
+
+    for step in range(state["step"], total_steps):
+        started = time.perf_counter()
+        if tldr_state is not None:
+            picks = weighted_sampler.global_batch_at(step, tldr_state.weights)
+            batch = [domains[d][i] for d, i in worker_slice(picks, rank, world)]
+        else:
+            batch = [flat[i] for i in worker_slice(epoch_sampler.global_batch_at(step), rank, world)]
+        loss_sum, token_count = 0.0, 0
+        for micro in range(accum):
+            micro_batch = batch[
+                micro * optim.per_device_batch_size : (micro + 1) * optim.per_device_batch_size
+            ]
+            tensors = {k: v.to(device) for k, v in collate(micro_batch, tokenizer.pad_token_id).items()}
+            # Skip the DDP all-reduce on every micro-step but the last (gradients just accumulate).
+            sync = (
+                contextlib.nullcontext()
+                if micro == accum - 1 or not hasattr(model, "no_sync")
+                else model.no_sync()
+            )
+            with sync:
+                loss = model(**tensors).loss / accum
+                loss.backward()
+            loss_sum += loss.item()
+            token_count += int(tensors["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - started
+        total_loss, total_tokens, elapsed_sum = _all_reduce_sum([loss_sum, token_count, elapsed], device)
+        state["step"] = step + 1
+        mean_loss = total_loss / world
+        state["loss_history"].append([state["step"], mean_loss])
+        metrics: dict[str, Any] = {
+            "step": state["step"],
+            "epoch": epoch_sampler.epoch_at(state["step"]),
+            "loss": mean_loss,
+            "lr": scheduler.get_last_lr()[0],
+            # Tokens of all workers over the mean worker time of this step.
+            "tokens_per_s": total_tokens / max(elapsed_sum / world, 1e-9),
+        }
+
+        if tldr_state is not None and state["step"] % config.tldr.eval_steps == 0:
+            entry = None
+            if rank == 0:
+                dev = evaluator.evaluate(bare, state["step"], workdir)
+                entry = tldr_state.reweight(state["step"], dev.accuracy, dev.mean_tokens, config.tldr)
+            tldr_state = _broadcast(tldr_state, world)
+            entry = tldr_state.history[-1]
+            metrics.update({"dev_accuracy": entry["accuracy"], "dev_mean_tokens": entry["mean_tokens"]})
+        if tldr_state is not None:
+            metrics.update(
+                {f"weight_{n}": w for n, w in zip(tldr_state.names, tldr_state.weights, strict=True)}
+            )
+            state["tldr"] = tldr_state.to_dict()
+            state["sampler"] = weighted_sampler.state(state["step"], tldr_state.weights)
+        else:
+            state["sampler"] = epoch_sampler.state(state["step"])
+
+        final = state["step"] == total_steps
+        if final or state["step"] % config.checkpoint.save_steps == 0:
+            # Every rank reports (Ray Train V2 expects it); only rank 0 uploads the files.
+            with tempfile.TemporaryDirectory(dir=workdir) as directory:
+                ckpt = None
+                if rank == 0:
+                    _save_checkpoint(directory, bare, optimizer, scheduler, state, config, final)
+                    ckpt = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report(metrics, checkpoint=ckpt)
+        elif state["step"] % config.log_every == 0:
+            ray.train.report(metrics)
+
+        injection = config.failure_injection
+        if (
+            injection
+            and rank == 0
+            and state["step"] == injection.at_step
+            and not os.path.exists(injection.marker_path)
+        ):
+            with open(injection.marker_path, "w", encoding="utf-8") as handle:
+                handle.write(f"failed after step {state['step']}\n")
+            raise InjectedFailure(f"injected failure after step {state['step']}")
