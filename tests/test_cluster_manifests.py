@@ -189,6 +189,49 @@ def test_rbac_errors_are_caught(config):
     assert problems and {p.check for p in problems} == {"builtin"}
 
 
+def test_metadata_of_a_custom_resource_is_validated_as_object_meta(config):
+    obj = one("rayjob-train.yaml", config)
+    obj["metadata"]["lables"] = obj["metadata"].pop("labels")  # the CRD leaves metadata open
+    problems = kv.validate_object(obj, config)
+    assert [(p.check, p.path) for p in problems] == [("metadata", "metadata")]
+    assert "'lables' was unexpected" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path"),
+    [
+        (lambda o: o["metadata"]["labels"].__setitem__("bad key!", "x"), "metadata.labels"),
+        (lambda o: o["metadata"]["labels"].__setitem__("ok", "not ok"), "metadata.labels.ok"),
+        (lambda o: o["metadata"]["labels"].__setitem__("n", 3), "metadata.labels.n"),
+        (
+            lambda o: o["spec"]["workerGroupSpecs"][0]["template"]["spec"]["nodeSelector"].__setitem__(
+                "gpu", True
+            ),
+            "spec.workerGroupSpecs[0].template.spec.nodeSelector.gpu",
+        ),
+    ],
+)
+def test_invalid_labels_are_rejected(config, mutate, path):
+    obj = one("raycluster.yaml", config)
+    mutate(obj)
+    assert ("metadata", path) in checks(kv.validate_object(obj, config))
+
+
+@pytest.mark.parametrize("manifest", ["cronjob-refresh.yaml", "raycronjob-refresh.yaml"])
+def test_unknown_time_zone_is_rejected(config, manifest):
+    obj = one(manifest, config)
+    obj["spec"]["timeZone"] = "Mars/Olympus_Mons"
+    assert "spec.timeZone" in {p.path for p in kv.validate_object(obj, config)}
+
+
+def test_every_error_of_a_builtin_kind_is_reported(config):
+    role = next(d for d in load("rbac.yaml", config) if d["kind"] == "Role")
+    role["rules"][0]["verb"] = role["rules"][0].pop("verbs")
+    role["metadata"]["nmae"] = "x"
+    messages = [p.message for p in kv.validate_object(role, config)]
+    assert len(messages) == 3 and sum("was unexpected" in m for m in messages) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Schema translation, defaults, CEL
 
@@ -506,6 +549,13 @@ def test_launcher_role_allows_exactly_what_it_needs(config):
     binding = docs[("RoleBinding", "tokenskip-refresh-launcher")]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["name"] == "tokenskip-refresh-launcher"
+
+
+def test_readme_describes_every_file():
+    readme = (CLUSTER / "README.md").read_text()
+    for file in sorted(CLUSTER.iterdir()):
+        if file.is_file() and file.name != "README.md" and not file.name.startswith("."):
+            assert f"`{file.name}`" in readme, file.name
 
 
 def test_dockerfile_is_pinned_non_root_and_installs_the_gpu_extra():

@@ -80,6 +80,7 @@ MAX_CRONJOB_NAME = 52
 
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RAY_START_RESOURCE_KEYS = ("num-cpus", "num-gpus", "memory", "resources")
 _CREDENTIAL_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
@@ -479,6 +480,19 @@ def runtime_env_problems(runtime_env_yaml: str) -> list[str]:
     return []
 
 
+def _time_zone_problems(time_zone: Any) -> list[str]:
+    """A timeZone must name an IANA zone (both the CronJob and the RayCronJob controller load it)."""
+    if time_zone is None:
+        return []
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(str(time_zone))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return [f"timeZone {time_zone!r} is not a known IANA time zone"]
+    return []
+
+
 def _cron_problems(schedule: Any) -> list[str]:
     if not isinstance(schedule, str):
         return ["schedule must be a string"]
@@ -616,6 +630,7 @@ def kuberay_problems(obj: dict, config: ValidationConfig) -> list[tuple[str, str
         found = [(f"rayClusterConfig.{p}".rstrip("."), m) for p, m in found]
     elif kind == "RayCronJob":
         found = [("schedule", m) for m in _cron_problems(spec.get("schedule"))]
+        found += [("timeZone", m) for m in _time_zone_problems(spec.get("timeZone"))]
         if spec.get("jobTemplate") is None:
             found.append(("jobTemplate", "jobTemplate cannot be empty"))
         else:
@@ -656,17 +671,49 @@ def pod_templates(obj: dict) -> Iterator[tuple[str, dict]]:
         yield from from_job(spec.get("jobTemplate") or {}, "spec.jobTemplate.")
 
 
-def builtin_problems(obj: dict, config: ValidationConfig) -> list[tuple[str, str]]:
-    """(path, message) from kubernetes-validate (strict) for a built-in kind."""
-    from kubernetes_validate import utils as kv
+@lru_cache(maxsize=64)
+def _builtin_validator(api_version: str, kind: str, kubernetes_version: str, strict: bool):
+    """A jsonschema validator for a built-in kind from kubernetes-validate's bundled schemas.
 
+    kubernetes_validate.validate() stops at the first error; this loads the same schema files the
+    same way (its ``schema_contents``) so that every error is reported at once.
+    """
+    from kubernetes_validate import utils as kvu
+    from referencing import Registry, Resource
+
+    wanted = kvu.major_minor(kubernetes_version.lstrip("v"))
+    candidates = [v for v in kvu.all_versions() if kvu.major_minor(v) <= wanted]
+    if not candidates:
+        raise ValueError(f"kubernetes-validate has no schemas for Kubernetes {kubernetes_version}")
+    folder = f"v{candidates[-1]}-local" + ("-strict" if strict else "")
+    # "rbac.authorization.k8s.io/v1" -> "rbac-v1", "v1" -> "v1" (the bundle's file naming).
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
     try:
-        kv.validate(obj, config.kubernetes_version, strict=config.reject_unknown_fields)
-    except kv.ValidationError as exc:
-        return [(_path(exc.path), exc.message)]
-    except kv.SchemaNotFoundError as exc:
-        return [("", exc.message)]
-    return []
+        schema = kvu.schema_contents(f"kubernetes-json-schema/{folder}/{kind.lower()}-{api}.json", wanted)
+    except FileNotFoundError:
+        return None
+    definitions = kvu.schema_contents(f"kubernetes-json-schema/{folder}/_definitions.json", wanted)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def builtin_problems(obj: dict, config: ValidationConfig) -> list[tuple[str, str]]:
+    """(path, message) of every violation of the Kubernetes OpenAPI schema for a built-in kind."""
+    validator = _builtin_validator(
+        str(obj.get("apiVersion")),
+        str(obj.get("kind")),
+        config.kubernetes_version,
+        config.reject_unknown_fields,
+    )
+    if validator is None:
+        return [
+            (
+                "",
+                f"no Kubernetes {config.kubernetes_version} schema for {obj.get('apiVersion')} {obj.get('kind')}",
+            )
+        ]
+    errors = sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    return [(_path(e.absolute_path), e.message) for e in errors]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,6 +735,38 @@ def _image_is_pinned(image: str) -> bool:
         return True
     last = image.rsplit("/", 1)[-1]
     return ":" in last and not last.endswith(":latest")
+
+
+def _qualified_name_problems(key: Any) -> list[str]:
+    if not isinstance(key, str):
+        return [f"key {key!r} must be a string"]
+    prefix, _, name = key.rpartition("/")
+    out = []
+    if prefix and (len(prefix) > 253 or not all(_DNS1123_LABEL.match(part) for part in prefix.split("."))):
+        out.append(f"key {key!r}: prefix must be a DNS-1123 subdomain")
+    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        out.append(
+            f"key {key!r}: name part must be 1-63 alphanumerics, '-', '_' or '.', alphanumeric at both ends"
+        )
+    return out
+
+
+def label_problems(obj: dict) -> list[tuple[str, str]]:
+    """(path, message) for every label map (metadata.labels, nodeSelector) with invalid keys or values."""
+    out = []
+    for path, value in _walk(obj):
+        is_labels = len(path) >= 2 and path[-1] == "labels" and path[-2] == "metadata"
+        if not (is_labels or (path and path[-1] == "nodeSelector")) or not isinstance(value, dict):
+            continue
+        for key, label in value.items():
+            out += [(_path(path), m) for m in _qualified_name_problems(key)]
+            if not isinstance(label, str):
+                out.append(
+                    (_path((*path, key)), f"label value {label!r} must be a string (quote it in YAML)")
+                )
+            elif len(label) > 63 or (label and not _QUALIFIED_NAME.match(label)):
+                out.append((_path((*path, key)), f"label value {label!r} is not a valid label value"))
+    return out
 
 
 def policy_problems(obj: dict) -> list[tuple[str, str]]:
@@ -737,6 +816,7 @@ def validate_object(obj: dict, config: ValidationConfig, source: str = "<object>
     if kind == "Kustomization":
         return []  # not an API object; validate_paths checks the files it references
     problems = [problem("policy", p, m) for p, m in policy_problems(obj)]
+    problems += [problem("metadata", p, m) for p, m in label_problems(obj)]
 
     if api_version.split("/")[0] == RAY_GROUP:
         schema = crd_schema(config, api_version, kind)
@@ -751,6 +831,10 @@ def validate_object(obj: dict, config: ValidationConfig, source: str = "<object>
             problems += [problem("cel", p, m) for p, m in cel_problems(defaulted, schema)]
         problems += [problem(c, p, m) for c, p, m in kuberay_problems(defaulted, config)]
         if config.check_builtin_kinds:
+            # The CRD declares metadata as a bare object; the API server still validates it as an
+            # ObjectMeta, so check it as the metadata of a built-in kind.
+            carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata") or {}}
+            problems += [problem("metadata", p, m) for p, m in builtin_problems(carrier, config)]
             for path, template in pod_templates(obj):
                 pod_template = {
                     "apiVersion": "v1",
@@ -771,9 +855,10 @@ def validate_object(obj: dict, config: ValidationConfig, source: str = "<object>
     if config.check_builtin_kinds:
         problems += [problem("builtin", p, m) for p, m in builtin_problems(obj, config)]
     if kind == "CronJob":
+        spec = obj.get("spec") or {}
+        problems += [problem("builtin", "spec.schedule", m) for m in _cron_problems(spec.get("schedule"))]
         problems += [
-            problem("builtin", "spec.schedule", m)
-            for m in _cron_problems((obj.get("spec") or {}).get("schedule"))
+            problem("builtin", "spec.timeZone", m) for m in _time_zone_problems(spec.get("timeZone"))
         ]
     return problems
 
