@@ -1,0 +1,387 @@
+"""Compression stage: CoT -> reasoning + answer tail -> pruned reasoning at every target ratio.
+
+TokenSkip prunes the reasoning of a correct CoT to several ratios and trains on
+``question<eos>ratio<eos>compressed CoT``. This stage does the pruning for a batch of CoTs:
+
+* each CoT is split by :func:`tokenskip.grading.split_answer_tail` into the prunable reasoning and
+  the final-answer tail, which is never pruned (a pruned answer would teach wrong answers);
+* the reasoning of every row is scored ONCE (one batched scorer pass, :mod:`tokenskip.scoring`) and
+  pruned to every ratio from those scores;
+* each compression is ``pruned reasoning + the original separator + tail``, with its token count in
+  the target model's tokenizer and its achieved ratio (tokens / tokens of the full CoT).
+
+:class:`Compressor` is a Ray Data ``map_batches`` callable class (loads its models once per actor);
+:func:`compress_file` runs it over a jsonl/parquet file for the CLI. A row that cannot be compressed
+(missing/empty CoT, scorer failure) keeps its columns and gets ``error``/``error_detail``; the rest
+of the batch is unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tokenskip.grading import split_answer_tail
+from tokenskip.pruning import validate_ratios
+from tokenskip.schema import COMPRESSION_STRUCT, ERROR_SCHEMA
+from tokenskip.scoring import ScorerConfig, build_scorer
+
+log = logging.getLogger(__name__)
+
+ADDED_COLUMNS = ["reasoning", "answer_tail", "original_tokens", "compressions", "error", "error_detail"]
+
+
+class CompressConfig(BaseModel):
+    """How to compress CoTs: target ratios, the importance scorer, the tokenizer that counts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratios: list[float] = Field(
+        default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5],
+        description="Target kept fractions of the reasoning's tokens (TokenSkip: 0.9..0.5). More ratios "
+        "cost almost nothing (one scorer pass serves all) but multiply the training rows.",
+    )
+    scorer: ScorerConfig = Field(
+        default_factory=ScorerConfig,
+        description="Token-importance scorer. llmlingua2 is TokenSkip's; selfinfo needs only a causal LM.",
+    )
+    target_tokenizer: str | None = Field(
+        default=None,
+        description="HF id or folder of the model to be trained; its tokenizer counts original/compressed "
+        "tokens (achieved ratios). None counts with the scorer model's tokenizer: fine for monitoring, "
+        "but achieved ratios then refer to a different vocabulary than the trained model's.",
+    )
+    split_answer: bool = Field(
+        default=True,
+        description="Prune only the reasoning and re-attach the final-answer tail untouched (TokenSkip). "
+        "False prunes the whole CoT, answer included: shorter, but the answer can be damaged.",
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _check_ratios(cls, ratios: list[float]) -> list[float]:
+        ratios = validate_ratios(ratios)
+        if not ratios:
+            raise ValueError("at least one ratio is needed")
+        if len(set(ratios)) != len(ratios):
+            raise ValueError(f"duplicate ratios: {ratios}")
+        return ratios
+
+
+def _as_list(values: Any) -> list:
+    # Ray hands numpy arrays (batch_format="numpy"), plain callers lists.
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def _join(pruned: str, reasoning: str, tail: str) -> str:
+    """Pruned reasoning + the whitespace that separated reasoning and tail in the CoT + tail."""
+    if not tail:
+        return pruned
+    if not pruned:
+        return tail
+    separator = reasoning[len(reasoning.rstrip()) :] or (" " if not tail[:1].isspace() else "")
+    return pruned.rstrip() + separator + tail
+
+
+class Compressor:
+    """Ray Data ``map_batches`` callable: adds the compression columns to a batch with a ``cot`` column.
+
+    Output columns, added to every input column (passed through unchanged): ``reasoning``,
+    ``answer_tail``, ``original_tokens`` (target tokenizer, full CoT), ``compressions`` (list of
+    :data:`tokenskip.schema.COMPRESSION_STRUCT` dicts, one per ratio, in config order), ``error`` and
+    ``error_detail`` (None unless the row could not be compressed; its other new columns are None).
+    """
+
+    def __init__(self, config: CompressConfig, *, cot_column: str = "cot"):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.cot_column = cot_column
+        self.scorer = build_scorer(config.scorer)
+        if config.target_tokenizer:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.target_tokenizer)
+        else:
+            self.tokenizer = getattr(self.scorer, "tokenizer", None) or AutoTokenizer.from_pretrained(
+                getattr(self.scorer, "model_path", config.scorer.model)
+            )
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text in the target tokenizer (no special tokens)."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _prune_rows(self, reasonings: list[str]) -> list[dict[float, str] | Exception]:
+        """Scorer output per row; one failing row must not fail the others, so retry row by row."""
+        try:
+            return list(self.scorer.prune(reasonings, self.config.ratios))
+        except Exception as batch_error:  # isolate the failing row below
+            log.warning(
+                "scoring failed for a batch of %d (%r); retrying row by row", len(reasonings), batch_error
+            )
+        out: list[dict[float, str] | Exception] = []
+        for text in reasonings:
+            try:
+                out.append(self.scorer.prune([text], self.config.ratios)[0])
+            except Exception as e:  # becomes the row's error
+                out.append(e)
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        if self.cot_column not in batch:
+            raise KeyError(f"batch has no {self.cot_column!r} column (columns: {sorted(batch)})")
+        cots = _as_list(batch[self.cot_column])
+        n = len(cots)
+        new: dict[str, list] = {name: [None] * n for name in ADDED_COLUMNS}
+
+        todo: list[int] = []
+        for i, cot in enumerate(cots):
+            if not isinstance(cot, str):
+                new["error"][i] = "invalid_cot"
+                new["error_detail"][i] = f"{self.cot_column} must be a string, got {type(cot).__name__}"
+            elif not cot.strip():
+                new["error"][i] = "empty_cot"
+                new["error_detail"][i] = f"{self.cot_column} is empty: nothing to compress"
+            else:
+                todo.append(i)
+
+        splits: dict[int, tuple[str, str]] = {}
+        for i in list(todo):
+            try:
+                splits[i] = split_answer_tail(cots[i]) if self.config.split_answer else (cots[i], "")
+            except Exception as e:  # becomes the row's error
+                new["error"][i], new["error_detail"][i] = "split_error", f"{type(e).__name__}: {e}"
+                todo.remove(i)
+
+        texts: dict[int, list[str]] = {}
+        for i, result in zip(todo, self._prune_rows([splits[i][0] for i in todo]), strict=True):
+            if isinstance(result, Exception):
+                new["error"][i], new["error_detail"][i] = (
+                    "scoring_error",
+                    f"{type(result).__name__}: {result}",
+                )
+            else:
+                texts[i] = [_join(result[r], *splits[i]) for r in self.config.ratios]
+        done = list(texts)
+        flat = [cots[i] for i in done] + [t for i in done for t in texts[i]]
+        counts = self.count_tokens(flat)
+        k = len(self.config.ratios)
+        for j, i in enumerate(done):
+            original = counts[j]
+            comp_counts = counts[len(done) + j * k : len(done) + (j + 1) * k]
+            new["reasoning"][i], new["answer_tail"][i] = splits[i]
+            new["original_tokens"][i] = original
+            new["compressions"][i] = [
+                {
+                    "target_ratio": ratio,
+                    "text": text,
+                    "tokens": tokens,
+                    "achieved_ratio": tokens / original if original else 1.0,
+                }
+                for ratio, text, tokens in zip(self.config.ratios, texts[i], comp_counts, strict=True)
+            ]
+
+        out = {name: values for name, values in batch.items() if name not in ADDED_COLUMNS}
+        out.update(new)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# File -> file (CLI)
+
+
+def _read_rows(path: str, storage_options: dict | None) -> tuple[list[dict], list[dict]]:
+    """Rows of a jsonl or parquet file, and error rows for jsonl lines that are not JSON objects."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    bad: list[dict] = []
+    with fsspec.open(path, "rb", compression="infer", **(storage_options or {})) as f:
+        if path.endswith(".parquet"):
+            return pq.read_table(f).to_pylist(), []
+        for lineno, line in enumerate(f, start=1):
+            text = line.decode("utf-8", errors="replace").strip()
+            if not text:
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                bad.append({"reason": "invalid_json", "detail": f"line {lineno}: {e}", "raw": text})
+                continue
+            if not isinstance(row, dict):
+                bad.append({"reason": "invalid_json", "detail": f"line {lineno}: not an object", "raw": text})
+                continue
+            rows.append(row)
+    return rows, bad
+
+
+def _write_parquet(table: pa.Table, path: str, storage_options: dict | None) -> None:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    if "://" not in path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fsspec.open(path, "wb", **(storage_options or {})) as f:
+        pq.write_table(table, f)
+
+
+def _errors_path(output_path: str) -> str:
+    return output_path.removesuffix(".parquet") + ".errors.parquet"
+
+
+def compress_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    config: CompressConfig,
+    *,
+    cot_column: str = "cot",
+    batch_size: int = 32,
+    limit: int | None = None,
+    storage_options: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compress the CoTs of a jsonl/parquet file (local or fsspec URL) into a parquet file.
+
+    ``output_path`` gets one row per compressed CoT: the input columns plus ``reasoning``,
+    ``answer_tail``, ``original_tokens`` and ``compressions``. Rows that could not be compressed (and
+    jsonl lines that are not JSON objects) go to ``<output>.errors.parquet`` with
+    :data:`tokenskip.schema.ERROR_SCHEMA` and the offending row in ``raw``, nothing dropped. Returns
+    a summary: rows in/out, errors (by reason), mean achieved ratio per target ratio, seconds.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    input_path, output_path = str(input_path), str(output_path)
+    started = time.perf_counter()
+    rows, bad_lines = _read_rows(input_path, storage_options)
+    if limit is not None:
+        rows = rows[:limit]
+    if rows and not any(cot_column in r for r in rows):
+        raise KeyError(f"{input_path} has no {cot_column!r} column (columns: {sorted(rows[0])})")
+
+    compressor = Compressor(config, cot_column=cot_column)
+    kept: list[dict] = []
+    errors: list[dict] = [
+        {
+            "stage": "compress",
+            "reason": b["reason"],
+            "detail": b["detail"],
+            "source": input_path,
+            "raw": b["raw"],
+        }
+        for b in bad_lines
+    ]
+    achieved: dict[float, list[float]] = defaultdict(list)
+    with tqdm(total=len(rows), desc="compress", unit="cot", disable=not progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            columns = sorted({k for r in chunk for k in r} - set(ADDED_COLUMNS))
+            batch = {name: [r.get(name) for r in chunk] for name in columns}
+            batch.setdefault(cot_column, [None] * len(chunk))
+            out = compressor(batch)
+            for j, row in enumerate(chunk):
+                if out["error"][j]:
+                    errors.append(
+                        {
+                            "key": row.get("key") or (str(row["id"]) if row.get("id") is not None else None),
+                            "stage": "compress",
+                            "reason": out["error"][j],
+                            "detail": out["error_detail"][j],
+                            "source": input_path,
+                            "raw": json.dumps(row, default=str, ensure_ascii=False),
+                        }
+                    )
+                    continue
+                record = {k: v for k, v in row.items() if k not in ADDED_COLUMNS}
+                for name in ("reasoning", "answer_tail", "original_tokens", "compressions"):
+                    record[name] = out[name][j]
+                for c in record["compressions"]:
+                    achieved[c["target_ratio"]].append(c["achieved_ratio"])
+                kept.append(record)
+            bar.update(len(chunk))
+
+    if kept:
+        table = pa.Table.from_pylist(kept)
+        index = table.schema.get_field_index("compressions")
+        table = table.set_column(
+            index,
+            "compressions",
+            pa.array([r["compressions"] for r in kept], type=pa.list_(COMPRESSION_STRUCT)),
+        )
+    else:
+        table = pa.schema(
+            [("reasoning", pa.string()), ("answer_tail", pa.string()), ("original_tokens", pa.int64())]
+            + [("compressions", pa.list_(COMPRESSION_STRUCT))]
+        ).empty_table()
+    _write_parquet(table, output_path, storage_options)
+    errors_output = None
+    if errors:
+        errors_output = _errors_path(output_path)
+        _write_parquet(
+            pa.Table.from_pylist(
+                [{f.name: e.get(f.name) for f in ERROR_SCHEMA} for e in errors], schema=ERROR_SCHEMA
+            ),
+            errors_output,
+            storage_options,
+        )
+    return {
+        "input": input_path,
+        "output": output_path,
+        "errors_output": errors_output,
+        "rows_in": len(rows) + len(bad_lines),
+        "rows_out": len(kept),
+        "errors": len(errors),
+        "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
+        "mean_achieved_ratio": {
+            r: (sum(achieved[r]) / len(achieved[r]) if achieved[r] else math.nan) for r in config.ratios
+        },
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tokenskip.compress IN OUT --scorer-model M [...]``: prints the summary as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("input", help="jsonl or parquet file (local path or fsspec URL)")
+    parser.add_argument("output", help="parquet file to write")
+    parser.add_argument("--cot-column", default="cot", help="column holding the CoT (cot_samples: response)")
+    parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5", help="comma-separated target ratios")
+    parser.add_argument("--scorer", default="llmlingua2", choices=["llmlingua2", "selfinfo"])
+    parser.add_argument("--scorer-model", default=ScorerConfig().model)
+    parser.add_argument("--target-tokenizer", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = CompressConfig(
+        ratios=[float(r) for r in args.ratios.split(",") if r.strip()],
+        scorer=ScorerConfig(kind=args.scorer, model=args.scorer_model, device=args.device),
+        target_tokenizer=args.target_tokenizer,
+    )
+    summary = compress_file(
+        args.input,
+        args.output,
+        config,
+        cot_column=args.cot_column,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
