@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +49,10 @@ EXIT_SUCCEEDED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_API_ERROR = 0, 1
 TERMINAL_DEPLOYMENT_STATUSES = frozenset({"Complete", "Failed", "ValidationFailed"})
 
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_CRON_JOB_NAME = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>\d{1,12})$")
+# The CronJob controller's suffix: the scheduled time in minutes since the epoch (8 digits since 1989).
+_CRON_JOB_NAME = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>\d{8,10})$")
+# A launcher pod runs within days of its scheduled time; a "time" further off is not one.
+MAX_SCHEDULE_SKEW = timedelta(days=7)
 _PLACEHOLDER = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
@@ -121,10 +124,16 @@ class KubernetesRayJobApi:
 
 
 def scheduled_time(cron_job_name: str | None, now: datetime) -> datetime:
-    """The run's scheduled time: from "<cronjob>-<minutes since epoch>", else ``now`` (to the minute)."""
+    """The run's scheduled time: from "<cronjob>-<minutes since epoch>", else ``now`` (to the minute).
+
+    A Job made by hand (``kubectl create job --from=cronjob/...``) has a name of its own choosing; one
+    that merely ends in digits ("refresh-2") is recognised by its implausible time and uses ``now``.
+    """
     match = _CRON_JOB_NAME.match(cron_job_name or "")
     if match:
-        return datetime.fromtimestamp(int(match.group("minutes")) * 60, tz=timezone.utc)
+        scheduled = datetime.fromtimestamp(int(match.group("minutes")) * 60, tz=timezone.utc)
+        if abs(now - scheduled) <= MAX_SCHEDULE_SKEW:
+            return scheduled
     return now.astimezone(timezone.utc).replace(second=0, microsecond=0)
 
 

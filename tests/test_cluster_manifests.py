@@ -10,7 +10,7 @@ import importlib.util
 import os
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -642,13 +642,14 @@ def run(launcher, api, template, **kwargs):
 
 def test_scheduled_time_comes_from_the_cronjob_job_name(launcher):
     minutes = int(WHEN.timestamp()) // 60
-    assert (
-        launcher.scheduled_time(f"tokenskip-refresh-{minutes}", datetime(2030, 1, 1, tzinfo=timezone.utc))
-        == WHEN
-    )
     now = datetime(2026, 11, 22, 9, 41, 27, 5, tzinfo=timezone.utc)
-    assert launcher.scheduled_time(None, now) == datetime(2026, 11, 22, 9, 41, tzinfo=timezone.utc)
-    assert launcher.scheduled_time("manual-run", now) == datetime(2026, 11, 22, 9, 41, tzinfo=timezone.utc)
+    # A retried pod, hours after the scheduled time, still gets the scheduled time.
+    assert launcher.scheduled_time(f"tokenskip-refresh-{minutes}", now) == WHEN
+    this_minute = datetime(2026, 11, 22, 9, 41, tzinfo=timezone.utc)
+    assert launcher.scheduled_time(None, now) == this_minute
+    assert launcher.scheduled_time("manual-run", now) == this_minute
+    assert launcher.scheduled_time("refresh-manual-2", now) == this_minute  # digits, but no epoch minutes
+    assert launcher.scheduled_time("refresh-20261122", now) == this_minute  # 8 digits, implausible time
 
 
 def test_rayjob_name_is_date_based_and_valid(launcher):
@@ -777,7 +778,8 @@ def test_main_end_to_end_with_a_fake_api(launcher, template, tmp_path, capsys):
     minutes = int(WHEN.timestamp()) // 60
     environ = {"POD_NAMESPACE": "ml", "CRON_JOB_NAME": f"tokenskip-refresh-{minutes}"}
     argv = [f"--template={path}", "--name-prefix=tokenskip-refresh", "--poll-seconds=1"]
-    assert launcher.main(argv, api=api, environ=environ) == 0
+    # A pod started (or retried) an hour after its scheduled time names the RayJob by the schedule.
+    assert launcher.main(argv, api=api, environ=environ, now=WHEN + timedelta(hours=1)) == 0
     assert [b["metadata"]["name"] for b in api.created] == ["tokenskip-refresh-20261122-0317"]
     assert "finished: jobDeploymentStatus=Complete jobStatus=SUCCEEDED" in capsys.readouterr().out
 
