@@ -22,10 +22,12 @@ cluster, so a broken manifest fails in CI instead of at 3 a.m. on the cluster:
   ``backoffLimit``, ``deletionStrategy`` only behind its feature gate, ``runtimeEnvYAML`` parsed as
   a Ray runtime env (``ray.runtime_env.RuntimeEnv``; KubeRay itself only checks it is YAML), and a
   RayCronJob schedule that is a standard 5-field cron expression without ``TZ=``.
-* **Built-in kinds** (CronJob, ServiceAccount, Role, RoleBinding, ConfigMap, Secret, ...) with
-  ``kubernetes-validate`` (ships the Kubernetes OpenAPI schemas; strict mode rejects unknown
-  fields), and so are the pod templates inside KubeRay resources (as ``v1/PodTemplate``), which
-  the CRD only describes loosely in places.
+* **Built-in kinds** (CronJob, ServiceAccount, Role, RoleBinding, ConfigMap, Secret, ...) against
+  the Kubernetes OpenAPI schemas that ``kubernetes-validate`` ships (its strict variant rejects
+  unknown fields; every error is reported, not only the first), and so are the pod templates
+  inside KubeRay resources (as ``v1/PodTemplate``) and their ``metadata`` (as ObjectMeta: the CRDs
+  leave it open, the API server does not). Also label keys/values (``metadata.labels``,
+  ``nodeSelector``), cron schedules and IANA ``timeZone`` names, which the schemas do not check.
 * **Names**: RFC 1035 labels within KubeRay's limits. KubeRay derives Service names from a
   RayCluster's name and the longest suffix is ``-serve-svc`` (10 characters), so a RayCluster name
   is at most 63 - 10 = 53 characters; a RayJob (and a RayService) gets a cluster named
