@@ -87,7 +87,10 @@ def s3_bucket(s3_server, request):
     """A fresh bucket on the local moto server; yields (endpoint_url, bucket_name)."""
     import boto3
 
-    name = "tokenskip-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    import re
+
+    # S3 bucket names: 3-63 chars of [a-z0-9-]; parametrized test names carry brackets and dots.
+    name = ("tokenskip-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()))[:63].strip("-")
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     yield s3_server, name
