@@ -76,6 +76,10 @@ def build_trainer(config: TrainConfig):
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Fit on Ray Train (connects to / starts Ray as ``ray.init`` would) and return where it ended."""
+    from tokenskip.models import resolve_model
+
+    # Resolve aliases (the embedded demo model) once here, not concurrently in every worker.
+    config = config.model_copy(update={"model": resolve_model(config.model)})
     result = build_trainer(config).fit()
     return TrainResult(
         metrics=dict(result.metrics or {}),
