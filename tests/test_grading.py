@@ -73,6 +73,7 @@ def test_extract_answer_rejects_non_strings():
         ("3 i", "3 i"),
         ("10{,}080", "10080"),
         ("1\\,000", "1000"),
+        ("11,\\! 111,\\! 100", "11111100"),
         ("-$5", "-5"),
         ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
         ("(1,000)", "(1,000)"),
@@ -150,6 +151,9 @@ GRADING_CASES = [
     ("\\boxed{1,000}", "1000", OK),
     ("\\boxed{1{,}000}", "1,000", OK),
     ("\\boxed{1\\,000}", "1000", OK),
+    ("\\boxed{11111111100}", "11,\\! 111,\\! 111,\\! 100", OK),
+    ("\\boxed{11,111,111,100}", "11111111100", OK),
+    ("\\boxed{11, 111}", "11111", WRONG),
     ("The answer is $1,000.", "1000", OK),
     ("48/2 = 24 clips.\n#### 72", "72", OK),
     ("\\boxed{\\$18}", "18", OK),
@@ -394,3 +398,21 @@ def test_closed_grader_refuses_work():
     g.close()
     with pytest.raises(RuntimeError, match="closed"):
         g.grade("\\boxed{x}", "y")
+
+
+def test_gsm8k_golds_match_however_the_number_is_written(shared_data, grader):
+    """Thousands separators, currency, units and trailing zeros never cost a correct answer."""
+    golds = [json.loads(line)["answer"] for line in (shared_data / "gsm8k" / "test.jsonl").open()]
+    responses, expected_golds = [], []
+    for gold in golds:
+        value = int(gold.replace(",", ""))
+        for written in (f"\\${value:,}", f"{value:,} dollars", f"{value}.00", f"{value:,}\\text{{ apples}}"):
+            responses.append(f"So in total it is \\boxed{{{written}}}.")
+            expected_golds.append(gold)
+    results = grader.grade_batch(responses, expected_golds)
+    assert [r for r in results if r.verdict != Verdict.correct] == []
+    # ...and a different number written the same way is still wrong.
+    off_by_one = grader.grade_batch(
+        [f"\\boxed{{\\${int(g.replace(',', '')) + 1:,}}}" for g in golds[:200]], golds[:200]
+    )
+    assert {r.verdict for r in off_by_one} == {Verdict.incorrect}

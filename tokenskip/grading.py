@@ -309,6 +309,8 @@ def normalise_answer(answer: str) -> str:
                 s = s[brace + 1 : -1].strip()
         if s == before:
             break
+    # MATH writes big numbers "11,\! 111,\! 100": drop the spacing so the thousands commas are seen.
+    s = re.sub(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))", ",", s)
     s = s.replace("{,}", ",").replace("\\!", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"(?<=\d)\\[,;: ](?=\d{3})", "", s)  # "1\,000" thin-space thousands separator
     s = re.sub(r"^([-+]?)\\?\$\s*", r"\1", s)  # "$18", "\$18", "-$5"
@@ -352,7 +354,7 @@ class Verdict(str, Enum):
     incorrect = "incorrect"
     # No explicit final answer (or one math-verify cannot read): the sample never committed to one.
     unparsable = "unparsable"
-    # Verification did not finish within ``GradingConfig.timeout_s`` (or its worker died on it).
+    # Verification overran its CPU/wall/memory budget (or its worker died on it).
     timeout = "timeout"
 
 
@@ -424,6 +426,15 @@ class GradingConfig(BaseModel):
         ge=0,
         description="Decimal places math-verify rounds floats to before comparing: fewer is more lenient.",
     )
+    memory_limit_mb: int | None = Field(
+        default=4096,
+        ge=512,
+        description=(
+            "Address-space cap per worker process (RLIMIT_AS); an answer that needs more is graded `timeout`. "
+            "Protects the node from answers like 9^{9^{9^9}}; too low fails legitimate big symbolic work. "
+            "None: no cap."
+        ),
+    )
     worker_start_timeout_s: float = Field(
         default=120.0,
         gt=0,
@@ -463,7 +474,7 @@ def _math_verify_one(pred: str, gold: str, parse_answer, parse_gold, float_round
     return (Verdict.correct if same else Verdict.incorrect).value, detail
 
 
-def _worker_main(read_fd: int, write_fd: int, float_rounding: int) -> None:
+def _worker_main(read_fd: int, write_fd: int, float_rounding: int, memory_limit_mb: int) -> None:
     """Worker process loop: receive [(id, pred, gold), ...], send one (id, verdict, detail) per item.
 
     Runs as ``python -c`` in a plain subprocess (see :class:`_Worker`), talking over two pipes.
@@ -484,7 +495,15 @@ def _worker_main(read_fd: int, write_fd: int, float_rounding: int) -> None:
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
     # A 10^5-digit answer must get a verdict, not a ValueError from int()'s conversion guard.
-    sys.set_int_max_str_digits(0)
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)
+    if memory_limit_mb:
+        # "9^{9^{9^9}}" allocates as fast as it computes: cap the address space so one answer
+        # cannot take the machine's memory before its CPU budget runs out.
+        import resource
+
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # math-verify warns that its timeouts are off (on purpose) and logs each unparsable string;
     # the verdicts carry that information, so keep the workers quiet.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
@@ -512,6 +531,11 @@ def _worker_main(read_fd: int, write_fd: int, float_rounding: int) -> None:
                 verdict, detail = _math_verify_one(pred, gold, parse_answer, parse_gold, float_rounding)
             except RecursionError:
                 verdict, detail = Verdict.unparsable.value, "math-verify: answer nested too deeply to parse"
+            except MemoryError:
+                verdict, detail = (
+                    Verdict.timeout.value,
+                    f"math-verify exceeded {memory_limit_mb} MB; answer not graded",
+                )
             except Exception as exc:  # sympy raises many kinds; one answer must not stop the batch
                 verdict, detail = (
                     Verdict.unparsable.value,
@@ -521,8 +545,7 @@ def _worker_main(read_fd: int, write_fd: int, float_rounding: int) -> None:
 
 
 _WORKER_COMMAND = (
-    "import sys; from tokenskip.grading import _worker_main; "
-    "_worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
+    "import sys; from tokenskip.grading import _worker_main; _worker_main(*map(int, sys.argv[1:5]))"
 )
 
 
@@ -549,6 +572,7 @@ class _Worker:
                     str(to_child_r),
                     str(from_child_w),
                     str(config.float_rounding),
+                    str(config.memory_limit_mb or 0),
                 ],
                 pass_fds=(to_child_r, from_child_w),
                 stdin=subprocess.DEVNULL,
@@ -675,6 +699,8 @@ class Grader:
         Raises ValueError (before grading anything) on mismatched lengths or an empty gold answer,
         TypeError on a non-string: those are bugs upstream, not verdicts about a response.
         """
+        if self._closed:
+            raise RuntimeError("this Grader is closed")
         if len(responses) != len(golds):
             raise ValueError(f"grade_batch got {len(responses)} responses but {len(golds)} gold answers")
         for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
