@@ -134,7 +134,8 @@ def test_config_validation():
 
 def test_compress_file_jsonl_to_parquet(config, cots, tmp_path):
     src = tmp_path / "cots.jsonl"
-    lines = [json.dumps(r) for r in cots[:3]]
+    metas = [7, "seven", {"n": 7}]  # a column whose rows disagree in type must not sink the file
+    lines = [json.dumps(r | {"meta": m}) for r, m in zip(cots[:3], metas, strict=True)]
     lines.insert(1, "{not json")
     lines.append(json.dumps({"id": "empty", "response": ""}))
     src.write_text("\n".join(lines) + "\n")
@@ -151,6 +152,7 @@ def test_compress_file_jsonl_to_parquet(config, cots, tmp_path):
     assert table.schema.field("compressions").type == pa.list_(COMPRESSION_STRUCT)
     records = table.to_pylist()
     assert [r["id"] for r in records] == [r["id"] for r in cots[:3]]
+    assert [r["meta"] for r in records] == ["7", "seven", '{"n": 7}']
     for rec in records:
         assert rec["reasoning"] + rec["answer_tail"] == rec["response"]
         assert [c["target_ratio"] for c in rec["compressions"]] == RATIOS
@@ -160,6 +162,18 @@ def test_compress_file_jsonl_to_parquet(config, cots, tmp_path):
     err = {r["reason"]: r for r in errors.to_pylist()}
     assert err["invalid_json"]["raw"] == "{not json"  # the bad input is kept verbatim
     assert json.loads(err["empty_cot"]["raw"])["id"] == "empty" and err["empty_cot"]["key"] == "empty"
+
+
+def test_compress_file_parquet_input_and_arrow_batches(config, compressor, cots, tmp_path):
+    src = tmp_path / "cots.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "cot": r["response"]} for r in cots[:2]]), src)
+    summary = compress_file(src, tmp_path / "out.parquet", config, progress=False)
+    assert summary["rows_out"] == 2 and summary["errors"] == 0 and summary["errors_output"] is None
+    records = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    # An Arrow batch (Ray's batch_format="pyarrow") gives the same compressions as a dict batch.
+    arrow_out = compressor(pq.read_table(src))
+    assert [r["compressions"] for r in records] == arrow_out["compressions"]
+    assert arrow_out["id"] == [r["id"] for r in cots[:2]]
 
 
 @pytest.mark.slow

@@ -136,7 +136,9 @@ class Compressor:
                 out.append(e)
         return out
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, list]:
+        if isinstance(batch, pa.Table):  # Ray's batch_format="pyarrow"
+            batch = batch.to_pydict()
         if self.cot_column not in batch:
             raise KeyError(f"batch has no {self.cot_column!r} column (columns: {sorted(batch)})")
         cots = _as_list(batch[self.cot_column])
@@ -235,6 +237,33 @@ def _write_parquet(table: pa.Table, path: str, storage_options: dict | None) -> 
         pq.write_table(table, f)
 
 
+def _column(values: list) -> pa.Array:
+    """An input column as Arrow; a column whose rows disagree in type becomes JSON text, not a crash."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        return pa.array(
+            [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
+        )
+
+
+def _records_table(records: list[dict]) -> pa.Table:
+    names = list(dict.fromkeys(k for r in records for k in r))
+    typed = {
+        "reasoning": pa.string(),
+        "answer_tail": pa.string(),
+        "original_tokens": pa.int64(),
+        "compressions": pa.list_(COMPRESSION_STRUCT),
+    }
+    columns = {
+        name: pa.array([r.get(name) for r in records], type=typed[name])
+        if name in typed
+        else _column([r.get(name) for r in records])
+        for name in names
+    }
+    return pa.table(columns)
+
+
 def _errors_path(output_path: str) -> str:
     return output_path.removesuffix(".parquet") + ".errors.parquet"
 
@@ -312,13 +341,7 @@ def compress_file(
             bar.update(len(chunk))
 
     if kept:
-        table = pa.Table.from_pylist(kept)
-        index = table.schema.get_field_index("compressions")
-        table = table.set_column(
-            index,
-            "compressions",
-            pa.array([r["compressions"] for r in kept], type=pa.list_(COMPRESSION_STRUCT)),
-        )
+        table = _records_table(kept)
     else:
         table = pa.schema(
             [("reasoning", pa.string()), ("answer_tail", pa.string()), ("original_tokens", pa.int64())]
