@@ -54,27 +54,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_MOTO_SCRIPT = """
+import sys, threading
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]))
+server.start()
+print("ready", flush=True)
+sys.stdin.read()  # until the test session closes our stdin
+server.stop()
+"""
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 HTTP server (moto) on 127.0.0.1; yields its endpoint URL.
+    """A real S3 HTTP server (moto's ThreadedMotoServer) on 127.0.0.1; yields its endpoint URL.
 
-    Sets dummy credentials in the environment so s3fs/boto pick them up in this process and in Ray
-    workers started afterwards.
+    It runs in a child process: moto's Flask app left in this process confuses vLLM's kernel
+    registration (it inspects every loaded module), and tests here start vLLM engines in-process.
+    Dummy credentials go into the environment so s3fs/boto pick them up here and in Ray workers.
     """
-    from moto.server import ThreadedMotoServer
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_SCRIPT, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
+    while (line := proc.stdout.readline()) and line.strip() != "ready":
+        pass  # moto prints its own start-up line first
+    assert line.strip() == "ready", "moto server did not start"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            time.sleep(0.1)
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(
-        {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
     )
     try:
         yield endpoint
     finally:
-        server.stop()
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -85,12 +121,32 @@ def s3_server():
 @pytest.fixture()
 def s3_bucket(s3_server, request):
     """A fresh bucket on the local moto server; yields (endpoint_url, bucket_name)."""
-    import boto3
-
     import re
+
+    import boto3
 
     # S3 bucket names: 3-63 chars of [a-z0-9-]; parametrized test names carry brackets and dots.
     name = ("tokenskip-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()))[:63].strip("-")
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     yield s3_server, name
+
+
+@pytest.fixture(scope="session")
+def tiny_solver(model_cache) -> Path:
+    """A tiny LM trained in seconds to answer ``arithmetic_problems()``: greedy is always right,
+    sampling at T=1 is right most of the time (kept rows and rejects both occur)."""
+    from tokenskip.testing.tiny_models import build_tiny_solver_lm
+
+    return build_tiny_solver_lm(model_cache / "tiny-solver")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """In-process Ray with 2 CPUs for one test module (never `ray stop`)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

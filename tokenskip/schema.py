@@ -23,7 +23,9 @@ import pyarrow as pa
 
 PROBLEM_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False, metadata={"doc": "sha256(source, normalised question)[:32]"}),
+        pa.field(
+            "id", pa.string(), nullable=False, metadata={"doc": "sha256(source, normalised question)[:32]"}
+        ),
         pa.field("question", pa.string(), nullable=False),
         pa.field("answer", pa.string(), nullable=False, metadata={"doc": "gold final answer (no CoT)"}),
         pa.field("source", pa.string(), nullable=False, metadata={"doc": "data set name, e.g. gsm8k"}),
@@ -43,7 +45,9 @@ COMPRESSION_STRUCT = pa.struct(
 
 COMPRESSED_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False, metadata={"doc": "sample key: problem, gen config, index"}),
+        pa.field(
+            "key", pa.string(), nullable=False, metadata={"doc": "sample key: problem, gen config, index"}
+        ),
         pa.field("problem_id", pa.string(), nullable=False),
         pa.field("source", pa.string()),
         pa.field("split", pa.string()),
@@ -66,7 +70,11 @@ REJECT_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field("problem_id", pa.string()),
         pa.field("stage", pa.string(), metadata={"doc": "stage that rejected the row"}),
-        pa.field("reason", pa.string(), metadata={"doc": "incorrect|unparsable|timeout|duplicate|contaminated|policy"}),
+        pa.field(
+            "reason",
+            pa.string(),
+            metadata={"doc": "incorrect|unparsable|timeout|duplicate|contaminated|policy"},
+        ),
         pa.field("detail", pa.string()),
         pa.field("sample_index", pa.int64()),
         pa.field("cot", pa.string()),
@@ -78,7 +86,9 @@ REJECT_SCHEMA = pa.schema(
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), metadata={"doc": "problem or sample key where one could be computed"}),
-        pa.field("problem_id", pa.string(), metadata={"doc": "problem key, null when the input was unusable"}),
+        pa.field(
+            "problem_id", pa.string(), metadata={"doc": "problem key, null when the input was unusable"}
+        ),
         pa.field("stage", pa.string()),
         pa.field("reason", pa.string(), metadata={"doc": "short machine-readable reason"}),
         pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),

@@ -89,3 +89,74 @@ def build_tiny_causal_lm(path: str | os.PathLike, *, vocab_size: int = 512, seed
     model.generation_config.eos_token_id = fast.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def arithmetic_problems(count: int = 12, seed: int = 0) -> list[dict]:
+    """Small addition problems with gold answers (the tiny solver's training set)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        out.append(
+            {"id": f"tiny-{i}", "question": f"What is {a} + {b}?", "answer": str(a + b), "a": a, "b": b}
+        )
+    return out
+
+
+def solver_response(a: int, b: int) -> str:
+    """The CoT the tiny solver learns: a few reasoning steps and TokenSkip's answer tail."""
+    return (
+        f"Step 1: We need to add {a} and {b}. Step 2: {a} + {b} = {a + b}. "
+        f"So the total is {a + b}.\n\nThe final answer is: $\\boxed{{{a + b}}}$"
+    )
+
+
+def build_tiny_solver_lm(
+    path: str | os.PathLike, problems: list[dict] | None = None, *, steps: int = 150, seed: int = 0
+) -> Path:
+    """A tiny causal LM trained (in seconds, on CPU) to answer ``problems`` with a boxed answer.
+
+    Pipeline tests need a model whose samples are sometimes correct, so kept rows, rejects and the
+    compression stage are all exercised for real. Greedy decoding reproduces the memorised CoT;
+    sampling at a temperature mixes correct and wrong samples. Deterministic for a given seed.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tokenskip.prompts import render_prompt
+
+    out = Path(path)
+    if (out / "trained.ok").exists():
+        return out
+    base = build_tiny_causal_lm(out.with_name(out.name + "-base"), seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base)
+    problems = problems or arithmetic_problems()
+    examples = []
+    for p in problems:
+        prompt = render_prompt(tokenizer, p["question"])
+        response = solver_response(p["a"], p["b"]) + tokenizer.eos_token
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        examples.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
+    width = max(len(ids) for ids, _ in examples)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in examples])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in examples])
+    attention = (torch.arange(width)[None, :] < torch.tensor([len(i) for i, _ in examples])[:, None]).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "trained.ok").write_text(f"final loss {loss.item():.4f}\n")
+    return out

@@ -1,0 +1,139 @@
+"""``tokenskip`` command line: run (build a dataset), compress, train, evaluate, storage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set a.b=value`` pairs; values are parsed as YAML (numbers, booleans, lists)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tokenskip.config import load_pipeline_config
+    from tokenskip.pipeline import make_plan, run_pipeline
+
+    config = load_pipeline_config(args.config, _overrides(args.set))
+    plan = make_plan(config)
+    print(plan.describe(), flush=True)
+    if args.dry_run:
+        return 0
+    report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
+    if report.get("committed") and "attempt" in report:
+        from tokenskip.pipeline import _summary_text
+
+        print(_summary_text(report))
+        print(f"report: {config.output.root}/{config.dataset}/runs/{report['run_id']}/report.json")
+    else:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from tokenskip.compress import CompressConfig, compress_file
+    from tokenskip.scoring import ScorerConfig
+
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    scorer = (
+        ScorerConfig(kind=args.scorer, model=args.model) if args.model else ScorerConfig(kind=args.scorer)
+    )
+    config = CompressConfig(
+        ratios=ratios, scorer=scorer, target_tokenizer=args.target_tokenizer or scorer.model
+    )
+    summary = compress_file(args.input, args.output, config, cot_column=args.cot_field)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    from tokenskip import storage
+
+    config = storage.StorageConfig(root=args.root, storage_options=json.loads(args.storage_options or "{}"))
+    if args.storage_cmd == "set-latest":
+        storage.set_latest(config, args.dataset, args.run_id)
+        print(f"LATEST of {args.dataset} -> {args.run_id}")
+    elif args.storage_cmd == "runs":
+        for m in storage.list_committed_runs(config, args.dataset):
+            print(f"{m.run_id}\t{m.created_at}\t{m.rows}")
+    elif args.storage_cmd == "pin":
+        storage.pin(config, args.dataset, args.run_id)
+    elif args.storage_cmd == "unpin":
+        storage.unpin(config, args.dataset, args.run_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenskip", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="build a compressed CoT dataset (the Ray Data pipeline)")
+    run.add_argument("--config", required=True, help="pipeline YAML (see tokenskip/configs/)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan (stages, resources, row counts) and exit"
+    )
+    run.add_argument("--max-shards", type=int, default=None, help="commit at most N new shards, then stop")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    comp = sub.add_parser("compress", help="prune CoTs from a jsonl/parquet file at every ratio")
+    comp.add_argument("--input", required=True)
+    comp.add_argument("--output", required=True, help="output parquet path")
+    comp.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5")
+    comp.add_argument("--scorer", choices=["llmlingua2", "selfinfo"], default="llmlingua2")
+    comp.add_argument("--model", default=None, help="scorer model (HF id or path)")
+    comp.add_argument(
+        "--target-tokenizer", default=None, help="tokenizer that counts tokens (default: --model)"
+    )
+    comp.add_argument(
+        "--cot-field", default="cot", help="input column holding the CoT (cot_samples: response)"
+    )
+    comp.set_defaults(func=cmd_compress)
+
+    st = sub.add_parser("storage", help="inspect runs, roll LATEST back, pin runs")
+    st.add_argument("storage_cmd", choices=["runs", "set-latest", "pin", "unpin"])
+    st.add_argument("--root", required=True)
+    st.add_argument("--dataset", required=True)
+    st.add_argument("--run-id")
+    st.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    st.set_defaults(func=cmd_storage)
+
+    for module in ("tokenskip.train.job", "tokenskip.evaluate"):
+        try:
+            mod = __import__(module, fromlist=["register_cli"])
+        except ImportError:
+            continue
+        if hasattr(mod, "register_cli"):
+            mod.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

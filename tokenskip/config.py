@@ -1,0 +1,191 @@
+"""The dataset-building job's typed config, loaded from YAML.
+
+One ``PipelineConfig`` composes each stage's own config (sources, dedup, prompt, engine, sampling,
+grading, selection, compression, storage, resources). Its ``content_hash`` covers exactly the fields
+that change what the run produces, so re-running the same config resumes the same run, while
+resources or the output location can change freely between attempts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tokenskip.compress import CompressConfig
+from tokenskip.dedup import DedupConfig
+from tokenskip.engine import EngineConfig, SamplingConfig
+from tokenskip.grading import GradingConfig
+from tokenskip.prompts import INSTRUCTION
+from tokenskip.schema import config_hash
+from tokenskip.sources import SourceConfig
+from tokenskip.storage import StorageConfig
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATA = Path(__file__).parent / "data"
+
+
+def resolve_builtin(path: str) -> str:
+    """``builtin:NAME`` -> the bundled ``tokenskip/data/NAME.jsonl`` (the demo's problem set)."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX) :]
+    candidate = BUILTIN_DATA / f"{name}.jsonl"
+    if not candidate.exists():
+        known = sorted(p.stem for p in BUILTIN_DATA.glob("*.jsonl"))
+        raise ValueError(f"unknown bundled problem set {name!r}; bundled sets: {known}")
+    return str(candidate)
+
+
+class PromptConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = Field(default=INSTRUCTION, description="Instruction placed before the question.")
+    system: str | None = Field(
+        default=None, description="Optional system message; None keeps the chat template's own default."
+    )
+    ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="TokenSkip ratio to condition on (question<delim>ratio<delim>) when generating with a "
+        "TokenSkip-trained model; None for plain prompts (dataset building).",
+    )
+    delimiter: str | None = Field(default=None, description="Ratio delimiter; None = the tokenizer's eos.")
+
+
+class SelectionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["all-correct", "shortest-correct", "first-correct"] = Field(
+        default="all-correct",
+        description="Which correct samples of a problem become training data: all of them (most data), the "
+        "shortest (a bias toward concise CoTs), or the first (one per problem, unbiased). Every sample not "
+        "kept goes to rejects with its verdict (reason 'policy' for correct samples the policy dropped).",
+    )
+
+
+class ResourcesConfig(BaseModel):
+    """How the Ray stages are scheduled. Changing these never changes the run id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation_actors: int = Field(default=1, ge=1, description="vLLM engine replicas (one actor each).")
+    generation_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs reserved per generation actor. On a small CPU machine keep the sum below the "
+        "machine's cores: a pool that takes every CPU starves the read/write steps and stalls.",
+    )
+    generation_gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per generation actor; set to engine.tensor_parallel_size on GPU."
+    )
+    generation_batch_size: int = Field(
+        default=64, ge=1, description="Problems per vLLM call: larger keeps the engine's batch full."
+    )
+    compression_actors: int = Field(
+        default=1, ge=1, description="Scorer replicas (each loads the scorer model)."
+    )
+    compression_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per scorer actor.")
+    compression_gpus: float = Field(default=0.0, ge=0, description="GPUs per scorer actor.")
+    compression_batch_size: int = Field(default=32, ge=1, description="CoTs per scoring call.")
+    grading_cpus: float = Field(default=0.25, gt=0, description="CPUs per grading task.")
+    shard_size: int = Field(
+        default=64,
+        ge=1,
+        description="Problems per committed shard. Smaller shards lose less work when a run dies and show "
+        "progress sooner; larger ones make fewer, bigger Parquet files.",
+    )
+    omp_threads: int | None = Field(
+        default=None,
+        description="Torch/OMP threads inside each actor. Ray sets OMP_NUM_THREADS to the actor's CPU "
+        "count (1 for fractional actors); None uses max(1, round(cpus)).",
+    )
+
+
+class PipelineConfig(BaseModel):
+    """Everything the dataset-building job needs. Every field is documented in its stage's config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="Dataset name: a folder below the output root.")
+    run_id: str | None = Field(
+        default=None,
+        description="Run folder name. None derives it from the content hash, so the same config resumes "
+        "the same run; set it to start a separate run with the same content.",
+    )
+    sources: list[SourceConfig] = Field(min_length=1, description="Problem sets to read.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    engine: EngineConfig
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    compression: CompressConfig = Field(default_factory=CompressConfig)
+    output: StorageConfig = Field(default_factory=lambda: StorageConfig(root="./outputs"))
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _resolve_builtin_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        return [
+            s.model_copy(update={"path": resolve_builtin(s.path)}) if s.path.startswith(BUILTIN_PREFIX) else s
+            for s in sources
+        ]
+
+    def generation_fingerprint(self) -> dict[str, Any]:
+        """What determines a generated sample: model, prompt and sampling (the key's config part)."""
+        return {
+            "model": self.engine.model,
+            "tokenizer": self.engine.tokenizer,
+            "dtype": self.engine.dtype,
+            "seed": self.engine.seed,
+            "prompt": self.prompt.model_dump(),
+            "sampling": self.sampling.model_dump(),
+        }
+
+    def generation_hash(self) -> str:
+        return config_hash(self.generation_fingerprint())
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes the output (not resources, not where it is written)."""
+        content = self.model_dump(mode="json", exclude={"resources", "output", "run_id"})
+        for source in content["sources"]:
+            source.pop("storage_options", None)
+        return config_hash(content)
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or f"run-{self.content_hash()[:16]}"
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; ``${VAR}`` in strings is expanded from the environment."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return _expand_env(data)
+
+
+def load_pipeline_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return PipelineConfig.model_validate(data)

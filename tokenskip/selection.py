@@ -1,0 +1,126 @@
+"""Grading + selection stage: one row per problem (with its samples) -> one row per sample.
+
+Every sample gets a verdict from :mod:`tokenskip.grading` and a ``status``:
+
+* ``kept``   - correct and chosen by the selection policy: it goes on to compression;
+* ``reject`` - incorrect / unparsable / timeout, or correct but dropped by the policy (reason
+  ``policy``); it lands in the rejects table with its verdict;
+* ``error``  - the problem produced no sample (prompt too long, engine error); one error row per
+  expected sample, so every (problem, sample index) key appears exactly once in the run.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from tokenskip.grading import GradingConfig, Verdict, grade_batch
+from tokenskip.schema import sample_key
+
+SAMPLE_ROW_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("problem_id", pa.string()),
+        pa.field("shard_id", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("sample_index", pa.int64()),
+        pa.field("model", pa.string()),
+        pa.field("cot", pa.string()),
+        pa.field("gen_tokens", pa.int64()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("gen_seconds", pa.float64()),
+        pa.field("verdict", pa.string()),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+
+def choose(verdicts: list[str], lengths: list[int], policy: str) -> set[int]:
+    """Indices of the correct samples the policy keeps."""
+    correct = [i for i, v in enumerate(verdicts) if v == Verdict.correct.value]
+    if not correct or policy == "all-correct":
+        return set(correct)
+    if policy == "first-correct":
+        return {correct[0]}
+    if policy == "shortest-correct":
+        return {min(correct, key=lambda i: (lengths[i], i))}
+    raise ValueError(f"unknown selection policy {policy!r}")
+
+
+class GradeSelectStage:
+    """``map_batches`` callable (pyarrow in, pyarrow out)."""
+
+    def __init__(self, grading: GradingConfig, policy: str, model: str, generation_hash: str, n_samples: int):
+        self.grading = grading
+        self.policy = policy
+        self.model = model
+        self.generation_hash = generation_hash
+        self.n_samples = n_samples
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        problems = batch.to_pylist()
+        flat_texts, flat_golds, owners = [], [], []
+        for p_index, p in enumerate(problems):
+            for s in p["samples"] or []:
+                flat_texts.append(s["text"])
+                flat_golds.append(p["answer"])
+                owners.append(p_index)
+        results = grade_batch(flat_texts, flat_golds, self.grading) if flat_texts else []
+        by_problem: dict[int, list] = {}
+        for owner, result in zip(owners, results, strict=True):
+            by_problem.setdefault(owner, []).append(result)
+
+        rows = []
+        for p_index, p in enumerate(problems):
+            base = {
+                "problem_id": p["id"],
+                "shard_id": p["shard_id"],
+                "source": p["source"],
+                "split": p["split"],
+                "question": p["question"],
+                "answer": p["answer"],
+                "model": self.model,
+                "prompt_tokens": p.get("prompt_tokens"),
+                "gen_seconds": p.get("gen_seconds"),
+            }
+            samples = p["samples"] or []
+            if p.get("gen_error") or not samples:
+                for idx in range(self.n_samples):
+                    rows.append(
+                        base
+                        | {
+                            "key": sample_key(p["id"], self.generation_hash, idx),
+                            "sample_index": idx,
+                            "status": "error",
+                            "reason": p.get("gen_error") or "no_output",
+                            "detail": p.get("gen_error_detail") or "the engine returned no sample",
+                        }
+                    )
+                continue
+            graded = by_problem[p_index]
+            verdicts = [g.verdict.value for g in graded]
+            kept = choose(verdicts, [s["tokens"] for s in samples], self.policy)
+            for idx, (s, g) in enumerate(zip(samples, graded, strict=True)):
+                row = base | {
+                    "key": sample_key(p["id"], self.generation_hash, idx),
+                    "sample_index": idx,
+                    "cot": s["text"],
+                    "gen_tokens": s["tokens"],
+                    "finish_reason": s["finish_reason"],
+                    "verdict": g.verdict.value,
+                    "extracted_answer": g.extracted_answer,
+                }
+                if idx in kept:
+                    row |= {"status": "kept", "reason": None, "detail": None}
+                elif g.verdict == Verdict.correct:
+                    row |= {"status": "reject", "reason": "policy", "detail": f"not chosen by {self.policy}"}
+                else:
+                    row |= {"status": "reject", "reason": g.verdict.value, "detail": g.detail}
+                rows.append(row)
+        return pa.Table.from_pylist(rows, schema=SAMPLE_ROW_SCHEMA)
