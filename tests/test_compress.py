@@ -179,7 +179,9 @@ def test_compress_file_parquet_input_and_arrow_batches(config, compressor, cots,
 @pytest.mark.slow
 def test_compressor_in_ray_data_map_batches(config, compressor, cots):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    started_here = not ray.is_initialized()  # another module may have left its Ray session up
+    if started_here:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         rows = [{"cot": r["response"], "id": r["id"]} for r in cots[:4]]
         ds = ray.data.from_items(rows).map_batches(
@@ -187,7 +189,8 @@ def test_compressor_in_ray_data_map_batches(config, compressor, cots):
         )
         got = {r["id"]: r for r in ds.take_all()}
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
     direct = compressor({"cot": [r["cot"] for r in rows]})
     assert set(got) == {r["id"] for r in rows}
     for i, row in enumerate(rows):
