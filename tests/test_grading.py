@@ -317,13 +317,42 @@ def _in_thread(fn):
         except BaseException as exc:  # re-raised in the test's thread
             box["error"] = exc
 
-    thread = threading.Thread(target=target)
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(timeout=120)
     assert not thread.is_alive(), "grading hung"
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+ADVERSARIAL_TEXTS = {
+    # Each of these made an earlier draft quadratic (minutes to hours at this size).
+    "unclosed boxes": "\\boxed{" * 100_000,
+    "blank run after an answer": "The answer is x" + " " * 200_000 + "y",
+    "bold markers after an answer": "The answer is 5" + " **" * 100_000,
+    "repeated markers": "final answer is" * 50_000 + "the answer is\n" * 50_000,
+    "deep braces": "\\boxed{" + "\\frac{1}{" * 100_000 + "2" + "}" * 100_000 + "}",
+    "long number": "7" * 500_000,
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL_TEXTS))
+def test_adversarial_text_is_processed_in_linear_time(name):
+    text = ADVERSARIAL_TEXTS[name]
+
+    def process():
+        answer = extract_answer(text)
+        reasoning, tail = split_answer_tail(text)
+        assert reasoning + tail == text
+        fallback = extract_answer(text, last_number_fallback=True)
+        return answer, fallback, normalise_answer(answer) if answer else None
+
+    answer, fallback, _ = _in_thread(process)  # a quadratic regression hangs here instead of passing
+    if name == "unclosed boxes":
+        assert answer is None and fallback is None
+    if name == "long number":
+        assert answer is None and fallback == text
 
 
 def test_pathological_answers_get_a_verdict_off_the_main_thread():

@@ -40,6 +40,7 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # ---------------------------------------------------------------------------------------------
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BARE_ARGUMENT = re.compile(r"[^\s$]+")
 # "final answer is", "Final Answer:", "**Final Answer:**"; "final answer is" is an explicit statement.
 _FINAL_ANSWER = re.compile(r"final\s+answer(?:\*\*)?\s*(?:is\b|:)", re.IGNORECASE)
 # GSM8K's "#### 18". Markdown "#### Step 2" headings (common in model output) are not answers.
@@ -50,18 +51,18 @@ _ANSWER_IS = re.compile(r"\banswer(?:\*\*)?\s*(?:is\b|:)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?|(?<![\d.])-?\.\d+")
 # Where a free-text answer after a marker ends: a sentence end (a "." followed by a space or the
 # end, so "3.5" survives), or a model's "I hope it is correct" sign-off.
-_SENTENCE_END = re.compile(r"[.?!](?=\s|$)|\s+I hope\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.?!](?=\s|$)|\sI hope\b", re.IGNORECASE)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 # Longest prefix taken into an answer tail before the marker when looking for a statement start:
 # bounds the tail when the answer sits at the end of one long unpunctuated paragraph.
 _MAX_LEAD_IN = 200
 
 
-def _match_brace(text: str, open_pos: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_pos`` (escaped ``\\{``/``\\}`` skipped)."""
+def _match_brace(text: str, open_pos: int, limit: int | None = None) -> int | None:
+    """Index of the ``}`` closing the ``{`` at ``open_pos`` before ``limit`` (escapes skipped)."""
     depth = 0
     i = open_pos
-    n = len(text)
+    n = len(text) if limit is None else limit
     while i < n:
         c = text[i]
         if c == "\\":
@@ -77,38 +78,62 @@ def _match_brace(text: str, open_pos: int) -> int | None:
     return None
 
 
-def _boxed_content(text: str, start: int, end: int) -> str | None:
-    """The argument of the ``\\boxed`` command spanning ``text[start:end]``; None if malformed."""
+def _boxed_content(text: str, end: int, limit: int) -> tuple[str | None, bool]:
+    """(argument, closed) of the ``\\boxed`` command name ending at ``end``.
+
+    The argument is None when it is empty or never closes before ``limit``; ``closed`` says
+    whether a brace argument closed (see :func:`_last_boxed`).
+    """
     i = end
     n = len(text)
     while i < n and text[i] in " \t":
         i += 1
     if i < n and text[i] == "{":
-        close = _match_brace(text, i)
+        close = _match_brace(text, i, limit)
         if close is None:  # truncated generation: the box never closes
-            return None
-        return text[i + 1 : close].strip() or None
+            return None, False
+        return text[i + 1 : close].strip() or None, True
     # "\boxed 5" (no braces): one token up to whitespace or a closing "$".
-    m = re.compile(r"[^\s$]+").match(text, i)
+    m = _BARE_ARGUMENT.match(text, i)
     if i == end or m is None:
-        return None
-    return m.group(0).strip() or None
+        return None, True
+    return m.group(0).strip() or None, True
 
 
 def _last_boxed(text: str) -> tuple[int, str] | None:
     """(position, content) of the last well-formed non-empty ``\\boxed``/``\\fbox``."""
+    # A box that never closes leaves every earlier box unclosed past its start too (their depth
+    # only grows there), so earlier boxes are matched only up to it: linear, not quadratic, on
+    # "\boxed{\boxed{\boxed{..." garbage.
+    limit = len(text)
     for m in reversed(list(_BOXED.finditer(text))):
-        content = _boxed_content(text, m.start(), m.end())
+        content, closed = _boxed_content(text, m.end(), limit)
         if content is not None:
             return m.start(), content
+        if not closed:
+            limit = m.start()
     return None
 
 
 def _strip_answer(s: str) -> str:
-    s = s.strip()
-    s = re.sub(r"^(?:\*\*|[:\s])+", "", s)
-    s = re.sub(r"(?:\*\*|\s)+$", "", s)
-    return s.rstrip(".").strip()
+    """Drop markdown bold, colons, blanks and full stops around a free-text answer."""
+    # Index scans, not regexes: "(\*\*|\s)+$" backtracks quadratically on long blank runs.
+    i, j = 0, len(s)
+    while i < j:
+        if s[i].isspace() or s[i] == ":":
+            i += 1
+        elif s.startswith("**", i):
+            i += 2
+        else:
+            break
+    while j > i:
+        if s[j - 1].isspace():
+            j -= 1
+        elif j - 2 >= i and s.startswith("**", j - 2):
+            j -= 2
+        else:
+            break
+    return s[i:j].rstrip(".").strip()
 
 
 def _answer_after(text: str, pos: int) -> tuple[str, int] | None:
@@ -315,7 +340,7 @@ def normalise_answer(answer: str) -> str:
     s = re.sub(r"(?<=\d)\\[,;: ](?=\d{3})", "", s)  # "1\,000" thin-space thousands separator
     s = re.sub(r"^([-+]?)\\?\$\s*", r"\1", s)  # "$18", "\$18", "-$5"
     s = s.strip()
-    while s.endswith(".") and not s.endswith(".."):
+    if s.endswith(".") and not s.endswith(".."):  # "18." - but keep an ellipsis
         s = s[:-1].rstrip()
     unit = _NUMBER_WITH_UNIT.fullmatch(s)
     if unit is not None:
