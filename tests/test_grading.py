@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -420,6 +421,20 @@ def test_config_is_validated_and_hashable():
         GradingConfig(max_wrokers=3)  # type: ignore[call-arg]
     assert hash(GradingConfig()) == hash(GradingConfig())
     assert GradingConfig.model_fields["timeout_s"].description
+
+
+def test_grader_pickles_as_its_config_and_results_become_rows(grader):
+    copy = pickle.loads(pickle.dumps(grader))
+    try:
+        assert copy.config == grader.config
+        result = copy.grade("\\boxed{\\frac{2}{4}}", "0.5")
+    finally:
+        copy.close()
+    assert result.to_dict() == {
+        "verdict": "correct",
+        "extracted_answer": "\\frac{2}{4}",
+        "detail": result.detail,
+    }
 
 
 def test_closed_grader_refuses_work():

@@ -391,6 +391,14 @@ class GradeResult:
     extracted_answer: str | None
     detail: str
 
+    def to_dict(self) -> dict[str, str | None]:
+        """Plain columns (``verdict`` as its string value), as the Arrow schemas name them."""
+        return {
+            "verdict": self.verdict.value,
+            "extracted_answer": self.extracted_answer,
+            "detail": self.detail,
+        }
+
 
 class GradingConfig(BaseModel):
     """How responses are graded; hashable, so one worker pool is shared per distinct config."""
@@ -698,6 +706,13 @@ class Grader:
         self._lock = threading.Lock()
         self._closed = False
         self.restarts = 0  # workers replaced after a timeout or crash (observability, tests)
+
+    def __getstate__(self) -> dict:
+        # Pickles as its config (e.g. into a Ray actor): the copy starts its own workers when needed.
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
 
     def __enter__(self) -> Grader:
         return self
