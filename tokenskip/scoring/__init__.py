@@ -1,0 +1,191 @@
+"""Token-importance scorers for CoT compression, behind one interface.
+
+* ``llmlingua2`` (:mod:`tokenskip.scoring.llmlingua2`): an LLMLingua-2 token classifier's keep
+  probability, as TokenSkip uses it; output identical to llmlingua's ``compress_prompt``.
+* ``selfinfo`` (:mod:`tokenskip.scoring.selfinfo`): self-information -log p(token | prefix) under a
+  causal LM (Selective-Context style); no classifier needed, any HF causal LM works.
+
+Both score each text ONCE and derive the kept words for every requested ratio from that pass::
+
+    scorer = build_scorer(ScorerConfig(kind="llmlingua2", model="path/or/hf-id"))
+    scorer.prune(["Step 1: 48 / 2 = 24 ..."], [0.9, 0.5])  # -> [{0.9: "...", 0.5: "..."}]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenskip.pruning import ScoredChunk, keep_mask, reduce_rate_for, validate_ratios
+
+DEFAULT_LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
+
+
+class ScorerConfig(BaseModel):
+    """Which importance scorer to use and how to run it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llmlingua2", "selfinfo"] = Field(
+        "llmlingua2",
+        description="llmlingua2: LLMLingua-2 token classifier (TokenSkip's choice, needs the classifier "
+        "model). selfinfo: surprisal under a causal LM (any LM works; slower per token, less faithful "
+        "to TokenSkip).",
+    )
+    model: str = Field(
+        DEFAULT_LLMLINGUA2_MODEL,
+        description="HF id, local folder or s3:// folder of the scoring model. s3:// folders are copied "
+        "to cache_dir first. For llmlingua2 the folder name decides llmlingua's word rules when "
+        "word_convention is auto, so keep the original model name in it.",
+    )
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Chunks (llmlingua2: up to 512 tokens; selfinfo: up to max_length) per forward pass. "
+        "Larger = faster on GPU, more memory; results do not depend on it.",
+    )
+    device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="Model weights/compute dtype. float32 reproduces llmlingua on CPU exactly; half "
+        "precision is ~2x faster on GPU but changes near-threshold decisions.",
+    )
+    force_tokens: list[str] = Field(
+        default_factory=lambda: ["Step", ":"],
+        description="Words always kept (TokenSkip: Step and ':'), at most 100. More = structure "
+        "preserved but less room to compress at low ratios.",
+    )
+    force_digits: bool = Field(
+        True,
+        description="Always keep words containing a digit (llmlingua force_reserve_digit). Keeps the "
+        "arithmetic intact; costs compression on number-heavy CoTs.",
+    )
+    drop_consecutive: bool = Field(
+        True,
+        description="Drop a force token repeated with nothing kept in between (e.g. ': :'). Avoids "
+        "runs of bare punctuation in pruned text.",
+    )
+    chunk_end_tokens: list[str] = Field(
+        default_factory=lambda: [".", "\n"],
+        description="llmlingua2: preferred tokens to end a 512-token chunk on (llmlingua default). "
+        "Splitting at sentence ends keeps context for the classifier.",
+    )
+    exact_padding: bool = Field(
+        True,
+        description="llmlingua2: pad every chunk to 512 tokens like llmlingua, which makes output "
+        "bit-identical to it. False pads to the longest chunk in the batch: faster on short CoTs, but "
+        "float rounding differs slightly and can flip near-threshold words.",
+    )
+    word_convention: Literal["auto", "sentencepiece", "wordpiece"] = Field(
+        "auto",
+        description="llmlingua2: how tokens merge into words. auto follows llmlingua (model name "
+        "containing xlm-roberta-large / bert-base-multilingual-cased), else the tokenizer's type.",
+    )
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description="selfinfo: tokens per scoring window. Longer = more context per token, more "
+        "memory (quadratic attention); text beyond a window is scored in the next one.",
+    )
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get(
+            "TOKENSKIP_MODEL_CACHE", str(Path.home() / ".cache" / "tokenskip" / "models")
+        ),
+        description="Local folder where s3:// models are copied (reused on the next start).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for s3:// models, e.g. {'endpoint_url': ...}. Empty = the "
+        "environment's credentials and endpoint.",
+    )
+
+
+class Scorer(ABC):
+    """Scores texts once; prunes them to any number of ratios from that one pass."""
+
+    def __init__(self, config: ScorerConfig):
+        self.config = config
+
+    @abstractmethod
+    def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
+        """Per text, its scored chunks (an empty text has none)."""
+
+    @abstractmethod
+    def render(self, chunk: ScoredChunk, keep: Any) -> str:
+        """The kept words of ``chunk`` (mask ``keep``) as text."""
+
+    def prune_scored(self, chunks: list[ScoredChunk], ratios: list[float]) -> dict[float, str]:
+        """Kept text of one scored text at each ratio."""
+        out: dict[float, str] = {}
+        for ratio in ratios:
+            reduce_rate = reduce_rate_for(ratio)
+            if reduce_rate <= 0:
+                out[ratio] = "".join(c.text for c in chunks)
+                continue
+            out[ratio] = "".join(
+                self.render(c, keep_mask(c, reduce_rate, self.config.drop_consecutive)) for c in chunks
+            )
+        return out
+
+    def prune(self, texts: list[str], ratios: list[float]) -> list[dict[float, str]]:
+        """One dict per text: ratio -> kept text. Ratios in (0, 1]; 1.0 returns the text as scored."""
+        ratios = validate_ratios(ratios)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("prune() takes a list of str")
+        return [self.prune_scored(chunks, ratios) for chunks in self.score(texts)]
+
+
+def resolve_model_path(model: str, cache_dir: str, storage_options: dict[str, Any] | None = None) -> str:
+    """``model`` unchanged, unless it is a remote fsspec URL (s3://...): then a local copy's folder.
+
+    The copy keeps the remote folder's last path component as its name (llmlingua's rules read the
+    name) under a hash of the URL, and is reused when complete.
+    """
+    if "://" not in model or model.startswith("file://"):
+        return model.removeprefix("file://")
+    import fsspec
+
+    url = model.rstrip("/")
+    target = Path(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rsplit("/", 1)[-1]
+    done = target / ".complete"
+    if done.exists():
+        return str(target)
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    files = [f for f in fs.find(root) if not f.endswith("/")]
+    if not files:
+        raise FileNotFoundError(f"no model files under {model}")
+    target.mkdir(parents=True, exist_ok=True)
+    for remote in files:
+        local = target / os.path.relpath(remote, root)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(remote, str(local))
+    done.touch()
+    return str(target)
+
+
+def build_scorer(config: ScorerConfig) -> Scorer:
+    """The scorer ``config`` describes (loads its model)."""
+    if config.kind == "llmlingua2":
+        from tokenskip.scoring.llmlingua2 import LLMLingua2Scorer
+
+        return LLMLingua2Scorer(config)
+    if config.kind == "selfinfo":
+        from tokenskip.scoring.selfinfo import SelfInfoScorer
+
+        return SelfInfoScorer(config)
+    raise ValueError(f"unknown scorer kind {config.kind!r}")
+
+
+__all__ = [
+    "DEFAULT_LLMLINGUA2_MODEL",
+    "ScoredChunk",
+    "Scorer",
+    "ScorerConfig",
+    "build_scorer",
+    "resolve_model_path",
+]

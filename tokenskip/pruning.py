@@ -1,0 +1,121 @@
+"""Word selection for a target ratio, from per-word keep probabilities computed once.
+
+A scorer (:mod:`tokenskip.scoring`) turns a text into chunks of words, each word with a keep
+probability (forced words already at 1.0) and a weight (how many tokens it counts for in the
+ratio). :func:`keep_mask` then picks the words for one ratio; the expensive model pass is never
+repeated per ratio.
+
+The selection reproduces LLMLingua-2's ``compress_prompt`` exactly (llmlingua 0.2.2,
+``PromptCompressor.__compress``), because TokenSkip's training data was made with it:
+
+* threshold = the ``int(100 * reduce_rate + 1)``-th percentile of the token-weighted probabilities
+  (each word repeated once per cl100k token); keep words strictly above it (or equal to it when
+  the threshold is 1.0, i.e. only forced words remain);
+* ``drop_consecutive``: a force token (e.g. ``Step``) that repeats with no kept word in between
+  loses its forced probability, and a kept force token equal to the previous kept word is dropped;
+* numeric quirk: llmlingua holds forced probabilities as Python floats and the rest as float32,
+  so numpy computes the percentile in float64 when any forced-only word is present and in float32
+  otherwise. :attr:`ScoredChunk.python_float` records which, so thresholds match bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ScoredChunk:
+    """One scored chunk of a text (a text has one or more chunks, scored independently)."""
+
+    text: str
+    """The chunk's text as the scorer saw it (returned unchanged for ratio 1.0)."""
+    words: list[str]
+    """Words in the scorer's own spelling (e.g. with SentencePiece's ``▁``), used for rendering."""
+    probs: np.ndarray
+    """float32 keep probability per word; forced words are 1.0."""
+    python_float: np.ndarray
+    """bool per word: every token of the word was forced (llmlingua's float64-widening quirk)."""
+    weights: np.ndarray
+    """int per word: tokens it counts for in the percentile (0 = ignored)."""
+    force_word: np.ndarray
+    """bool per word: the word is one of the force tokens (the drop-consecutive candidates)."""
+    word_ids: np.ndarray
+    """int per word: equal ids <=> equal words (vectorised equality for drop-consecutive)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.words)
+        for name in ("probs", "python_float", "weights", "force_word", "word_ids"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"ScoredChunk.{name} has {len(getattr(self, name))} entries for {n} words")
+
+    @property
+    def n_words(self) -> int:
+        return len(self.words)
+
+
+def reduce_rate_for(ratio: float) -> float:
+    """Fraction to remove for a kept ``ratio``, computed exactly as llmlingua does (float quirks included)."""
+    return max(0, 1 - ratio)
+
+
+def _percentile(values: np.ndarray, widen: bool, q: int) -> np.floating:
+    # Same array dtype as llmlingua's list -> ndarray conversion, so the interpolation rounds alike.
+    return np.percentile(values.astype(np.float64) if widen else values.astype(np.float32), q)
+
+
+def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) -> np.ndarray:
+    """Boolean mask of the words of ``chunk`` kept when removing ``reduce_rate`` (0 < reduce_rate < 1).
+
+    A chunk with no words (llmlingua raises IndexError there) keeps nothing.
+    """
+    n = chunk.n_words
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    probs = chunk.probs.astype(np.float32, copy=True)
+    python_float = chunk.python_float.copy()
+
+    if drop_consecutive and chunk.force_word.any():
+        thr = _percentile(probs, bool(python_float.any()), int(100 * reduce_rate))
+        # A non-force word counts as content between two force tokens when above the threshold.
+        content = (~chunk.force_word) & (probs.astype(np.float64) > float(thr))
+        seen = np.cumsum(content)
+        force_pos = np.flatnonzero(chunk.force_word)
+        if len(force_pos) > 1:
+            prev, cur = force_pos[:-1], force_pos[1:]
+            no_content_between = seen[cur] == seen[prev]
+            same_word = chunk.word_ids[cur] == chunk.word_ids[prev]
+            dropped = cur[no_content_between & same_word]
+            probs[dropped] = 0.0
+            python_float[dropped] = True  # llmlingua writes a Python 0.0 there
+
+    weighted = chunk.weights > 0
+    if not weighted.any():
+        return np.zeros(n, dtype=bool)
+    token_probs = np.repeat(probs[weighted], chunk.weights[weighted])
+    thr = float(_percentile(token_probs, bool(python_float[weighted].any()), int(100 * reduce_rate + 1)))
+    p64 = probs.astype(np.float64)
+    keep = (p64 > thr) | ((thr == 1.0) & (p64 == thr))
+
+    if drop_consecutive:
+        kept = np.flatnonzero(keep)
+        if len(kept) > 1:
+            # A kept force token equal to the previously kept word is dropped (a run of them keeps one).
+            repeat = chunk.force_word[kept[1:]] & (chunk.word_ids[kept[1:]] == chunk.word_ids[kept[:-1]])
+            keep[kept[1:][repeat]] = False
+    return keep
+
+
+def validate_ratios(ratios: list[float]) -> list[float]:
+    """Ratios must lie in (0, 1]; returns them as floats (clear error otherwise)."""
+    out = []
+    for r in ratios:
+        r = float(r)
+        if r != r or not (0.0 < r <= 1.0):
+            raise ValueError(f"compression ratio must be in (0, 1], got {r!r}")
+        out.append(r)
+    return out
+
+
+__all__ = ["ScoredChunk", "keep_mask", "reduce_rate_for", "validate_ratios"]

