@@ -125,3 +125,10 @@ def test_pruned_text_keeps_spacing_readable(scorer):
     position = 0
     for word in re.findall(r"\w+|[^\w\s]", pruned):
         position = text.index(word, position) + len(word)
+
+
+def test_selfinfo_without_a_model_is_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="causal LM"):
+        ScorerConfig(kind="selfinfo")

@@ -55,6 +55,12 @@ class ScoredChunk:
         return len(self.words)
 
 
+def word_ids(words: list[str]) -> np.ndarray:
+    """Ids for :attr:`ScoredChunk.word_ids`: equal words get equal ids (within one chunk)."""
+    ids: dict[str, int] = {}
+    return np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.int64, count=len(words))
+
+
 def reduce_rate_for(ratio: float) -> float:
     """Fraction to remove for a kept ``ratio``, computed exactly as llmlingua does (float quirks included)."""
     return max(0, 1 - ratio)
@@ -118,4 +124,4 @@ def validate_ratios(ratios: list[float]) -> list[float]:
     return out
 
 
-__all__ = ["ScoredChunk", "keep_mask", "reduce_rate_for", "validate_ratios"]
+__all__ = ["ScoredChunk", "keep_mask", "reduce_rate_for", "validate_ratios", "word_ids"]

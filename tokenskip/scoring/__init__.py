@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenskip.pruning import ScoredChunk, keep_mask, reduce_rate_for, validate_ratios
 
@@ -104,6 +106,14 @@ class ScorerConfig(BaseModel):
         "environment's credentials and endpoint.",
     )
 
+    @model_validator(mode="after")
+    def _selfinfo_needs_a_causal_lm(self) -> ScorerConfig:
+        if self.kind == "selfinfo" and self.model == DEFAULT_LLMLINGUA2_MODEL:
+            raise ValueError(
+                "kind='selfinfo' scores with a causal LM: set scorer.model (e.g. the demo model)"
+            )
+        return self
+
 
 class Scorer(ABC):
     """Scores texts once; prunes them to any number of ratios from that one pass."""
@@ -159,13 +169,26 @@ def resolve_model_path(model: str, cache_dir: str, storage_options: dict[str, An
     files = [f for f in fs.find(root) if not f.endswith("/")]
     if not files:
         raise FileNotFoundError(f"no model files under {model}")
-    target.mkdir(parents=True, exist_ok=True)
+    # Copy into a private folder and rename it into place, so concurrent workers (Ray actors on one
+    # node) never load a half-copied model.
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=_mkdir(target.parent)))
     for remote in files:
-        local = target / os.path.relpath(remote, root)
+        local = staging / os.path.relpath(remote, root)
         local.parent.mkdir(parents=True, exist_ok=True)
         fs.get(remote, str(local))
-    done.touch()
+    (staging / ".complete").touch()
+    try:
+        staging.rename(target)
+    except OSError as e:  # another worker finished first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+        if not done.exists():
+            raise RuntimeError(f"{target} exists but is not a complete copy of {model}; delete it") from e
     return str(target)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def build_scorer(config: ScorerConfig) -> Scorer:

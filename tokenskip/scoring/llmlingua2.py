@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenskip.pruning import ScoredChunk
+from tokenskip.pruning import ScoredChunk, word_ids
 from tokenskip.scoring import Scorer, ScorerConfig, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,6 @@ class LLMLingua2Scorer(Scorer):
         self.frame_ids = self.tokenizer.convert_tokens_to_ids([FRAME_CLS, FRAME_SEP, FRAME_PAD])
         self.oai = load_cl100k()
         self._weight_cache: dict[str, int] = {}
-        self._word_ids: dict[str, int] = {}
         self._build_vocab_tables()
 
     # -- text -> chunks ---------------------------------------------------------------------------
@@ -234,11 +233,6 @@ class LLMLingua2Scorer(Scorer):
                 self._weight_cache[word] = w
         return w
 
-    def _word_id(self, word: str) -> int:
-        if len(self._word_ids) > 1_000_000:
-            self._word_ids.clear()  # ids only need to be consistent within one chunk
-        return self._word_ids.setdefault(word, len(self._word_ids))
-
     def _merge(self, text: str, ids: np.ndarray, token_probs: np.ndarray) -> ScoredChunk:
         """Unmasked token ids + their probabilities -> scored words (llmlingua ``__merge_token_to_word``
         with ``token_to_word="mean"``), vectorised over the chunk's tokens."""
@@ -278,7 +272,7 @@ class LLMLingua2Scorer(Scorer):
             python_float=all_forced,
             weights=np.fromiter((self._weight(w) for w in words), dtype=np.int64, count=n),
             force_word=np.fromiter((w in self.force_set for w in words), dtype=bool, count=n),
-            word_ids=np.fromiter((self._word_id(w) for w in words), dtype=np.int64, count=n),
+            word_ids=word_ids(words),
         )
 
     # -- Scorer interface -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from tokenskip.pruning import ScoredChunk
+from tokenskip.pruning import ScoredChunk, word_ids
 from tokenskip.scoring import Scorer, ScorerConfig, resolve_model_path
 
 # A word: letters/digits, joined across inner . , ' (so "0.2", "1,000" and "don't" stay whole), or one
@@ -49,7 +49,6 @@ class SelfInfoScorer(Scorer):
         positions = getattr(self.model.config, "max_position_embeddings", None) or config.max_length
         self.window = max(2, min(config.max_length, positions) - (1 if self.start_id is not None else 0))
         self.force_set = set(config.force_tokens)
-        self._word_ids: dict[str, int] = {}
 
     # -- text -> windows of tokens ------------------------------------------------------------------
 
@@ -190,11 +189,7 @@ class SelfInfoScorer(Scorer):
             python_float=forced,
             weights=weights,
             force_word=np.fromiter((text[s:e] in self.force_set for s, e in words), dtype=bool, count=n),
-            word_ids=np.fromiter(
-                (self._word_ids.setdefault(text[s:e], len(self._word_ids)) for s, e in words),
-                dtype=np.int64,
-                count=n,
-            ),
+            word_ids=word_ids([text[s:e] for s, e in words]),
         )
 
     def render(self, chunk: ScoredChunk, keep: np.ndarray) -> str:
