@@ -109,7 +109,7 @@ def test_weighted_sampler_follows_weights_and_is_seeded():
 
 
 @pytest.mark.slow
-def test_dev_eval_vllm_lora_matches_transformers_fallback(tmp_path, tiny_causal_lm):
+def test_dev_eval_vllm_lora_matches_transformers_fallback(tmp_path, tiny_causal_lm, ray_two_cpus):
     """The vLLM path (adapter per request) and the transformers fallback agree on a LoRA model."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -138,7 +138,10 @@ def test_dev_eval_vllm_lora_matches_transformers_fallback(tmp_path, tiny_causal_
     for backend in ("transformers", "vllm"):
         settings = TLDRSettings.model_validate({**raw, "backend": backend})
         evaluator = DevEvaluator(settings, str(tiny_causal_lm), tokenizer, lora=True, lora_rank=4)
-        results[backend] = evaluator.evaluate(model, step=1, workdir=str(tmp_path))
+        try:
+            results[backend] = evaluator.evaluate(model, step=1, workdir=str(tmp_path))
+        finally:
+            evaluator.close()  # the vLLM actor's CPU is needed by the next test
     hf, vllm = results["transformers"], results["vllm"]
     assert (tmp_path / "dev-adapter-step-00000001" / "adapter_config.json").exists()
     assert vllm.responses == hf.responses and vllm.count == hf.count == 4
@@ -212,7 +215,10 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
                 "eval_steps": 2,
                 "eta": 1.0,
                 "dev": {"path": str(tmp_path / "dev.jsonl")},
-                "backend": "transformers",
+                # The production path: a vLLM actor that gets the LoRA adapter per evaluation.
+                "backend": "vllm",
+                "engine": {"model": "unused", "kv_cache_memory_bytes": 1 << 28, "max_model_len": 256},
+                "engine_resources": {"CPU": 1},
                 "sampling": {"max_tokens": 12},
             },
             "lora": {"r": 4, "alpha": 8},
@@ -223,7 +229,8 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
                 "gradient_accumulation_steps": 1,
                 "warmup_ratio": 0.0,
             },
-            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 1}, "torch_threads": 1},
+            # Half a CPU per worker leaves one for the dev-engine actor.
+            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "torch_threads": 1},
             "checkpoint": {"storage_path": str(tmp_path / "runs"), "save_steps": 2, "max_failures": 1},
             "failure_injection": {"at_step": 5, "marker_path": str(tmp_path / "failed-once")},
         }

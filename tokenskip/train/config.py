@@ -221,8 +221,14 @@ class TLDRSettings(_Strict):
     )
     engine: EngineConfig | None = Field(
         default=None,
-        description="vLLM engine for backend 'vllm' (model is filled in from the run; enable_lora is forced "
-        "for LoRA runs). On a training GPU leave room: set kv_cache_memory_bytes / gpu_memory_utilization.",
+        description="vLLM engine for backend 'vllm' (model is filled in from the run; enable_lora is forced). "
+        "Sharing a GPU with training needs kv_cache_memory_bytes / a low gpu_memory_utilization.",
+    )
+    engine_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources of the vLLM dev-engine actor (its own process: vLLM cannot start inside a "
+        "training worker whose torch.distributed group is live). On GPUs e.g. {'GPU': 1} for a spare GPU, "
+        "or fractions shared with the training workers' resources_per_worker.",
     )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=1024),

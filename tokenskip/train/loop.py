@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -205,85 +206,90 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accum = optim.gradient_accumulation_steps
     model.train()
 
-    for step in range(state["step"], total_steps):
-        started = time.perf_counter()
-        if tldr_state is not None:
-            picks = weighted_sampler.global_batch_at(step, tldr_state.weights)
-            batch = [domains[d][i] for d, i in worker_slice(picks, rank, world)]
-        else:
-            batch = [flat[i] for i in worker_slice(epoch_sampler.global_batch_at(step), rank, world)]
-        loss_sum, token_count = 0.0, 0
-        for micro in range(accum):
-            micro_batch = batch[
-                micro * optim.per_device_batch_size : (micro + 1) * optim.per_device_batch_size
-            ]
-            tensors = {k: v.to(device) for k, v in collate(micro_batch, tokenizer.pad_token_id).items()}
-            # Skip the DDP all-reduce on every micro-step but the last (gradients just accumulate).
-            sync = (
-                contextlib.nullcontext()
-                if micro == accum - 1 or not hasattr(model, "no_sync")
-                else model.no_sync()
-            )
-            with sync:
-                loss = model(**tensors).loss / accum
-                loss.backward()
-            loss_sum += loss.item()
-            token_count += int(tensors["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        for step in range(state["step"], total_steps):
+            started = time.perf_counter()
+            if tldr_state is not None:
+                picks = weighted_sampler.global_batch_at(step, tldr_state.weights)
+                batch = [domains[d][i] for d, i in worker_slice(picks, rank, world)]
+            else:
+                batch = [flat[i] for i in worker_slice(epoch_sampler.global_batch_at(step), rank, world)]
+            loss_sum, token_count = 0.0, 0
+            for micro in range(accum):
+                micro_batch = batch[
+                    micro * optim.per_device_batch_size : (micro + 1) * optim.per_device_batch_size
+                ]
+                tensors = {k: v.to(device) for k, v in collate(micro_batch, tokenizer.pad_token_id).items()}
+                # Skip the DDP all-reduce on every micro-step but the last (gradients just accumulate).
+                sync = (
+                    contextlib.nullcontext()
+                    if micro == accum - 1 or not hasattr(model, "no_sync")
+                    else model.no_sync()
+                )
+                with sync:
+                    loss = model(**tensors).loss / accum
+                    loss.backward()
+                loss_sum += loss.item()
+                token_count += int(tensors["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        elapsed = time.perf_counter() - started
-        total_loss, total_tokens, elapsed_sum = _all_reduce_sum([loss_sum, token_count, elapsed], device)
-        state["step"] = step + 1
-        mean_loss = total_loss / world
-        state["loss_history"].append([state["step"], mean_loss])
-        metrics: dict[str, Any] = {
-            "step": state["step"],
-            "epoch": epoch_sampler.epoch_at(state["step"]),
-            "loss": mean_loss,
-            "lr": scheduler.get_last_lr()[0],
-            # Tokens of all workers over the mean worker time of this step.
-            "tokens_per_s": total_tokens / max(elapsed_sum / world, 1e-9),
-        }
+            elapsed = time.perf_counter() - started
+            total_loss, total_tokens, elapsed_sum = _all_reduce_sum([loss_sum, token_count, elapsed], device)
+            state["step"] = step + 1
+            mean_loss = total_loss / world
+            state["loss_history"].append([state["step"], mean_loss])
+            metrics: dict[str, Any] = {
+                "step": state["step"],
+                "epoch": epoch_sampler.epoch_at(state["step"]),
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                # Tokens of all workers over the mean worker time of this step.
+                "tokens_per_s": total_tokens / max(elapsed_sum / world, 1e-9),
+            }
 
-        if tldr_state is not None and state["step"] % config.tldr.eval_steps == 0:
-            entry = None
-            if rank == 0:
-                dev = evaluator.evaluate(bare, state["step"], workdir)
-                entry = tldr_state.reweight(state["step"], dev.accuracy, dev.mean_tokens, config.tldr)
-            tldr_state = _broadcast(tldr_state, world)
-            entry = tldr_state.history[-1]
-            metrics.update({"dev_accuracy": entry["accuracy"], "dev_mean_tokens": entry["mean_tokens"]})
-        if tldr_state is not None:
-            metrics.update(
-                {f"weight_{n}": w for n, w in zip(tldr_state.names, tldr_state.weights, strict=True)}
-            )
-            state["tldr"] = tldr_state.to_dict()
-            state["sampler"] = weighted_sampler.state(state["step"], tldr_state.weights)
-        else:
-            state["sampler"] = epoch_sampler.state(state["step"])
+            if tldr_state is not None and state["step"] % config.tldr.eval_steps == 0:
+                if rank == 0:  # the others wait in the broadcast for rank 0's new weights
+                    dev = evaluator.evaluate(bare, state["step"], workdir)
+                    tldr_state.reweight(state["step"], dev.accuracy, dev.mean_tokens, config.tldr)
+                tldr_state = _broadcast(tldr_state, world)
+                entry = tldr_state.history[-1]
+                metrics.update({"dev_accuracy": entry["accuracy"], "dev_mean_tokens": entry["mean_tokens"]})
+            if tldr_state is not None:
+                metrics.update(
+                    {f"weight_{n}": w for n, w in zip(tldr_state.names, tldr_state.weights, strict=True)}
+                )
+                state["tldr"] = tldr_state.to_dict()
+                state["sampler"] = weighted_sampler.state(state["step"], tldr_state.weights)
+            else:
+                state["sampler"] = epoch_sampler.state(state["step"])
 
-        final = state["step"] == total_steps
-        if final or state["step"] % config.checkpoint.save_steps == 0:
-            # Every rank reports (Ray Train V2 expects it); only rank 0 uploads the files.
-            with tempfile.TemporaryDirectory(dir=workdir) as directory:
-                ckpt = None
-                if rank == 0:
-                    _save_checkpoint(directory, bare, optimizer, scheduler, state, config, final)
-                    ckpt = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(metrics, checkpoint=ckpt)
-        elif state["step"] % config.log_every == 0:
-            ray.train.report(metrics)
+            final = state["step"] == total_steps
+            if final or state["step"] % config.checkpoint.save_steps == 0:
+                # Every rank reports (Ray Train V2 expects it); only rank 0 uploads the files.
+                with tempfile.TemporaryDirectory(dir=workdir) as directory:
+                    ckpt = None
+                    if rank == 0:
+                        _save_checkpoint(directory, bare, optimizer, scheduler, state, config, final)
+                        ckpt = ray.train.Checkpoint.from_directory(directory)
+                    ray.train.report(metrics, checkpoint=ckpt)
+            elif state["step"] % config.log_every == 0:
+                ray.train.report(metrics)
 
-        injection = config.failure_injection
-        if (
-            injection
-            and rank == 0
-            and state["step"] == injection.at_step
-            and not os.path.exists(injection.marker_path)
-        ):
-            with open(injection.marker_path, "w", encoding="utf-8") as handle:
-                handle.write(f"failed after step {state['step']}\n")
-            raise InjectedFailure(f"injected failure after step {state['step']}")
+            injection = config.failure_injection
+            if (
+                injection
+                and rank == 0
+                and state["step"] == injection.at_step
+                and not os.path.exists(injection.marker_path)
+            ):
+                with open(injection.marker_path, "w", encoding="utf-8") as handle:
+                    handle.write(f"failed after step {state['step']}\n")
+                raise InjectedFailure(f"injected failure after step {state['step']}")
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        # Dev adapters and checkpoint staging; the checkpoints themselves are in Ray's storage.
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -213,11 +213,41 @@ def _generate_transformers(model: Any, tokenizer: Any, prompts_: list[str], max_
     return texts, counts
 
 
+class DevEngine:
+    """Ray actor body: one vLLM engine with LoRA enabled, kept for the whole run.
+
+    It lives in its own process: vLLM initialises its own torch.distributed state, which hangs inside
+    a Ray Train worker whose process group is already live. Adapters arrive as file bytes, so the
+    actor may run on any node; each goes to a fresh folder because vLLM caches adapters by path.
+    """
+
+    def __init__(self, engine_config: dict[str, Any]):
+        import tempfile
+
+        from tokenskip.engine import EngineConfig, create_llm
+
+        self._llm = create_llm(EngineConfig.model_validate(engine_config))
+        self._root = tempfile.mkdtemp(prefix="tokenskip-dev-adapters-")
+
+    def generate(
+        self, prompts_: list[str], sampling: dict[str, Any], name: str, adapter_files: dict[str, bytes]
+    ) -> list[tuple[str, int]]:
+        from tokenskip.engine import SamplingConfig, generate
+
+        folder = os.path.join(self._root, name)
+        os.makedirs(folder, exist_ok=False)
+        for file_name, blob in adapter_files.items():
+            with open(os.path.join(folder, file_name), "wb") as handle:
+                handle.write(blob)
+        outputs = generate(self._llm, prompts_, SamplingConfig.model_validate(sampling), lora_path=folder)
+        return [(o[0].text, o[0].token_count) for o in outputs]
+
+
 class DevEvaluator:
     """Generates on the dev set with the current weights and grades the answers (rank 0 only).
 
-    The vLLM engine is built once and kept for the whole run; each evaluation saves the adapter to
-    a fresh folder (vLLM caches adapters by path) and passes it per request.
+    Backend 'vllm' starts one :class:`DevEngine` actor on first use and sends it the adapter at each
+    evaluation; 'transformers' generates with the training model in place.
     """
 
     def __init__(self, settings: TLDRSettings, model_path: str, tokenizer: Any, lora: bool, lora_rank: int):
@@ -227,15 +257,17 @@ class DevEvaluator:
         self.lora, self.lora_rank = lora, lora_rank
         self.questions, self.golds = load_dev_set(settings)
         self.prompts = [render_prompt(tokenizer, q) for q in self.questions]
-        self._llm = None
+        self._actor = None
         if settings.backend == "vllm" and not lora:
             raise ValueError(
                 "TL;DR backend 'vllm' evaluates LoRA adapters; use 'transformers' for full fine-tunes"
             )
 
     def _engine(self):
-        if self._llm is None:
-            from tokenskip.engine import EngineConfig, create_llm
+        if self._actor is None:
+            import ray
+
+            from tokenskip.engine import EngineConfig
 
             base = self.settings.engine or EngineConfig(model=self.model_path)
             config = base.model_copy(
@@ -245,18 +277,40 @@ class DevEvaluator:
                     "max_lora_rank": max(base.max_lora_rank, self.lora_rank),
                 }
             )
-            self._llm = create_llm(config)
-        return self._llm
+            resources = dict(self.settings.engine_resources)
+            actor_class = ray.remote(DevEngine).options(
+                num_cpus=resources.pop("CPU", 0.0),
+                num_gpus=resources.pop("GPU", 0.0),
+                resources=resources or None,
+                scheduling_strategy="DEFAULT",  # outside the training workers' placement group
+            )
+            self._actor = actor_class.remote(config.model_dump(mode="json"))
+        return self._actor
+
+    def close(self) -> None:
+        if self._actor is not None:
+            import ray
+
+            ray.kill(self._actor)
+            self._actor = None
 
     def evaluate(self, model: Any, step: int, workdir: str) -> DevMetrics:
         if self.settings.backend == "vllm":
-            from tokenskip.engine import generate
+            import ray
 
-            adapter_dir = os.path.join(workdir, f"dev-adapter-step-{step:08d}")
+            name = f"dev-adapter-step-{step:08d}"
+            adapter_dir = os.path.join(workdir, name)
             model.save_pretrained(adapter_dir)
-            outputs = generate(self._engine(), self.prompts, self.settings.sampling, lora_path=adapter_dir)
-            texts = [o[0].text for o in outputs]
-            counts = [o[0].token_count for o in outputs]
+            files = {}
+            for file_name in sorted(os.listdir(adapter_dir)):
+                if not os.path.isfile(os.path.join(adapter_dir, file_name)):
+                    continue
+                with open(os.path.join(adapter_dir, file_name), "rb") as handle:
+                    files[file_name] = handle.read()
+            sampling = self.settings.sampling.model_dump(mode="json")
+            outputs = ray.get(self._engine().generate.remote(self.prompts, sampling, name, files))
+            texts = [text for text, _ in outputs]
+            counts = [count for _, count in outputs]
         else:
             texts, counts = _generate_transformers(
                 model, self.tokenizer, self.prompts, self.settings.sampling.max_tokens
