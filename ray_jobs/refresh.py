@@ -1,0 +1,65 @@
+"""Ray job: incremental refresh of a dataset (one new version with only the new problems generated).
+
+    ray job submit --working-dir . -- python -m ray_jobs.refresh --config refresh.yaml
+
+Exit codes: 0 published / up to date / budget reached (resumes next time); 3 another refresh holds
+the dataset's lock (nothing was done; the scheduler can simply try again later); 4 LATEST was built
+with another config (see ``rebuild_on_config_change``); 1 any other error (LATEST unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import yaml
+
+EXIT_LOCKED = 3
+EXIT_INCOMPATIBLE = 4
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.refresh", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", required=True, help="refresh YAML (see tokenskip/configs/refresh_example.yaml)"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser.add_argument("--dry-run", action="store_true", help="print what the refresh would do and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from tokenskip.refresh import IncompatibleBase, LockHeld, load_refresh_config, plan_refresh, refresh
+
+    config = load_refresh_config(args.config, _overrides(args.set))
+    try:
+        if args.dry_run:
+            print(plan_refresh(config).describe())
+            return 0
+        result = refresh(config)
+    except LockHeld as exc:
+        print(f"refresh refused: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except IncompatibleBase as exc:
+        print(f"refresh refused: {exc}", file=sys.stderr)
+        return EXIT_INCOMPATIBLE
+    result.pop("pipeline", None)  # the full run report is in runs/<version>/report.json
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

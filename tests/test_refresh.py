@@ -1,0 +1,248 @@
+"""Incremental scheduled refresh on moto S3 with the tiny solver model (real vLLM, real Ray Data).
+
+Engine starts are the cost here (one per pipeline run that has problems to generate), so one test
+walks the whole life of a dataset in order with two engine starts: first version, a refused refresh
+(lock held), a crashed refresh, a stale lock taken over, the resumed refresh that generates only the
+new problems, a refresh that only drops rows (no engine), and an up-to-date refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+import tokenskip.refresh as refresh_module
+from ray_jobs.refresh import EXIT_INCOMPATIBLE, EXIT_LOCKED
+from ray_jobs.refresh import main as refresh_job
+from tokenskip.refresh import (
+    IncompatibleBase,
+    RefreshConfig,
+    load_refresh_config,
+    plan_refresh,
+    read_in_progress,
+    refresh,
+    version_name,
+)
+from tokenskip.schema import problem_id
+from tokenskip.storage import (
+    Lock,
+    LockHeld,
+    StorageConfig,
+    latest_run_id,
+    list_committed_runs,
+    read_manifest,
+    read_table,
+)
+from tokenskip.testing.tiny_models import arithmetic_problems
+
+N_FIRST, M_ADDED = 8, 4
+DATASET = "tiny-arith"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_problems(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n" for r in rows))
+    return path
+
+
+def _source(path: Path) -> dict:
+    return {
+        "path": str(path),
+        "kind": "custom",
+        "name": "tiny",
+        "field_map": {"question": "question", "answer": "answer", "id": "id", "metadata": []},
+    }
+
+
+def _refresh_config(model: Path, problems_path: Path, output: StorageConfig, **fields) -> RefreshConfig:
+    pipeline = {
+        "dataset": DATASET,
+        "sources": [_source(problems_path)],
+        "engine": {"model": str(model), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
+        "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 64},
+        "compression": {
+            "ratios": [0.9, 0.7, 0.5],
+            "scorer": {"kind": "selfinfo", "model": str(model), "batch_size": 8},
+            "target_tokenizer": str(model),
+        },
+        "output": output.model_dump(),
+        "resources": {
+            "generation_cpus": 0.5,
+            "compression_cpus": 0.25,
+            "grading_cpus": 0.25,
+            "shard_size": 4,
+            "generation_batch_size": 8,
+            "omp_threads": 1,
+        },
+    }
+    pipeline.update(fields.pop("pipeline", {}))
+    return RefreshConfig.model_validate({"pipeline": pipeline, **fields})
+
+
+def _at(hour: int, minute: int = 0) -> datetime:
+    return datetime(2026, 1, 2, hour, minute, 0, tzinfo=timezone.utc)
+
+
+def _version_tables(output: StorageConfig, run_id: str) -> dict:
+    return {kind: read_table(output, DATASET, kind, run_id=run_id) for kind in ("data", "rejects", "errors")}
+
+
+def _generated_problem_ids(tables: dict) -> set[str]:
+    """Problem ids with rows past the input stage (kept, graded rejects, generation errors)."""
+    ids = set(tables["data"].column("problem_id").to_pylist())
+    for kind in ("rejects", "errors"):
+        ids |= {r["problem_id"] for r in tables[kind].to_pylist() if r["stage"] not in ("dedup", "sources")}
+    return ids
+
+
+def _sample_keys(tables: dict) -> list[str]:
+    return [
+        r["key"]
+        for kind in ("data", "rejects", "errors")
+        for r in tables[kind].to_pylist()
+        if r.get("stage") not in ("dedup", "sources")
+    ]
+
+
+def test_version_name_and_config_checks(tmp_path):
+    assert version_name(datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)) == "v-20260304-050607"
+    # Another time zone is converted to UTC first.
+    from datetime import timedelta
+
+    plus2 = timezone(timedelta(hours=2))
+    assert version_name(datetime(2026, 3, 4, 1, 0, 0, tzinfo=plus2)) == "v-20260303-230000"
+
+    output = StorageConfig(root=str(tmp_path / "out"))
+    problems = _write_problems(tmp_path / "p.jsonl", arithmetic_problems()[:2])
+    with pytest.raises(ValidationError, match="run_id"):
+        _refresh_config(tmp_path, problems, output, pipeline={"run_id": "fixed"})
+    with pytest.raises(ValidationError, match="heartbeat_s"):
+        _refresh_config(tmp_path, problems, output, lock_ttl_s=60, heartbeat_s=60)
+    config = _refresh_config(tmp_path, problems, output, lock_ttl_s=60)
+    assert config.heartbeat_interval == 20
+
+    # The shipped example is a valid config.
+    example = load_refresh_config(str(REPO_ROOT / "tokenskip" / "configs" / "refresh_example.yaml"))
+    assert example.pipeline.run_id is None and example.keep_last >= 1
+
+
+def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, monkeypatch, capsys):
+    endpoint, bucket = s3_bucket
+    output = StorageConfig(root=f"s3://{bucket}/datasets", storage_options={"endpoint_url": endpoint})
+    problems = arithmetic_problems()
+    assert len(problems) == N_FIRST + M_ADDED
+    ids = [problem_id("tiny", p["question"]) for p in problems]
+    path = _write_problems(tmp_path / "problems.jsonl", problems[:N_FIRST])
+    config = _refresh_config(tiny_solver, path, output, keep_last=1)
+
+    # 1. First refresh: every problem is new.
+    first = refresh(config, now=_at(1))
+    v1 = "v-20260102-010000"
+    assert first["status"] == "published" and first["version"] == v1 and first["base"] is None
+    assert first["new_problems"] == N_FIRST
+    assert first["problems_generated"] == N_FIRST  # problems that went through the vLLM stage
+    assert latest_run_id(output, DATASET) == v1
+    v1_tables = _version_tables(output, v1)
+    assert _generated_problem_ids(v1_tables) == set(ids[:N_FIRST])
+    assert v1_tables["data"].num_rows > 0
+    assert read_manifest(output, DATASET, v1).extra["generation_hash"] == config.pipeline.generation_hash()
+    assert Lock(output, DATASET, "refresh", ttl_s=60).holder() is None  # released
+
+    # 2. Another refresh holds the lock: refused (the job exits 3), nothing changes.
+    _write_problems(path, problems)  # M new problems arrive
+    job_yaml = tmp_path / "refresh.yaml"
+    job_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    other = Lock(output, DATASET, "refresh", ttl_s=600, owner="other-refresh")
+    other.acquire()
+    with pytest.raises(LockHeld, match="other-refresh"):
+        refresh(config, now=_at(2))
+    assert refresh_job(["--config", str(job_yaml)]) == EXIT_LOCKED
+    assert "refresh refused" in capsys.readouterr().err
+    assert latest_run_id(output, DATASET) == v1
+    assert read_in_progress(config.pipeline) is None  # refused before any work
+    other.release()
+
+    # Dry run: plans exactly the M new problems, writes nothing.
+    assert refresh_job(["--config", str(job_yaml), "--dry-run"]) == 0
+    assert f"{N_FIRST} already done in the base, {M_ADDED} new" in capsys.readouterr().out
+
+    # 3. A refresh that crashes before its commit leaves LATEST where it was (and the lock free).
+    def crash(*args, **kwargs):
+        raise RuntimeError("driver died")
+
+    monkeypatch.setattr(refresh_module, "run_pipeline", crash)
+    with pytest.raises(RuntimeError, match="driver died"):
+        refresh(config, now=_at(3))
+    assert latest_run_id(output, DATASET) == v1
+    assert [m.run_id for m in list_committed_runs(output, DATASET)] == [v1]
+    assert read_in_progress(config.pipeline)["version"] == "v-20260102-030000"
+    assert Lock(output, DATASET, "refresh", ttl_s=60).holder() is None
+    monkeypatch.undo()
+
+    # 4. A holder that died without releasing: its lease expires and the next refresh takes over.
+    dead = Lock(output, DATASET, "refresh", ttl_s=0.05, owner="dead-refresh")
+    dead.acquire()
+    time.sleep(0.2)  # let the lease lapse (no timing is asserted)
+    assert dead.holder().expired()
+
+    # 5. The next refresh resumes the crashed version and generates only the M new problems.
+    second = refresh(config.model_copy(update={"pinned": [v1]}), now=_at(4))
+    v2 = "v-20260102-030000"
+    assert second["status"] == "published" and second["resumed"] is True
+    assert second["version"] == v2 and second["base"] == v1
+    assert second["new_problems"] == M_ADDED and second["skipped_done_problems"] == N_FIRST
+    assert second["problems_generated"] == M_ADDED
+    assert latest_run_id(output, DATASET) == v2
+    assert read_in_progress(config.pipeline) is None
+    v2_tables = _version_tables(output, v2)
+    assert _generated_problem_ids(v2_tables) == set(ids)  # N + M problems
+    keys = _sample_keys(v2_tables)
+    assert len(keys) == len(set(keys)) == len(ids) * config.pipeline.sampling.n
+    # The previous version's rows are carried forward unchanged.
+    assert set(_sample_keys(v1_tables)) <= set(keys)
+    first_ids = set(ids[:N_FIRST])
+    carried_rows = [r for r in v2_tables["data"].to_pylist() if r["problem_id"] in first_ids]
+    assert sorted(carried_rows, key=lambda r: r["key"]) == sorted(
+        v1_tables["data"].to_pylist(), key=lambda r: r["key"]
+    )
+    assert second["carried"]["data"] == v1_tables["data"].num_rows
+    # keep_last=1, but v1 is pinned: nothing deleted.
+    assert second["retention_deleted"] == []
+    assert {m.run_id for m in list_committed_runs(output, DATASET)} == {v1, v2}
+
+    # 6. A new eval set contaminates one done problem: its rows leave the dataset, nothing is
+    #    generated (no engine start), and retention now deletes both older versions.
+    contaminated = problems[0]
+    eval_path = _write_problems(tmp_path / "eval.jsonl", [contaminated])
+    dedup = {"eval_sets": [_source(eval_path) | {"name": "tiny-eval"}]}
+    config3 = _refresh_config(tiny_solver, path, output, keep_last=1, pipeline={"dedup": dedup})
+    third = refresh(config3, now=_at(5))
+    v3 = "v-20260102-050000"
+    assert third["status"] == "published" and third["version"] == v3
+    assert third["problems_generated"] == 0 and third["dropped_problems"] == 1
+    v3_tables = _version_tables(output, v3)
+    assert _generated_problem_ids(v3_tables) == set(ids) - {ids[0]}
+    contamination = [r for r in v3_tables["rejects"].to_pylist() if r["reason"] == "contaminated"]
+    assert [r["problem_id"] for r in contamination] == [ids[0]]
+    assert third["retention_deleted"] == [v1, v2]
+    assert [m.run_id for m in list_committed_runs(output, DATASET)] == [v3]
+
+    # 7. Nothing new: no version is published.
+    fourth = refresh(config3, now=_at(6))
+    assert fourth["status"] == "up-to-date" and fourth["problems_generated"] == 0
+    assert latest_run_id(output, DATASET) == v3
+
+    # 8. A changed generation config cannot silently extend LATEST.
+    changed = config3.pipeline.model_dump(mode="json")
+    changed["sampling"]["temperature"] = 0.5
+    job_yaml.write_text(yaml.safe_dump(config3.model_dump(mode="json") | {"pipeline": changed}))
+    assert refresh_job(["--config", str(job_yaml)]) == EXIT_INCOMPATIBLE
+    with pytest.raises(IncompatibleBase, match="generation config"):
+        plan_refresh(load_refresh_config(str(job_yaml)))
+    assert latest_run_id(output, DATASET) == v3

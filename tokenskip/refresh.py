@@ -1,0 +1,620 @@
+"""Incremental scheduled refresh: publish a new dataset version with only the new problems generated.
+
+    refresh(RefreshConfig) under the dataset's refresh lock (storage.Lock; heartbeat thread):
+    base = the run LATEST points to (None on the first refresh), checked compatible with the config
+    -> load + dedup the current sources (pipeline.make_plan)
+    -> done = problem ids with generated rows in base; new = current problems - done
+    -> version v-YYYYMMDD-HHMMSS: base's shards carried forward (same shard ids, minus rows of problems
+       the current input stage now rejects) + the pipeline run over the new problems only
+    -> commit (manifest, then LATEST) -> retention (keep_last, pins) -> release the lock
+
+A version is a normal run of the dataset (``runs/<version>/``): readers see it only once its manifest
+exists, and LATEST moves only after that, so a refresh that dies before its commit leaves LATEST on
+the previous version.
+
+Crash and re-run: the refresh records the version it is building in
+``<root>/<dataset>/_refresh/in_progress.json`` with a fingerprint of its plan (base version, config
+content hash, shard ids, carried and input-stage content). A re-run whose plan has the same
+fingerprint **resumes** that version: carried shards are rewritten idempotently and committed
+pipeline shards are skipped, so no finished problem is generated twice. A re-run whose plan differs
+(new problems arrived, LATEST moved, config changed) starts a **new** version cleanly; the abandoned
+folder has no manifest, so it is invisible to readers and to retention (delete it by hand if wanted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tokenskip import dedup as dedup_stage
+from tokenskip import sources as sources_stage
+from tokenskip.config import PipelineConfig, load_yaml
+from tokenskip.pipeline import INPUT_SHARD, Plan, Shard, make_plan, run_pipeline
+from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
+from tokenskip.storage import (
+    Lock,
+    LockHeld,
+    Manifest,
+    NotCommitted,
+    NotLockOwner,
+    RunStore,
+    apply_retention,
+    latest_run_id,
+    list_committed_runs,
+    open_filesystem,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION_FORMAT = "v-%Y%m%d-%H%M%S"
+# Rows of these stages describe the input (load errors, duplicates, contamination), not generated
+# work: every refresh recomputes them from the current sources instead of carrying them forward.
+INPUT_STAGES = frozenset({sources_stage.STAGE, dedup_stage.STAGE})
+CANONICAL_SCHEMAS = {"data": COMPRESSED_SCHEMA, "rejects": REJECT_SCHEMA, "errors": ERROR_SCHEMA}
+
+__all__ = [
+    "IncompatibleBase",
+    "LockHeld",
+    "RefreshConfig",
+    "RefreshPlan",
+    "load_refresh_config",
+    "plan_refresh",
+    "refresh",
+    "version_name",
+]
+
+
+class IncompatibleBase(RuntimeError):
+    """LATEST was built with another generation/processing config (or schema) than this refresh's."""
+
+
+class RefreshConfig(BaseModel):
+    """A scheduled refresh of one dataset: the pipeline to run plus lock, retention and budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: PipelineConfig = Field(
+        description="The dataset-building pipeline. Its run_id must be unset: the refresh names each "
+        "version v-YYYYMMDD-HHMMSS (UTC start time)."
+    )
+    lock_name: str = Field(
+        default="refresh",
+        description="Lock file below <dataset>/_locks/. Share it with anything else that must not run "
+        "at the same time as a refresh of this dataset (e.g. a manual retention job).",
+    )
+    lock_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Lease length. A holder that dies unannounced (OOM, lost node) blocks refreshes for "
+        "up to this long before its lock is taken over; a short lease needs a reliable heartbeat. Must "
+        "dwarf clock skew between machines.",
+    )
+    heartbeat_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds between lease renewals while the refresh works; None = lock_ttl_s / 3 "
+        "(two renewals may fail before the lease lapses).",
+    )
+    keep_last: int = Field(
+        default=7,
+        ge=1,
+        description="Committed versions kept after a successful refresh (LATEST and pinned runs are "
+        "always kept on top). More allows longer rollbacks; each costs a full copy of the dataset.",
+    )
+    pinned: list[str] = Field(
+        default_factory=list,
+        description="Run ids retention must keep, besides runs pinned in storage (storage.pin).",
+    )
+    max_shards: int | None = Field(
+        default=None,
+        ge=1,
+        description="Commit at most this many new pipeline shards, then stop without publishing (a "
+        "budgeted attempt); the next refresh resumes the same version. None = run to completion.",
+    )
+    rebuild_on_config_change: bool = Field(
+        default=False,
+        description="When LATEST was built with another generation/grading/selection/compression config "
+        "(or row schema): False refuses with IncompatibleBase (the safe default: a full rebuild can be "
+        "expensive); True publishes a full rebuild that carries nothing forward.",
+    )
+    progress: bool = Field(default=False, description="Show the pipeline's progress bar (interactive use).")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _no_fixed_run_id(cls, pipeline: PipelineConfig) -> PipelineConfig:
+        if pipeline.run_id is not None:
+            raise ValueError(
+                f"pipeline.run_id is {pipeline.run_id!r}; leave it unset: refresh names versions itself"
+            )
+        return pipeline
+
+    @model_validator(mode="after")
+    def _heartbeat_within_ttl(self) -> RefreshConfig:
+        if self.heartbeat_s is not None and self.heartbeat_s >= self.lock_ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below lock_ttl_s ({self.lock_ttl_s})")
+        return self
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.lock_ttl_s / 3
+
+
+def load_refresh_config(path: str, overrides: dict[str, Any] | None = None) -> RefreshConfig:
+    """Read a refresh YAML (``${VAR}`` expanded); ``overrides`` maps dotted keys to values."""
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return RefreshConfig.model_validate(data)
+
+
+def version_name(now: datetime | None = None) -> str:
+    """``v-YYYYMMDD-HHMMSS`` of ``now`` in UTC (naive datetimes are taken as UTC)."""
+    now = now or datetime.now(timezone.utc)
+    if now.tzinfo is not None:
+        now = now.astimezone(timezone.utc)
+    return now.strftime(VERSION_FORMAT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compatibility of the previous version
+
+
+def processing_fingerprint(pipeline: PipelineConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config parts that shape a row besides the problem: carried rows are only valid in a new
+    version when these are unchanged (generation alone is keyed by ``generation_hash``)."""
+    data = pipeline.model_dump(mode="json") if isinstance(pipeline, PipelineConfig) else pipeline
+    return {k: data.get(k) for k in ("grading", "selection", "compression")}
+
+
+def _incompatibility(manifest: Manifest, pipeline: PipelineConfig) -> str | None:
+    """Why ``manifest``'s rows cannot be carried into a version built with ``pipeline`` (None: they can)."""
+    previous = manifest.extra.get("generation_hash")
+    if previous != pipeline.generation_hash():
+        return (
+            f"generation config hash {previous!r} differs from this config's {pipeline.generation_hash()!r}"
+        )
+    if not isinstance(manifest.config, dict):
+        return "its manifest records no pipeline config"
+    old, new = processing_fingerprint(manifest.config), processing_fingerprint(pipeline)
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    if changed:
+        return f"its {', '.join(changed)} config differs from this config's"
+    for kind, schema in CANONICAL_SCHEMAS.items():
+        record = manifest.schemas.get(kind)
+        if record is not None and not record.to_arrow().equals(schema):
+            return f"its {kind!r} schema differs from this code's"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the previous version
+
+
+def _part_shard(kind: str, path: str) -> str:
+    """``data/part-<shard>.parquet`` -> ``<shard>`` (the layout RunStore.write_shard uses)."""
+    prefix, suffix = f"{kind}/part-", ".parquet"
+    if not (path.startswith(prefix) and path.endswith(suffix)):
+        raise ValueError(f"unexpected part path {path!r} for kind {kind!r}")
+    return path[len(prefix) : -len(suffix)]
+
+
+def _generated_mask(table: pa.Table) -> pa.Array:
+    """True for rows of generated work (data rows; rejects/errors of a stage past the input stage)."""
+    if "stage" not in table.column_names:
+        return pa.array([True] * table.num_rows, pa.bool_())
+    stage = table.column("stage")
+    is_input = pc.fill_null(pc.is_in(stage, value_set=pa.array(sorted(INPUT_STAGES))), False)
+    return pc.invert(is_input)
+
+
+def done_problem_ids(pipeline: PipelineConfig, manifest: Manifest) -> set[str]:
+    """Problem ids with generated rows (kept, graded reject, generation/compression error) in a run.
+
+    Reads only the ``problem_id``/``stage`` column chunks of each file (ranged reads on S3).
+    """
+    fs, root = open_filesystem(pipeline.output)
+    run_dir = posixpath.join(root, pipeline.dataset, "runs", manifest.run_id)
+    done: set[str] = set()
+    for records in manifest.files.values():
+        for record in records:
+            if record.rows == 0:
+                continue
+            with fs.open(posixpath.join(run_dir, record.path), "rb") as f:
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                table = parquet.read(columns=[c for c in ("problem_id", "stage") if c in names])
+            table = table.filter(_generated_mask(table))
+            done.update(p for p in table.column("problem_id").to_pylist() if p is not None)
+    return done
+
+
+def _read_part(pipeline: PipelineConfig, run_dir: str, record, schema: pa.Schema) -> pa.Table:
+    """One committed part, checked against its manifest record (size, sha256, rows)."""
+    import hashlib
+    import io
+
+    fs, _ = open_filesystem(pipeline.output)
+    path = posixpath.join(run_dir, record.path)
+    data = fs.cat_file(path)
+    if len(data) != record.size or (
+        pipeline.output.verify_sha256 and hashlib.sha256(data).hexdigest() != record.sha256
+    ):
+        raise RuntimeError(f"{path}: size or sha256 differs from the manifest of the previous version")
+    table = pq.read_table(io.BytesIO(data))
+    if table.num_rows != record.rows:
+        raise RuntimeError(f"{path}: {table.num_rows} rows, the manifest says {record.rows}")
+    return table.cast(schema)
+
+
+def carried_shards(
+    pipeline: PipelineConfig, manifest: Manifest, drop_problem_ids: set[str]
+) -> Iterator[tuple[str, dict[str, pa.Table]]]:
+    """The previous version's shards as they go into the new one, one shard at a time (memory stays
+    at one shard): same shard ids, input-stage rows left out (each version recomputes them from its
+    sources) and rows of ``drop_problem_ids`` (problems the current input stage rejects, e.g. newly
+    contaminated) left out. Shards left empty are skipped."""
+    fs_root = open_filesystem(pipeline.output)[1]
+    run_dir = posixpath.join(fs_root, pipeline.dataset, "runs", manifest.run_id)
+    by_shard: dict[str, dict[str, Any]] = {}
+    for kind, records in manifest.files.items():
+        for record in records:
+            by_shard.setdefault(_part_shard(kind, record.path), {})[kind] = record
+    drop = pa.array(sorted(drop_problem_ids), pa.string())
+    for shard_id in sorted(by_shard):
+        if shard_id == INPUT_SHARD:
+            continue  # input-stage rows only; the new run writes its own input shard
+        tables = {}
+        for kind, record in sorted(by_shard[shard_id].items()):
+            table = _read_part(pipeline, run_dir, record, CANONICAL_SCHEMAS[kind])
+            mask = _generated_mask(table)
+            if len(drop):
+                mask = pc.and_(
+                    mask, pc.invert(pc.fill_null(pc.is_in(table["problem_id"], value_set=drop), False))
+                )
+            tables[kind] = table.filter(mask)
+        if any(t.num_rows for t in tables.values()):
+            yield shard_id, tables
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class RefreshPlan:
+    """What a refresh will do (read-only to compute; ``describe()`` is the dry run)."""
+
+    config: RefreshConfig
+    pipeline: PipelineConfig  # with run_id = version
+    version: str
+    base: Manifest | None
+    plan: Plan  # the pipeline plan restricted to the new problems
+    done_ids: set[str]
+    drop_ids: set[str]
+    fingerprint: str
+    resumed: bool = False
+    rebuild_reason: str | None = None
+    skipped_done: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_id(self) -> str | None:
+        return self.base.run_id if self.base is not None else None
+
+    @property
+    def carries(self) -> bool:
+        return self.base is not None and self.rebuild_reason is None
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing new to generate and nothing to drop: publishing would copy the base unchanged."""
+        return self.carries and self.plan.problems.num_rows == 0 and not self.drop_ids
+
+    def describe(self) -> str:
+        p = self.plan
+        lines = [
+            f"dataset {self.pipeline.dataset}: base {self.base_id or '(none: first version)'} -> version "
+            f"{self.version}{' (resumed)' if self.resumed else ''}",
+            f"problems in sources {self.skipped_done + p.problems.num_rows}: {self.skipped_done} already done "
+            f"in the base, {p.problems.num_rows} new in {len(p.shards)} shards "
+            f"({len(p.pending)} to run, {len(p.shards) - len(p.pending)} committed)",
+        ]
+        if self.rebuild_reason:
+            lines.append(f"full rebuild, nothing carried: {self.rebuild_reason}")
+        elif self.base is not None:
+            lines.append(
+                f"carried from {self.base_id}: its generated rows minus {len(self.drop_ids)} problems the "
+                "current input stage rejects"
+            )
+        if self.up_to_date:
+            lines.append("up to date: no new version will be published")
+        return "\n".join(lines + self.notes)
+
+
+def _shards_of(problems: pa.Table, shard_size: int) -> list[Shard]:
+    """Same sharding as pipeline.make_plan (id-sorted chunks named by their ids' hash), so a
+    re-planned refresh over the same problems gets the same shard ids (resume)."""
+    problems = problems.sort_by("id")
+    shards = []
+    for start in range(0, problems.num_rows, shard_size):
+        chunk = problems.slice(start, shard_size)
+        shards.append(Shard("s-" + config_hash(chunk.column("id").to_pylist())[:16], chunk))
+    return shards
+
+
+def _pointer_path(pipeline: PipelineConfig) -> tuple[Any, str]:
+    fs, root = open_filesystem(pipeline.output)
+    return fs, posixpath.join(root, pipeline.dataset, "_refresh", "in_progress.json")
+
+
+def read_in_progress(pipeline: PipelineConfig) -> dict[str, Any] | None:
+    """The record of an unfinished refresh, or None (also when unreadable: then nothing resumes)."""
+    fs, path = _pointer_path(pipeline)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as exc:
+        log.warning("ignoring unreadable refresh record %s: %s", path, exc)
+        return None
+
+
+def _write_in_progress(pipeline: PipelineConfig, record: dict[str, Any]) -> None:
+    fs, path = _pointer_path(pipeline)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, json.dumps(record, indent=1).encode())
+
+
+def _clear_in_progress(pipeline: PipelineConfig) -> None:
+    fs, path = _pointer_path(pipeline)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _free_version(pipeline: PipelineConfig, now: datetime, committed: set[str]) -> str:
+    """The version name for ``now``, moved on by seconds while that name is already committed (two
+    refreshes within one second), so names stay unique and in time order."""
+    moment = now
+    while (name := version_name(moment)) in committed:
+        moment += timedelta(seconds=1)
+    return name
+
+
+def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshPlan:
+    """Decide the next version: base, new problems, carried shards, resume or not. Writes nothing."""
+    pipeline = config.pipeline
+    try:
+        base: Manifest | None = read_manifest(
+            pipeline.output, pipeline.dataset, latest_run_id(pipeline.output, pipeline.dataset)
+        )
+    except NotCommitted:
+        base = None
+    rebuild_reason = _incompatibility(base, pipeline) if base is not None else None
+    if rebuild_reason and not config.rebuild_on_config_change:
+        raise IncompatibleBase(
+            f"LATEST of {pipeline.dataset!r} ({base.run_id}) cannot be extended: {rebuild_reason}. Set "
+            "rebuild_on_config_change: true to publish a full rebuild, or restore the old config."
+        )
+    carries = base is not None and rebuild_reason is None
+
+    # Load + dedup the current sources with the lead's planner (the run id is set below).
+    full = make_plan(pipeline)
+    done = done_problem_ids(pipeline, base) if carries else set()
+    ids = full.problems.column("id")
+    is_done = pc.is_in(ids, value_set=pa.array(sorted(done), pa.string()))
+    new_problems = full.problems.filter(pc.invert(is_done))
+    shards = _shards_of(new_problems, pipeline.resources.shard_size)
+    # Carried problems the input stage now rejects (a new eval set, a new earlier duplicate) leave
+    # the dataset; an id that is both kept and rejected (a repeated row of a kept problem) stays.
+    rejected = (
+        set(full.dedup_rejects.column("problem_id").to_pylist()) if full.dedup_rejects.num_rows else set()
+    )
+    drop = (rejected - set(ids.to_pylist())) & done if carries else set()
+    input_rows = full.dedup_rejects.to_pylist() + full.load_errors.to_pylist()
+    fingerprint = config_hash(
+        {
+            "base": base.run_id if base else None,
+            "carries": carries,
+            "content_hash": pipeline.content_hash(),
+            "shards": [s.shard_id for s in shards],
+            "drop": sorted(drop),
+            "input": config_hash(input_rows),
+        }
+    )
+
+    committed_versions = {m.run_id for m in list_committed_runs(pipeline.output, pipeline.dataset)}
+    record = read_in_progress(pipeline)
+    resumed = bool(
+        record
+        and record.get("fingerprint") == fingerprint
+        and record.get("version") not in committed_versions
+    )
+    version = (
+        record["version"]
+        if resumed
+        else _free_version(pipeline, now or datetime.now(timezone.utc), committed_versions)
+    )
+    notes = []
+    if record and not resumed and record.get("version") not in committed_versions:
+        notes.append(
+            f"an unfinished refresh ({record.get('version')}) planned other work; starting {version} instead "
+            "(the unfinished folder stays invisible to readers)"
+        )
+    versioned = pipeline.model_copy(update={"run_id": version})
+    store = RunStore(versioned.output, versioned.dataset, version)
+    committed_shards = set(store.committed_shards()) if resumed else set()
+    plan = replace(
+        full,
+        config=versioned,
+        run_id=version,
+        problems=new_problems.sort_by("id"),
+        shards=shards,
+        committed=committed_shards,
+        already_committed_run=False,
+    )
+    return RefreshPlan(
+        config=config,
+        pipeline=versioned,
+        version=version,
+        base=base,
+        plan=plan,
+        done_ids=done,
+        drop_ids=drop,
+        fingerprint=fingerprint,
+        resumed=resumed,
+        rebuild_reason=rebuild_reason,
+        skipped_done=full.problems.num_rows - new_problems.num_rows,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The refresh
+
+
+class _Heartbeat:
+    """Renews the lease every ``interval`` seconds in a daemon thread. The pipeline gives no hook
+    between shards, so a thread is what keeps a long generation from outliving its lease. A lost
+    lease (someone took it over) stops the beats and is reported by :attr:`lost`."""
+
+    def __init__(self, lock: Lock, interval: float):
+        self.lock = lock
+        self.interval = interval
+        self.lost: str | None = None
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"refresh-heartbeat-{lock.name}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.lock.refresh()
+                self.beats += 1
+            except NotLockOwner as exc:
+                self.lost = str(exc)
+                log.error("refresh lock lost: %s", exc)
+                return
+            except Exception:  # a transient store error: the next beat tries again before the lease ends
+                log.warning("refresh lock heartbeat failed; retrying in %.0fs", self.interval, exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any]:
+    """Publish the next version of ``config.pipeline.dataset`` (or report that it is up to date).
+
+    Raises :class:`tokenskip.storage.LockHeld` when another refresh holds the dataset's lock (an
+    expired lock of a dead holder is taken over), :class:`IncompatibleBase` when LATEST was built with
+    another config and ``rebuild_on_config_change`` is off. Any error before the commit leaves LATEST
+    where it was; a re-run with the same inputs resumes the unfinished version.
+
+    Returns ``status`` (``published`` | ``pending`` (budget reached, resume next time) |
+    ``up-to-date``), ``version``, ``base``, ``resumed``, ``new_problems``, ``problems_generated``,
+    ``carried`` (rows per kind), ``dropped_problems``, ``rows`` (the published version's rows per kind),
+    ``retention_deleted``, ``lock`` and ``pipeline`` (the pipeline's run report).
+    """
+    pipeline = config.pipeline
+    started = time.perf_counter()
+    lock = Lock(pipeline.output, pipeline.dataset, config.lock_name, ttl_s=config.lock_ttl_s)
+    lock.acquire()  # LockHeld propagates: another refresh is running
+    heartbeat = _Heartbeat(lock, config.heartbeat_interval)
+    result: dict[str, Any] = {"dataset": pipeline.dataset, "lock": {"owner": lock.owner}}
+    try:
+        with heartbeat:
+            result.update(_refresh_locked(config, now, heartbeat))
+        result["lock"]["heartbeats"] = heartbeat.beats
+        if heartbeat.lost:
+            result["lock"]["lost"] = heartbeat.lost
+    finally:
+        if not heartbeat.lost:
+            try:
+                lock.release()
+            except NotLockOwner:
+                log.warning("refresh lock was lost before release", exc_info=True)
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: _Heartbeat) -> dict[str, Any]:
+    rplan = plan_refresh(config, now)
+    log.info("refresh plan:\n%s", rplan.describe())
+    out: dict[str, Any] = {
+        "version": rplan.version,
+        "base": rplan.base_id,
+        "resumed": rplan.resumed,
+        "new_problems": rplan.plan.problems.num_rows,
+        "skipped_done_problems": rplan.skipped_done,
+        "dropped_problems": len(rplan.drop_ids),
+        "rebuild_reason": rplan.rebuild_reason,
+        "problems_generated": 0,
+        "carried": {k: 0 for k in CANONICAL_SCHEMAS},
+        "retention_deleted": [],
+    }
+    if rplan.up_to_date:
+        out.update(status="up-to-date", version=None)
+        return out
+
+    pipeline = rplan.pipeline
+    _write_in_progress(
+        pipeline,
+        {
+            "version": rplan.version,
+            "base": rplan.base_id,
+            "fingerprint": rplan.fingerprint,
+            "started_at": datetime.now(timezone.utc).isoformat(),
+        },
+    )
+    store = RunStore(pipeline.output, pipeline.dataset, rplan.version)
+    if rplan.carries:
+        for shard_id, tables in carried_shards(pipeline, rplan.base, rplan.drop_ids):
+            store.write_shard(shard_id, tables)  # idempotent on resume (same content)
+            for kind, table in tables.items():
+                out["carried"][kind] += table.num_rows
+    if heartbeat.lost:
+        raise NotLockOwner(f"refresh lock lost before the pipeline started: {heartbeat.lost}")
+
+    report = run_pipeline(pipeline, max_shards=config.max_shards, progress=config.progress, plan=rplan.plan)
+    out["pipeline"] = report
+    out["problems_generated"] = report.get("attempt", {}).get("problems_generated", 0)
+    if not report.get("committed"):
+        out["status"] = "pending"
+        out["pending_shards"] = report.get("pending_shards")
+        return out
+
+    out["status"] = "published"
+    manifest = read_manifest(pipeline.output, pipeline.dataset, rplan.version)
+    out["rows"] = manifest.rows
+    _clear_in_progress(pipeline)
+    if heartbeat.lost:
+        # Published, but someone else now holds the lock: leave retention to them.
+        log.error("version %s is published but the refresh lock was lost; retention skipped", rplan.version)
+        return out
+    out["retention_deleted"] = apply_retention(
+        pipeline.output, pipeline.dataset, config.keep_last, pinned=config.pinned
+    )
+    return out
