@@ -230,3 +230,74 @@ def test_model_from_s3_is_copied_to_the_cache(tiny_classifier, s3_bucket, tmp_pa
     assert from_s3.prune([text], RATIOS) == local.prune([text], RATIOS)
     # A second start reuses the local copy.
     assert build_scorer(config).model_path == from_s3.model_path
+
+
+def llmlingua_selection(words, word_probs, weights, force_tokens, reduce_rate, drop_consecutive):
+    """llmlingua 0.2.2's word selection (``PromptCompressor.__compress``), transcribed line for line,
+    on its own Python-list representation (float32 scalars, Python floats for forced words)."""
+    word_probs = list(word_probs)
+    if drop_consecutive:
+        threshold = np.percentile(word_probs, int(100 * reduce_rate))
+        is_token_between = False
+        prev = None
+        for i, (word, word_prob) in enumerate(zip(words, word_probs, strict=True)):
+            if word in force_tokens:
+                if is_token_between:
+                    is_token_between = False
+                elif not is_token_between and word == prev:
+                    word_probs[i] = 0.0
+                prev = word
+            else:
+                is_token_between |= word_prob > threshold
+    new_token_probs = []
+    for word_prob, num_token in zip(word_probs, weights, strict=True):
+        new_token_probs.extend([word_prob for _ in range(num_token)])
+    threshold = np.percentile(new_token_probs, int(100 * reduce_rate + 1))
+    keep_words, labels = [], []
+    for word, word_prob in zip(words, word_probs, strict=True):
+        if word_prob > threshold or (threshold == 1.0 and word_prob == threshold):
+            if drop_consecutive and word in force_tokens and len(keep_words) > 0 and keep_words[-1] == word:
+                labels.append(False)
+            else:
+                keep_words.append(word)
+                labels.append(True)
+        else:
+            labels.append(False)
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keep_mask_matches_llmlingua_selection_on_random_chunks(seed):
+    from tokenskip.pruning import ScoredChunk, word_ids
+
+    rng = np.random.default_rng(seed)
+    force_tokens = ["Step", ":"]
+    for _ in range(400):
+        n = int(rng.integers(1, 40))
+        words = list(rng.choice(["Step", ":", "a", "b", "7", "x"], size=n, p=[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]))
+        if rng.random() < 0.5:
+            # Few distinct values, so ties and the 1.0 threshold case occur often.
+            probs = rng.choice(np.array([0.1, 0.25, 0.5, 0.75, 0.9], dtype=np.float32), size=n)
+        else:
+            # Values a few float32 ulps apart: the percentile's precision (float32 vs float64) decides.
+            probs = (np.float32(0.6) + rng.integers(0, 6, size=n) * np.float32(2**-24)).astype(np.float32)
+        fully_forced = np.array([w in force_tokens or w == "7" for w in words]) & (rng.random(n) < 0.8)
+        probs = np.where(fully_forced, np.float32(1.0), probs).astype(np.float32)
+        weights = rng.integers(0, 3, size=n)
+        weights[0] = max(1, weights[0])
+        as_llmlingua = [1.0 if f else np.float32(p) for p, f in zip(probs, fully_forced, strict=True)]
+        chunk = ScoredChunk(
+            text="",
+            words=words,
+            probs=probs,
+            python_float=fully_forced,
+            weights=weights,
+            force_word=np.array([w in force_tokens for w in words]),
+            word_ids=word_ids(words),
+        )
+        for ratio in RATIOS:
+            for drop in (True, False):
+                expected = llmlingua_selection(
+                    words, as_llmlingua, weights, force_tokens, reduce_rate_for(ratio), drop
+                )
+                assert keep_mask(chunk, reduce_rate_for(ratio), drop).tolist() == expected

@@ -82,17 +82,16 @@ def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) ->
     probs = chunk.probs.astype(np.float32, copy=True)
     python_float = chunk.python_float.copy()
 
-    if drop_consecutive and chunk.force_word.any():
-        thr = _percentile(probs, bool(python_float.any()), int(100 * reduce_rate))
-        # A non-force word counts as content between two force tokens when above the threshold.
-        content = (~chunk.force_word) & (probs.astype(np.float64) > float(thr))
-        seen = np.cumsum(content)
-        force_pos = np.flatnonzero(chunk.force_word)
-        if len(force_pos) > 1:
-            prev, cur = force_pos[:-1], force_pos[1:]
-            no_content_between = seen[cur] == seen[prev]
-            same_word = chunk.word_ids[cur] == chunk.word_ids[prev]
-            dropped = cur[no_content_between & same_word]
+    force_pos = np.flatnonzero(chunk.force_word) if drop_consecutive else np.zeros(0, dtype=np.int64)
+    if len(force_pos) > 1:
+        prev, cur = force_pos[:-1], force_pos[1:]
+        same_word = chunk.word_ids[cur] == chunk.word_ids[prev]
+        if same_word.any():  # else the threshold below cannot change anything: skip the percentile
+            thr = _percentile(probs, bool(python_float.any()), int(100 * reduce_rate))
+            # A non-force word counts as content between two force tokens when above the threshold.
+            content = (~chunk.force_word) & (probs.astype(np.float64) > float(thr))
+            seen = np.cumsum(content)
+            dropped = cur[(seen[cur] == seen[prev]) & same_word]
             probs[dropped] = 0.0
             python_float[dropped] = True  # llmlingua writes a Python 0.0 there
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +126,10 @@ class Scorer(ABC):
     def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
         """Per text, its scored chunks (an empty text has none)."""
 
+    def iter_scored(self, texts: list[str]) -> Iterator[list[ScoredChunk]]:
+        """Like :meth:`score`, text by text (a scorer may stream: prune one while scoring the next)."""
+        yield from self.score(texts)
+
     @abstractmethod
     def render(self, chunk: ScoredChunk, keep: Any) -> str:
         """The kept words of ``chunk`` (mask ``keep``) as text."""
@@ -147,7 +152,7 @@ class Scorer(ABC):
         ratios = validate_ratios(ratios)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("prune() takes a list of str")
-        return [self.prune_scored(chunks, ratios) for chunks in self.score(texts)]
+        return [self.prune_scored(chunks, ratios) for chunks in self.iter_scored(texts)]
 
 
 def resolve_model_path(model: str, cache_dir: str, storage_options: dict[str, Any] | None = None) -> str:

@@ -22,6 +22,9 @@ from __future__ import annotations
 import logging
 import re
 import string
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -158,29 +161,38 @@ class LLMLingua2Scorer(Scorer):
 
     # -- model pass -------------------------------------------------------------------------------
 
-    def _token_probs(self, ids: list[list[int]], masks: list[list[bool]]) -> list[np.ndarray]:
-        """Label-1 (keep) probability of every unmasked token of every framed chunk."""
+    def _forward(self, batch_ids: list[list[int]], batch_masks: list[list[bool]]) -> list[np.ndarray]:
+        """Label-1 (keep) probability of every unmasked token of each framed chunk of one batch."""
         import torch
 
-        out: list[np.ndarray] = []
         pad_id = self.frame_ids[2]
+        width = MAX_SEQ_LEN if self.config.exact_padding else max(len(x) for x in batch_ids)
+        t_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        t_mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
+        for row, (x, m) in enumerate(zip(batch_ids, batch_masks, strict=True)):
+            t_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            t_mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        with torch.inference_mode():  # thread-local: entered in the thread that runs the model
+            logits = self.model(input_ids=t_ids.to(self.device), attention_mask=t_mask.to(self.device)).logits
+            probs = torch.softmax(logits, dim=-1)[..., 1].float().cpu().numpy()
+        mask_np = t_mask.numpy()
+        return [probs[row][mask_np[row]] for row in range(len(batch_ids))]
+
+    def _token_probs(self, ids: list[list[int]], masks: list[list[bool]]) -> Iterator[np.ndarray]:
+        """Per framed chunk, in order, its unmasked tokens' keep probabilities.
+
+        The model runs in a worker thread one batch ahead, so word merging and pruning of finished
+        chunks (Python, on the caller's thread) overlap the next forward pass (torch releases the GIL).
+        """
         bs = self.config.batch_size
-        with torch.inference_mode():
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmlingua2-forward") as pool:
+            pending: deque = deque()
             for start in range(0, len(ids), bs):
-                batch_ids, batch_masks = ids[start : start + bs], masks[start : start + bs]
-                width = MAX_SEQ_LEN if self.config.exact_padding else max(len(x) for x in batch_ids)
-                t_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-                t_mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
-                for row, (x, m) in enumerate(zip(batch_ids, batch_masks, strict=False)):
-                    t_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-                    t_mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
-                logits = self.model(
-                    input_ids=t_ids.to(self.device), attention_mask=t_mask.to(self.device)
-                ).logits
-                probs = torch.softmax(logits, dim=-1)[..., 1].float().cpu().numpy()
-                mask_np = t_mask.numpy()
-                out.extend(probs[row][mask_np[row]] for row in range(len(batch_ids)))
-        return out
+                pending.append(pool.submit(self._forward, ids[start : start + bs], masks[start : start + bs]))
+                if len(pending) > 1:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
 
     # -- tokens -> words --------------------------------------------------------------------------
 
@@ -277,20 +289,23 @@ class LLMLingua2Scorer(Scorer):
 
     # -- Scorer interface -------------------------------------------------------------------------
 
-    def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
+    def iter_scored(self, texts: list[str]) -> Iterator[list[ScoredChunk]]:
         chunked = self._to_chunks(texts)
         flat = [c for chunks in chunked for c in chunks]
         ids, masks = self._frame(flat)
         probs = self._token_probs(ids, masks)
-        scored_flat = []
-        for text, x, m, p in zip(flat, ids, masks, probs, strict=True):
-            active = [i for i, keep in zip(x, m, strict=True) if keep]
-            scored_flat.append(self._merge(text, active, p))
-        out, pos = [], 0
+        position = 0
         for chunks in chunked:
-            out.append(scored_flat[pos : pos + len(chunks)])
-            pos += len(chunks)
-        return out
+            scored = []
+            for text in chunks:
+                x, m = ids[position], masks[position]
+                active = [i for i, keep in zip(x, m, strict=True) if keep]
+                scored.append(self._merge(text, active, next(probs)))
+                position += 1
+            yield scored
+
+    def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
+        return list(self.iter_scored(texts))
 
     def render(self, chunk: ScoredChunk, keep: np.ndarray) -> str:
         return self.tokenizer.convert_tokens_to_string(
