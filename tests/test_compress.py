@@ -198,3 +198,17 @@ def test_compressor_in_ray_data_map_batches(config, compressor, cots):
         assert [c["text"] for c in got[row["id"]]["compressions"]] == [
             c["text"] for c in direct["compressions"][i]
         ]
+
+
+def test_cli_main(tiny_classifier, tiny_causal_lm, cots, tmp_path, capsys):
+    from tokenskip.compress import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in cots[:2]) + "\n")
+    out_path = tmp_path / "out.parquet"
+    args = [str(src), str(out_path), "--cot-column", "response", "--ratios", "0.8,0.5"]
+    args += ["--scorer-model", str(tiny_classifier), "--target-tokenizer", str(tiny_causal_lm)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_out"] == 2 and summary["errors"] == 0
+    assert [c["target_ratio"] for c in pq.read_table(out_path).to_pylist()[0]["compressions"]] == [0.8, 0.5]
