@@ -118,7 +118,9 @@ class Compressor:
         """Tokens of each text in the target tokenizer (no special tokens)."""
         if not texts:
             return []
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [
+            len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        ]
 
     def _prune_rows(self, reasonings: list[str]) -> list[dict[float, str] | Exception]:
         """Scorer output per row; one failing row must not fail the others, so retry row by row."""
