@@ -161,6 +161,30 @@ def test_report_has_every_figure_and_the_numbers(report, data):
     assert "http://" not in page and "https://" not in page and "url(" not in page
 
 
+def test_histograms_and_stats_match_the_data(report, data):
+    import statistics
+
+    page = render_html(report, data)
+    rows = data.to_pylist()
+    expected = {"original CoT": [r["original_tokens"] for r in rows]}
+    for r in RATIOS:
+        expected[f"ratio {r:g}"] = [
+            c["tokens"] for row in rows for c in row["compressions"] if c["target_ratio"] == r
+        ]
+    figures = re.findall(r"<figure><figcaption>([^<:]+): (\d+) CoTs</figcaption>(.*?)</figure>", page, re.S)
+    assert [name for name, _, _ in figures] == list(expected)
+    for name, n, svg in figures:
+        values = expected[name]
+        assert int(n) == len(values)
+        bins = [(float(lo.replace(",", "")), float(hi.replace(",", "")), int(c))
+                for lo, hi, c in re.findall(r"<title>([\d,.]+)-([\d,.]+) tokens: (\d+)</title>", svg)]  # fmt: skip
+        assert sum(c for _, _, c in bins) == len(values)
+        for lo, hi, count in bins:
+            assert count == sum(1 for v in values if lo <= v < hi)
+        mean = statistics.fmean(values)
+        assert re.search(rf"<td>{re.escape(name)}</td><td>{len(values)}</td><td>{mean:.3g}</td>", page)
+
+
 def test_cost_figures_gpu_and_cpu(report):
     gpu = ResourcesConfig(generation_actors=2, generation_gpus=1, compression_actors=1, compression_gpus=0.5)
     figures = cost_figures(report, gpu)

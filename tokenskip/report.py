@@ -21,11 +21,12 @@ import html
 import json
 import math
 import posixpath
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 REPORT_HTML_NAME = "report.html"
 CHART_CLASS = "chart"
@@ -316,60 +317,70 @@ def _ratio_chart(title: str, rows: list[dict[str, Any]]) -> str:
 # Figures from the report and the data table
 
 
-def _quantile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    pos = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def _describe(values: list[float]) -> dict[str, Any]:
-    ordered = sorted(values)
+def _describe(values: np.ndarray) -> dict[str, Any]:
+    if not len(values):
+        return {"n": 0, "mean": None, "median": None, "p10": None, "p90": None, "max": None}
+    p10, median, p90 = (float(q) for q in np.quantile(values, [0.1, 0.5, 0.9]))
     return {
-        "n": len(ordered),
-        "mean": statistics.fmean(ordered) if ordered else None,
-        "median": _quantile(ordered, 0.5),
-        "p10": _quantile(ordered, 0.1),
-        "p90": _quantile(ordered, 0.9),
-        "max": ordered[-1] if ordered else None,
+        "n": int(len(values)),
+        "mean": float(values.mean()),
+        "median": median,
+        "p10": p10,
+        "p90": p90,
+        "max": float(values.max()),
     }
 
 
-def _token_series(data: pa.Table) -> tuple[list[float], dict[float, list[float]], dict[float, list[float]]]:
-    """Original token counts, compressed token counts per target and achieved ratios per target."""
+def _finite(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls -> NaN
+    return values[np.isfinite(values)]
+
+
+def _token_series(data: pa.Table) -> tuple[np.ndarray, dict[float, np.ndarray], dict[float, np.ndarray]]:
+    """Original token counts, compressed token counts per target and achieved ratios per target.
+
+    Columnar (Arrow compute + numpy): the compressed texts are never turned into Python objects, so a
+    run of millions of CoTs costs what its numbers cost.
+    """
     missing = {"original_tokens", "compressions"} - set(data.column_names)
     if missing:
         raise ValueError(
             f"the data table lacks columns {sorted(missing)}; pass the run's data table "
             "(tokenskip.storage.read_table(config.output, dataset, 'data', run_id))"
         )
-    original = [float(v) for v in data.column("original_tokens").to_pylist() if v is not None]
-    tokens: dict[float, list[float]] = {}
-    achieved: dict[float, list[float]] = {}
-    for compressions in data.column("compressions").to_pylist():
-        for c in compressions or []:
-            target = c.get("target_ratio")
-            if target is None:
-                continue
-            if c.get("tokens") is not None:
-                tokens.setdefault(float(target), []).append(float(c["tokens"]))
-            if c.get("achieved_ratio") is not None:
-                achieved.setdefault(float(target), []).append(float(c["achieved_ratio"]))
+    original = _finite(data.column("original_tokens"))
+    flat = pc.list_flatten(data.column("compressions"))  # null and empty lists contribute nothing
+    tokens: dict[float, np.ndarray] = {}
+    achieved: dict[float, np.ndarray] = {}
+    if len(flat):
+        flat = flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat
+        if flat.null_count:
+            flat = flat.filter(flat.is_valid())
+        targets = np.asarray(pc.struct_field(flat, "target_ratio").to_numpy(zero_copy_only=False), np.float64)
+        token_values = np.asarray(pc.struct_field(flat, "tokens").to_numpy(zero_copy_only=False), np.float64)
+        ratio_values = np.asarray(
+            pc.struct_field(flat, "achieved_ratio").to_numpy(zero_copy_only=False), np.float64
+        )
+        for target in np.unique(targets[np.isfinite(targets)]):
+            rows = targets == target
+            t, r = token_values[rows], ratio_values[rows]
+            if np.isfinite(t).any():
+                tokens[float(target)] = t[np.isfinite(t)]
+            if np.isfinite(r).any():
+                achieved[float(target)] = r[np.isfinite(r)]
     return original, tokens, achieved
 
 
-def _histogram(values: list[float], edges: list[float]) -> list[int]:
-    counts = [0] * (len(edges) - 1)
-    width = edges[1] - edges[0]
-    for v in values:
-        counts[min(max(int((v - edges[0]) // width), 0), len(counts) - 1)] += 1
-    return counts
+def _histogram(values: np.ndarray, edges: list[float]) -> list[int]:
+    """Counts per bin; the last bin also takes anything at or past its right edge."""
+    n = len(edges) - 1
+    index = np.clip(np.floor((values - edges[0]) / (edges[1] - edges[0])), 0, n - 1).astype(np.int64)
+    return [int(c) for c in np.bincount(index, minlength=n)]
 
 
-def _shared_edges(series: list[list[float]], bins: int = 20) -> list[float]:
+def _shared_edges(series: list[np.ndarray], bins: int = 20) -> list[float]:
     """Bin edges shared by every histogram, so lengths before/after pruning compare bar for bar."""
-    top = max((max(s) for s in series if s), default=1.0)
+    top = max((float(s.max()) for s in series if len(s)), default=1.0)
     step = _nice_ticks(0, top / bins, 1)[-1] or 1.0
     n = max(1, math.ceil((top + 1e-9) / step))
     if top >= n * step:  # the maximum sits on the last edge: give it a bin of its own
@@ -449,7 +460,7 @@ def _lengths_section(data: pa.Table | None) -> str:
     figures = [
         _figure(f"{name}: {len(values)} CoTs", _histogram_chart(f"Tokens, {name}", _histogram(values, edges), edges, c))
         for name, values, c in series
-        if values
+        if len(values)
     ]  # fmt: skip
     out.append(
         '<p class="note">Same bins on every histogram, so the shift left shows what pruning saved.</p>'
@@ -468,10 +479,10 @@ def _ratio_section(counts: dict[str, Any], data: pa.Table | None) -> str:
     rows: list[dict[str, Any]] = []
     if data is not None and data.num_rows:
         original, tokens, achieved = _token_series(data)
-        mean_original = statistics.fmean(original) if original else None
+        mean_original = float(original.mean()) if len(original) else None
         for target in sorted(achieved, reverse=True):
             d = _describe(achieved[target])
-            mean_tokens = statistics.fmean(tokens[target]) if tokens.get(target) else None
+            mean_tokens = float(tokens[target].mean()) if target in tokens else None
             rows.append(
                 {"target": target, "mean": d["mean"], "median": d["median"], "p10": d["p10"], "p90": d["p90"],
                  "n": d["n"], "mean_tokens": mean_tokens,
