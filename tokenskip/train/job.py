@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,9 @@ def storage_target(settings: CheckpointSettings) -> tuple[str, Any]:
     ``S3FileSystem`` and the bucket/prefix path without scheme.
     """
     path = settings.storage_path
+    if "://" not in path:
+        # Ray parses storage paths as URIs: a relative local folder must become absolute.
+        return os.path.abspath(os.path.expanduser(path)), None
     if not (path.startswith("s3://") and settings.endpoint_url):
         return path, None
     from pyarrow import fs
@@ -43,6 +47,42 @@ def storage_target(settings: CheckpointSettings) -> tuple[str, Any]:
     endpoint = settings.endpoint_url.split("://", 1)[1]
     filesystem = fs.S3FileSystem(endpoint_override=endpoint, scheme=scheme, region=settings.region)
     return path[len("s3://") :].rstrip("/"), filesystem
+
+
+def _local_to_absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(config: TrainConfig) -> TrainConfig:
+    """The config with local data/dev paths made absolute: Ray workers run in another directory."""
+    raw = config.model_dump()
+    sources = [raw["data"]] if raw["data"] else []
+    if raw["tldr"]:
+        sources += [domain["source"] for domain in raw["tldr"]["domains"]]
+        raw["tldr"]["dev"]["path"] = _local_to_absolute(raw["tldr"]["dev"]["path"])
+    for source in sources:
+        source["path"] = _local_to_absolute(source["path"])
+        source["storage_root"] = _local_to_absolute(source["storage_root"])
+    return TrainConfig.model_validate(raw)
+
+
+def check_sources(config: TrainConfig) -> None:
+    """Fail on the driver, before any worker starts, when a data source cannot be found."""
+    import fsspec
+
+    from tokenskip.storage import StorageConfig, read_manifest
+
+    sources = [config.data] if config.data else [d.source for d in config.tldr.domains]
+    for source in sources:
+        if source.storage_root:
+            storage = StorageConfig(root=source.storage_root, storage_options=source.storage_options)
+            read_manifest(storage, source.dataset, source.run_id)  # raises NotCommitted with the reason
+        else:
+            fs, path = fsspec.core.url_to_fs(source.path, **source.storage_options)
+            if not fs.exists(path):
+                raise FileNotFoundError(f"training data {source.path} does not exist")
 
 
 def build_trainer(config: TrainConfig):
@@ -79,7 +119,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     from tokenskip.models import resolve_model
 
     # Resolve aliases (the embedded demo model) once here, not concurrently in every worker.
-    config = config.model_copy(update={"model": resolve_model(config.model)})
+    config = resolve_paths(config.model_copy(update={"model": resolve_model(config.model)}))
+    check_sources(config)
     result = build_trainer(config).fit()
     return TrainResult(
         metrics=dict(result.metrics or {}),
