@@ -1,0 +1,558 @@
+"""``tokenskip evaluate``: accuracy and CoT length per compression ratio (TokenSkip's results table).
+
+For every ratio the test set is answered with TokenSkip's ratio-conditioned prompt
+(``question<delim>ratio<delim>``; ratio 1.0 is the plain question), graded against the gold answers
+(TokenSkip-compatible: the last number counts when no answer is stated), and summarised as one row:
+
+* ``accuracy`` - correct samples / all samples at that ratio (an engine error counts as wrong).
+* ``mean_tokens`` - mean generated tokens (the whole completion, as vLLM counts it) over the samples
+  that produced output.
+* ``achieved_ratio`` - ``mean_tokens`` / ``mean_tokens`` at ratio 1.0 (null without a 1.0 row).
+* counts of every verdict, engine errors and completions cut by ``max_tokens``.
+
+One vLLM engine serves every ratio: all prompts of all ratios go to the engine together (one batch per
+distinct ``max_tokens``, so exactly one when ``scale_max_tokens_by_ratio`` is off). An optional LoRA
+adapter (local folder or fsspec URL, copied to a local cache) is applied per request.
+
+Outputs, under ``output`` (a folder or fsspec URL): ``evaluation.parquet`` (the table),
+``evaluation.json`` (the table, the config and run facts), ``samples.parquet`` (every sample: prompt,
+response, tokens, verdict), ``accuracy_vs_tokens.png`` and, when the source had bad records,
+``source_errors.parquet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
+from tokenskip.grading import GradingConfig, Verdict, grade_batch
+from tokenskip.prompts import INSTRUCTION, render_prompt
+from tokenskip.sources import SourceConfig, load_problems
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+TABLE_FILE = "evaluation.parquet"
+REPORT_FILE = "evaluation.json"
+SAMPLES_FILE = "samples.parquet"
+PLOT_FILE = "accuracy_vs_tokens.png"
+SOURCE_ERRORS_FILE = "source_errors.parquet"
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field(
+            "ratio", pa.float64(), nullable=False, metadata={"doc": "ratio in the prompt (1.0 = plain)"}
+        ),
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int64(), nullable=False, metadata={"doc": "0..n-1 within the prompt"}),
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string(), metadata={"doc": "gold answer"}),
+        pa.field("prompt", pa.string(), metadata={"doc": "the full rendered prompt"}),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("max_tokens", pa.int64(), metadata={"doc": "generated-token cap used at this ratio"}),
+        pa.field("response", pa.string(), metadata={"doc": "null when the engine produced nothing"}),
+        pa.field("tokens", pa.int64(), metadata={"doc": "generated tokens; null on engine error"}),
+        pa.field("finish_reason", pa.string(), metadata={"doc": "stop | length (cut at max_tokens)"}),
+        pa.field(
+            "verdict", pa.string(), metadata={"doc": "correct|incorrect|unparsable|timeout; null on error"}
+        ),
+        pa.field("extracted_answer", pa.string()),
+        pa.field("error", pa.string(), metadata={"doc": "engine error reason (prompt_too_long, ...)"}),
+        pa.field("error_detail", pa.string()),
+    ]
+)
+
+TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("ratio", pa.float64(), nullable=False),
+        pa.field("n", pa.int64(), nullable=False, metadata={"doc": "samples at this ratio"}),
+        pa.field("accuracy", pa.float64(), metadata={"doc": "n_correct / n"}),
+        pa.field(
+            "mean_tokens", pa.float64(), metadata={"doc": "mean generated tokens of samples with output"}
+        ),
+        pa.field("achieved_ratio", pa.float64(), metadata={"doc": "mean_tokens / mean_tokens at ratio 1.0"}),
+        pa.field("max_tokens", pa.int64(), metadata={"doc": "generated-token cap at this ratio"}),
+        pa.field("n_correct", pa.int64(), nullable=False),
+        pa.field("n_incorrect", pa.int64(), nullable=False),
+        pa.field("n_unparsable", pa.int64(), nullable=False),
+        pa.field("n_timeout", pa.int64(), nullable=False),
+        pa.field("n_errors", pa.int64(), nullable=False, metadata={"doc": "engine produced no output"}),
+        pa.field("n_truncated", pa.int64(), nullable=False, metadata={"doc": "cut at max_tokens"}),
+    ]
+)
+
+
+class EvaluateConfig(BaseModel):
+    """One evaluation: a model (optionally with a LoRA adapter), a test set and the ratios to try."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(
+        description="vLLM engine of the base model. With an adapter, set enable_lora and a max_lora_rank "
+        ">= the adapter's rank."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512),
+        description="Greedy by default (TokenSkip's setting: reproducible). max_tokens caps every "
+        "completion: TokenSkip uses 512 for GSM8K and 1024 for MATH; too low cuts correct long CoTs "
+        "(counted in n_truncated), too high only costs time on runaway generations. n > 1 averages "
+        "accuracy over n samples per problem.",
+    )
+    source: SourceConfig = Field(description="The test set (any layout sources.py reads).")
+    ratios: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_RATIOS),
+        min_length=1,
+        description="Ratios to condition on, each in (0, 1]; 1.0 is the plain question and the baseline of "
+        "achieved_ratio. Every ratio costs one pass over the test set.",
+    )
+    adapter: str | None = Field(
+        default=None,
+        description="LoRA adapter folder (peft layout): a local path or an fsspec URL (s3://...), copied to "
+        "the local cache once per content. None evaluates the base model.",
+    )
+    adapter_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a remote adapter, e.g. {'endpoint_url': ...}. Credentials belong "
+        "in the environment.",
+    )
+    delimiter: str | None = Field(
+        default=None,
+        description="Ratio delimiter in the prompt; None = the tokenizer's eos (TokenSkip's choice). Must be "
+        "what the model was trained with.",
+    )
+    instruction: str = Field(
+        default=INSTRUCTION, description="Instruction before the question; must match training."
+    )
+    system: str | None = Field(
+        default=None, description="Optional system message; None keeps the chat template's default."
+    )
+    scale_max_tokens_by_ratio: bool = Field(
+        default=False,
+        description="TokenSkip's MATH setting: cap each ratio's completion at int(max_tokens x ratio). Makes "
+        "low ratios cheaper and enforces the budget, but truncates models that ignore the ratio (their "
+        "accuracy drops); off measures how far the model compresses by itself.",
+    )
+    grading: GradingConfig = Field(
+        default_factory=lambda: GradingConfig(last_number_fallback=True),
+        description="Grading; last_number_fallback=True matches TokenSkip's evaluation (a response without "
+        "an explicit answer is graded by its last number).",
+    )
+    output: str = Field(min_length=1, description="Output folder or fsspec URL (s3://bucket/prefix).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for `output` (e.g. {'endpoint_url': ...})."
+    )
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Evaluate only the first N problems (quick checks); None evaluates the whole set.",
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _check_ratios(cls, ratios: list[float]) -> list[float]:
+        bad = [r for r in ratios if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"ratios must lie in (0, 1], got {bad}")
+        if len(set(ratios)) != len(ratios):
+            raise ValueError(f"ratios must be distinct, got {ratios}")
+        return ratios
+
+    @field_validator("source")
+    @classmethod
+    def _resolve_builtin_source(cls, source: SourceConfig) -> SourceConfig:
+        from tokenskip.config import BUILTIN_PREFIX, resolve_builtin
+
+        if source.path.startswith(BUILTIN_PREFIX):
+            return source.model_copy(update={"path": resolve_builtin(source.path)})
+        return source
+
+    def max_tokens_at(self, ratio: float) -> int:
+        """The completion cap at ``ratio`` (TokenSkip truncates max_new_tokens x ratio to an int)."""
+        if not self.scale_max_tokens_by_ratio:
+            return self.sampling.max_tokens
+        return max(1, int(self.sampling.max_tokens * ratio))
+
+
+def load_evaluate_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> EvaluateConfig:
+    """Read a YAML EvaluateConfig (``${VAR}`` expanded); ``overrides`` maps dotted keys to values."""
+    from tokenskip.config import load_yaml
+
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {dotted}: {part!r} is not a mapping in {path}")
+            node = child
+        node[leaf] = value
+    return EvaluateConfig.model_validate(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def fetch_adapter(
+    adapter: str, storage_options: dict[str, Any] | None = None, cache: Path | None = None
+) -> str:
+    """A local folder holding ``adapter``: the path itself when local, else a cached copy.
+
+    Remote copies are keyed by the URL and every file's name, size and ETag/mtime, so a changed
+    adapter at the same URL is fetched again and an unchanged one never is. The copy is written to a
+    temporary folder and renamed, so a crash never leaves a half adapter that looks complete.
+    """
+    if not _is_remote(adapter):
+        local = Path(adapter.removeprefix("file://"))
+        if not (local / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json there (not a peft adapter)")
+        return str(local)
+    fs, root = fsspec.core.url_to_fs(adapter, **(storage_options or {}))
+    root = root.rstrip("/")
+    files = fs.find(root, detail=True)
+    if not any(posixpath.basename(name) == "adapter_config.json" for name in files):
+        raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json there (not a peft adapter)")
+    listing = sorted(
+        (
+            posixpath.relpath(name, root),
+            info.get("size"),
+            str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")),
+        )
+        for name, info in files.items()
+    )
+    digest = hashlib.sha256(json.dumps([adapter, listing]).encode()).hexdigest()[:24]
+    if cache is None:
+        from tokenskip.models import cache_dir
+
+        cache = cache_dir() / "adapters"
+    target = cache / digest
+    if (target / "adapter_config.json").is_file():
+        return str(target)
+    tmp = cache / f"{digest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for rel, _, _ in listing:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(posixpath.join(root, rel), str(tmp / rel))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process fetched the same content first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("adapter %s cached at %s", adapter, target)
+    return str(target)
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+
+
+def summarize(samples: pa.Table) -> pa.Table:
+    """The TokenSkip table (``TABLE_SCHEMA``, ratios descending) from per-sample rows.
+
+    ``samples`` needs ``ratio``, ``tokens``, ``verdict``, ``error``, ``finish_reason`` and
+    ``max_tokens`` (``SAMPLES_SCHEMA`` has them).
+    """
+    by_ratio: dict[float, list[dict[str, Any]]] = {}
+    columns = ["ratio", "tokens", "verdict", "error", "finish_reason", "max_tokens"]
+    for row in samples.select(columns).to_pylist():
+        by_ratio.setdefault(row["ratio"], []).append(row)
+
+    def mean_tokens(rows: list[dict[str, Any]]) -> float | None:
+        counts = [r["tokens"] for r in rows if r["error"] is None and r["tokens"] is not None]
+        return sum(counts) / len(counts) if counts else None
+
+    baseline = mean_tokens(by_ratio.get(1.0, []))
+    table = []
+    for ratio in sorted(by_ratio, reverse=True):
+        rows = by_ratio[ratio]
+        verdicts = [r["verdict"] for r in rows if r["error"] is None]
+        counts = {v: verdicts.count(v.value) for v in Verdict}
+        mean = mean_tokens(rows)
+        caps = {r["max_tokens"] for r in rows}
+        table.append(
+            {
+                "ratio": ratio,
+                "n": len(rows),
+                "accuracy": counts[Verdict.correct] / len(rows),
+                "mean_tokens": mean,
+                "achieved_ratio": mean / baseline if mean is not None and baseline else None,
+                "max_tokens": caps.pop() if len(caps) == 1 else None,
+                "n_correct": counts[Verdict.correct],
+                "n_incorrect": counts[Verdict.incorrect],
+                "n_unparsable": counts[Verdict.unparsable],
+                "n_timeout": counts[Verdict.timeout],
+                "n_errors": sum(r["error"] is not None for r in rows),
+                "n_truncated": sum(r["error"] is None and r["finish_reason"] == "length" for r in rows),
+            }
+        )
+    return pa.Table.from_pylist(table, schema=TABLE_SCHEMA)
+
+
+def format_table(table: pa.Table) -> str:
+    """The table as aligned text (what the CLI prints)."""
+    header = [
+        "ratio",
+        "accuracy",
+        "mean_tokens",
+        "achieved",
+        "n",
+        "unparsable",
+        "timeout",
+        "errors",
+        "truncated",
+    ]
+    lines = [header]
+    for r in table.to_pylist():
+        lines.append(
+            [
+                f"{r['ratio']:g}",
+                f"{100 * r['accuracy']:.2f}%",
+                "-" if r["mean_tokens"] is None else f"{r['mean_tokens']:.1f}",
+                "-" if r["achieved_ratio"] is None else f"{r['achieved_ratio']:.3f}",
+                str(r["n"]),
+                str(r["n_unparsable"]),
+                str(r["n_timeout"]),
+                str(r["n_errors"]),
+                str(r["n_truncated"]),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def plot_accuracy_vs_tokens(table: pa.Table, title: str = "") -> bytes:
+    """PNG bytes: accuracy (%) against mean generated tokens, one labelled point per ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    from matplotlib.figure import Figure
+
+    rows = [r for r in table.to_pylist() if r["mean_tokens"] is not None]
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    xs = [r["mean_tokens"] for r in rows]
+    ys = [100 * r["accuracy"] for r in rows]
+    ax.plot(xs, ys, "o-", color="tab:blue")
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        ax.annotate(f"{r['ratio']:g}", (x, y), textcoords="offset points", xytext=(4, 6))
+    ax.set_xlabel("mean generated tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "accuracy vs CoT tokens per compression ratio")
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _sample_rows(
+    problems: list[dict[str, Any]],
+    ratio: float,
+    prompts: Sequence[str],
+    results: Sequence[PromptResult],
+    max_tokens: int,
+) -> list[dict[str, Any]]:
+    rows = []
+    for problem, prompt, result in zip(problems, prompts, results, strict=True):
+        base = {
+            "ratio": ratio,
+            "problem_id": problem["id"],
+            "question": problem["question"],
+            "answer": problem["answer"],
+            "prompt": prompt,
+            "prompt_tokens": result.prompt_tokens,
+            "max_tokens": max_tokens,
+        }
+        if result.error:
+            rows.append(
+                {**base, "sample_index": 0, "error": result.error, "error_detail": result.error_detail}
+            )
+            continue
+        for index, gen in enumerate(result.generations):
+            rows.append(
+                {
+                    **base,
+                    "sample_index": index,
+                    "response": gen.text,
+                    "tokens": gen.token_count,
+                    "finish_reason": gen.finish_reason,
+                }
+            )
+    return rows
+
+
+def generate_samples(config: EvaluateConfig, problems: pa.Table, llm, adapter_path: str | None) -> pa.Table:
+    """Generate and grade every (ratio, problem) pair with one engine: ``SAMPLES_SCHEMA`` rows."""
+    tokenizer = llm.get_tokenizer()
+    problem_rows = problems.to_pylist()
+    prompts = {
+        ratio: [
+            render_prompt(
+                tokenizer,
+                p["question"],
+                ratio=ratio if ratio < 1.0 else None,
+                delimiter=config.delimiter,
+                instruction=config.instruction,
+                system=config.system,
+            )
+            for p in problem_rows
+        ]
+        for ratio in config.ratios
+    }
+    # All ratios sharing a cap go to the engine in one call, so its batch stays full.
+    by_cap: dict[int, list[float]] = {}
+    for ratio in config.ratios:
+        by_cap.setdefault(config.max_tokens_at(ratio), []).append(ratio)
+    results: dict[float, list[PromptResult]] = {}
+    for cap, ratios in by_cap.items():
+        batch = [prompt for ratio in ratios for prompt in prompts[ratio]]
+        sampling = config.sampling.model_copy(update={"max_tokens": cap})
+        log.info("generating %d completions (ratios %s, max_tokens %d)", len(batch), ratios, cap)
+        out = generate_safe(llm, batch, sampling, lora_path=adapter_path)
+        for i, ratio in enumerate(ratios):
+            results[ratio] = out[i * len(problem_rows) : (i + 1) * len(problem_rows)]
+
+    rows = []
+    for ratio in config.ratios:
+        rows += _sample_rows(problem_rows, ratio, prompts[ratio], results[ratio], config.max_tokens_at(ratio))
+    graded = [r for r in rows if r.get("error") is None]
+    verdicts = grade_batch([r["response"] for r in graded], [r["answer"] for r in graded], config.grading)
+    for row, result in zip(graded, verdicts, strict=True):
+        row["verdict"] = result.verdict.value
+        row["extracted_answer"] = result.extracted_answer
+    return pa.Table.from_pylist(
+        [{f.name: r.get(f.name) for f in SAMPLES_SCHEMA} for r in rows], SAMPLES_SCHEMA
+    )
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
+    """Run the evaluation, write every output under ``config.output`` and return the table.
+
+    ``llm`` reuses an engine the caller already built (it must have been built from ``config.engine``,
+    with LoRA enabled when an adapter is set); None builds one.
+    """
+    from tokenskip.models import resolve_model
+
+    started = time.time()
+    problems, source_errors = load_problems(config.source)
+    if config.limit is not None:
+        problems = problems.slice(0, config.limit)
+    if problems.num_rows == 0:
+        raise ValueError(
+            f"no usable problems in {config.source.path} ({source_errors.num_rows} bad records); "
+            "nothing to evaluate"
+        )
+    if config.adapter and llm is None and not config.engine.enable_lora:
+        raise ValueError(
+            "an adapter needs engine.enable_lora: true (and max_lora_rank >= the adapter's rank)"
+        )
+    fs, root = fsspec.core.url_to_fs(config.output, **config.storage_options)
+    root = root.rstrip("/") or "/"
+    fs.makedirs(root, exist_ok=True)  # fail on an unwritable output before the expensive part
+
+    adapter_path = fetch_adapter(config.adapter, config.adapter_storage_options) if config.adapter else None
+    if llm is None:
+        engine = config.engine.model_copy(update={"model": resolve_model(config.engine.model)})
+        llm = create_llm(engine)
+    generation_started = time.time()
+    samples = generate_samples(config, problems, llm, adapter_path)
+    generation_s = time.time() - generation_started
+    table = summarize(samples)
+
+    report = {
+        "model": config.engine.model,
+        "adapter": config.adapter,
+        "source": config.source.path,
+        "problems": problems.num_rows,
+        "source_errors": source_errors.num_rows,
+        "generation_seconds": round(generation_s, 3),
+        "total_seconds": round(time.time() - started, 3),
+        "table": table.to_pylist(),
+        # Storage options may carry credentials: never written out.
+        "config": config.model_dump(
+            mode="json",
+            exclude={"storage_options": True, "adapter_storage_options": True, "source": {"storage_options"}},
+        ),
+    }
+    _write(fs, posixpath.join(root, SAMPLES_FILE), _parquet_bytes(samples))
+    if source_errors.num_rows:
+        _write(fs, posixpath.join(root, SOURCE_ERRORS_FILE), _parquet_bytes(source_errors))
+    _write(fs, posixpath.join(root, TABLE_FILE), _parquet_bytes(table))
+    _write(fs, posixpath.join(root, REPORT_FILE), json.dumps(report, indent=2).encode())
+    title = os.path.basename(config.engine.model.rstrip("/")) + (" + adapter" if config.adapter else "")
+    _write(fs, posixpath.join(root, PLOT_FILE), plot_accuracy_vs_tokens(table, title))
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cli_evaluate(args: argparse.Namespace) -> int:
+    from tokenskip.cli import _overrides
+
+    config = load_evaluate_config(args.config, _overrides(args.set))
+    if args.dry_run:
+        print(json.dumps(config.model_dump(mode="json"), indent=1))
+        return 0
+    table = evaluate(config)
+    print(format_table(table))
+    print(f"outputs: {config.output.rstrip('/')}/{{{TABLE_FILE},{REPORT_FILE},{SAMPLES_FILE},{PLOT_FILE}}}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (dotted key)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the config, do not run")
+
+
+def register_cli(subparsers) -> None:
+    """Add ``evaluate`` to the ``tokenskip`` command (called by tokenskip.cli)."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="accuracy and CoT tokens per compression ratio (TokenSkip's table)",
+        description=__doc__,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=_cli_evaluate)
