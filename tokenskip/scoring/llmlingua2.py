@@ -152,11 +152,18 @@ class LLMLingua2Scorer(Scorer):
         if not chunk_texts:
             return ids_out, mask_out
         encoded = self.tokenizer(chunk_texts, add_special_tokens=False, verbose=False)
-        for i in range(len(chunk_texts)):
-            tokens = [FRAME_CLS, *encoded.tokens(i), FRAME_SEP][:MAX_SEQ_LEN]
-            # llmlingua masks by token string, so a literal pad token in the text is masked too.
-            ids_out.append(self.tokenizer.convert_tokens_to_ids(tokens))
-            mask_out.append([t != FRAME_PAD for t in tokens])
+        cls_id, sep_id, _ = self.frame_ids
+        for i, chunk in enumerate(chunk_texts):
+            # The encoding's ids are convert_tokens_to_ids(tokens) (unknown spans -> unk id), without
+            # a Python call per token.
+            ids_out.append([cls_id, *encoded["input_ids"][i], sep_id][:MAX_SEQ_LEN])
+            if FRAME_PAD in chunk:
+                # llmlingua masks by token string, so a literal pad token in the text is masked too
+                # (a token can only spell "[PAD]" if the text contains it).
+                tokens = [FRAME_CLS, *encoded.tokens(i), FRAME_SEP][:MAX_SEQ_LEN]
+                mask_out.append([t != FRAME_PAD for t in tokens])
+            else:
+                mask_out.append([True] * len(ids_out[-1]))
         return ids_out, mask_out
 
     # -- model pass -------------------------------------------------------------------------------
@@ -298,9 +305,8 @@ class LLMLingua2Scorer(Scorer):
         for chunks in chunked:
             scored = []
             for text in chunks:
-                x, m = ids[position], masks[position]
-                active = [i for i, keep in zip(x, m, strict=True) if keep]
-                scored.append(self._merge(text, active, next(probs)))
+                x, m = np.asarray(ids[position], dtype=np.int64), np.asarray(masks[position], dtype=bool)
+                scored.append(self._merge(text, x[m], next(probs)))
                 position += 1
             yield scored
 
