@@ -9,6 +9,7 @@ new problems, a refresh that only drops rows (no engine), and an up-to-date refr
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,3 +247,50 @@ def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, mo
     with pytest.raises(IncompatibleBase, match="generation config"):
         plan_refresh(load_refresh_config(str(job_yaml)))
     assert latest_run_id(output, DATASET) == v3
+
+
+def _wait_for(condition, what: str, limit_s: float = 60.0) -> None:
+    """Poll until ``condition()`` holds; the limit only guards against a hang (nothing is timed)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
+    """No engine: run_pipeline is replaced by a stand-in that watches the lock while it 'works'."""
+    output = StorageConfig(root=str(tmp_path / "out"))
+    path = _write_problems(tmp_path / "problems.jsonl", arithmetic_problems()[:4])
+    config = _refresh_config(tmp_path, path, output, lock_ttl_s=30, heartbeat_s=0.1)
+    watcher = Lock(output, DATASET, "refresh", ttl_s=30, owner="watcher")
+    seen = {}
+
+    def renewing_pipeline(pipeline, *, max_shards=None, progress=True, plan=None):
+        first = watcher.holder()
+        _wait_for(lambda: watcher.holder().expires_at > first.expires_at, "a lease renewal")
+        seen["owner"] = first.owner
+        seen["problems"] = plan.problems.num_rows
+        return {"committed": False, "pending_shards": len(plan.pending), "attempt": {"problems_generated": 0}}
+
+    monkeypatch.setattr(refresh_module, "run_pipeline", renewing_pipeline)
+    result = refresh(config, now=_at(1))
+    assert result["status"] == "pending" and result["pending_shards"] == 1
+    assert seen["problems"] == 4 and seen["owner"] == result["lock"]["owner"]
+    assert result["lock"]["heartbeats"] >= 1 and "lost" not in result["lock"]
+    assert watcher.holder() is None  # released after the work
+    assert read_in_progress(config.pipeline)["version"] == "v-20260102-010000"  # resumable
+
+    # Someone else takes the lock while we work (our lease was judged dead): the heartbeat notices,
+    # and the refresh neither releases their lock nor applies retention.
+    def stolen_pipeline(pipeline, *, max_shards=None, progress=True, plan=None):
+        lock_path = tmp_path / "out" / DATASET / "_locks" / "refresh.json"
+        info = json.loads(lock_path.read_text())
+        lock_path.write_text(json.dumps(info | {"owner": "thief", "nonce": "stolen"}))
+        beating = lambda: any(t.name == "refresh-heartbeat-refresh" for t in threading.enumerate())  # noqa: E731
+        _wait_for(lambda: not beating(), "the heartbeat to notice and stop")
+        return {"committed": False, "pending_shards": 1, "attempt": {"problems_generated": 0}}
+
+    monkeypatch.setattr(refresh_module, "run_pipeline", stolen_pipeline)
+    result = refresh(config, now=_at(2))
+    assert "thief" not in result["lock"]["owner"] and result["lock"]["lost"]
+    assert watcher.holder().owner == "thief"  # left alone
