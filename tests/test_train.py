@@ -265,6 +265,8 @@ def test_two_workers_on_s3_resume_after_failure_and_loss_drops(
     assert [a["start_step"] for a in state["attempts"]] == [0, 4]
     assert [s for s, _ in state["loss_history"]] == list(range(1, 13))
     losses = [loss for _, loss in state["loss_history"]]
+    # Step 5 ran on the restored weights: a fresh model would be back at the step-1 loss.
+    assert losses[4] < losses[1] < losses[0], losses
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
     assert state["sampler"] == {"kind": "epoch", "seed": 42, "step": 12, "position": 96}  # 12 x (2 x 2 x 2)
     assert {"loss", "lr", "tokens_per_s", "step", "epoch"} <= set(result.metrics)
