@@ -301,3 +301,26 @@ def test_keep_mask_matches_llmlingua_selection_on_random_chunks(seed):
                     words, as_llmlingua, weights, force_tokens, reduce_rate_for(ratio), drop
                 )
                 assert keep_mask(chunk, reduce_rate_for(ratio), drop).tolist() == expected
+
+
+def test_weighted_percentile_is_numpys_bit_for_bit():
+    from tokenskip.pruning import weighted_percentile
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        n = int(rng.integers(1, 50))
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            values = rng.random(n).astype(np.float32)
+        elif kind == 1:  # a few ulps apart: rounding of the interpolation decides
+            values = (np.float32(0.6) + rng.integers(0, 6, n) * np.float32(2**-24)).astype(np.float32)
+        else:
+            values = rng.choice(np.array([0.0, 0.3, 1.0], dtype=np.float32), n)
+        weights = rng.integers(0, 4, n)
+        weights[0] = max(1, weights[0])
+        q = int(rng.integers(0, 101))
+        for widen in (False, True):
+            expected = np.percentile(
+                np.repeat(values, weights).astype(np.float64 if widen else np.float32), q
+            )
+            assert weighted_percentile(values, weights, q, widen) == float(expected)

@@ -66,9 +66,36 @@ def reduce_rate_for(ratio: float) -> float:
     return max(0, 1 - ratio)
 
 
-def _percentile(values: np.ndarray, widen: bool, q: int) -> np.floating:
-    # Same array dtype as llmlingua's list -> ndarray conversion, so the interpolation rounds alike.
-    return np.percentile(values.astype(np.float64) if widen else values.astype(np.float32), q)
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: int, widen: bool) -> float:
+    """``np.percentile(np.repeat(values, weights), q)`` bit for bit, without building the repeated array.
+
+    ``widen`` picks the array dtype numpy would see (float64, else float32); the arithmetic below is
+    numpy's "linear" method step by step in that dtype (``np.lib._function_base_impl._quantile`` and
+    ``_lerp``, numpy 2.x): q/100 and the virtual index in the array dtype, then a lerp between the
+    two neighbouring order statistics, from the upper one when the fraction is >= 0.5.
+    """
+    dtype = np.float64 if widen else np.float32
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order].astype(dtype)
+    cumulative = np.cumsum(weights[order])
+    n = int(cumulative[-1])
+    if n <= 0:
+        raise ValueError("percentile of no values")
+    virtual = (n - 1) * np.true_divide(q, dtype(100))
+    if virtual >= n - 1:
+        lower = upper = n - 1
+        gamma = dtype(0)
+    else:
+        lower = int(np.floor(virtual))
+        upper = lower + 1
+        gamma = dtype(virtual - lower)
+    # The k-th smallest of the repeated array: the value whose cumulative weight first exceeds k.
+    a = sorted_values[np.searchsorted(cumulative, lower, side="right")]
+    b = sorted_values[np.searchsorted(cumulative, upper, side="right")]
+    diff = b - a
+    if gamma >= 0.5:
+        return float(b - diff * (dtype(1) - gamma))
+    return float(a + diff * gamma)
 
 
 def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) -> np.ndarray:
@@ -87,7 +114,9 @@ def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) ->
         prev, cur = force_pos[:-1], force_pos[1:]
         same_word = chunk.word_ids[cur] == chunk.word_ids[prev]
         if same_word.any():  # else the threshold below cannot change anything: skip the percentile
-            thr = _percentile(probs, bool(python_float.any()), int(100 * reduce_rate))
+            thr = weighted_percentile(
+                probs, np.ones(n, dtype=np.int64), int(100 * reduce_rate), bool(python_float.any())
+            )
             # A non-force word counts as content between two force tokens when above the threshold.
             content = (~chunk.force_word) & (probs.astype(np.float64) > float(thr))
             seen = np.cumsum(content)
@@ -98,8 +127,12 @@ def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) ->
     weighted = chunk.weights > 0
     if not weighted.any():
         return np.zeros(n, dtype=bool)
-    token_probs = np.repeat(probs[weighted], chunk.weights[weighted])
-    thr = float(_percentile(token_probs, bool(python_float[weighted].any()), int(100 * reduce_rate + 1)))
+    thr = weighted_percentile(
+        probs[weighted],
+        chunk.weights[weighted],
+        int(100 * reduce_rate + 1),
+        bool(python_float[weighted].any()),
+    )
     p64 = probs.astype(np.float64)
     keep = (p64 > thr) | ((thr == 1.0) & (p64 == thr))
 
@@ -123,4 +156,11 @@ def validate_ratios(ratios: list[float]) -> list[float]:
     return out
 
 
-__all__ = ["ScoredChunk", "keep_mask", "reduce_rate_for", "validate_ratios", "word_ids"]
+__all__ = [
+    "ScoredChunk",
+    "keep_mask",
+    "reduce_rate_for",
+    "validate_ratios",
+    "weighted_percentile",
+    "word_ids",
+]
