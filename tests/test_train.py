@@ -92,6 +92,42 @@ def test_tokenize_masks_prompt_and_padding(tokenizer):
     assert set(batch["labels"][1, len(short.input_ids) :].tolist()) == {IGNORE_INDEX}
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_model_setup_lora_and_gradient_checkpointing(tiny_causal_lm, tokenizer, lora):
+    from tokenskip.train.loop import _load_model
+
+    config = TrainConfig.model_validate(
+        {
+            "model": str(tiny_causal_lm),
+            "dtype": "float32",
+            "data": {"path": "unused.jsonl"},
+            "lora": {"enabled": lora, "r": 4, "alpha": 8},
+            "optim": {"gradient_checkpointing": True},
+            "checkpoint": {"storage_path": "/tmp/unused"},
+        }
+    )
+    model = _load_model(config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    total = sum(1 for _ in model.named_parameters())
+    if lora:  # only the adapters train; every linear layer but the LM head has one
+        assert trainable and all("lora_" in n for n in trainable)
+        assert {n.split(".")[-4] for n in trainable} == {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
+    else:
+        assert len(trainable) == total
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    model.train()
+    model(**collate([tokenize_example(tokenizer, messages, 64)], tokenizer.pad_token_id)).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+
+
 def test_epoch_sampler_visits_every_example_once_per_epoch():
     sampler = EpochSampler(num_examples=10, global_batch=4, seed=1)
     assert sampler.steps_for_epochs(3) == 8  # ceil(30 / 4)

@@ -48,6 +48,10 @@ def _load_model(config: TrainConfig):
 
     dtype = getattr(torch, config.dtype)
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+    if config.optim.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP and with frozen (LoRA) base weights.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
