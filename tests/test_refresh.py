@@ -37,6 +37,7 @@ from tokenskip.storage import (
     StorageConfig,
     latest_run_id,
     list_committed_runs,
+    open_filesystem,
     read_manifest,
     read_table,
 )
@@ -232,6 +233,11 @@ def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, mo
     contamination = [r for r in v3_tables["rejects"].to_pylist() if r["reason"] == "contaminated"]
     assert [r["problem_id"] for r in contamination] == [ids[0]]
     assert third["retention_deleted"] == [v1, v2]
+    fs, root = open_filesystem(output)
+    lineage = json.loads(fs.cat_file(f"{root}/{DATASET}/runs/{v3}/_refresh.json"))
+    assert (
+        lineage["base"] == v2 and lineage["dropped_problem_ids"] == [ids[0]] and lineage["new_problems"] == 0
+    )
     assert [m.run_id for m in list_committed_runs(output, DATASET)] == [v3]
 
     # 7. Nothing new: no version is published.
@@ -279,6 +285,10 @@ def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
     assert result["lock"]["heartbeats"] >= 1 and "lost" not in result["lock"]
     assert watcher.holder() is None  # released after the work
     assert read_in_progress(config.pipeline)["version"] == "v-20260102-010000"  # resumable
+    lineage = json.loads(
+        (tmp_path / "out" / DATASET / "runs" / "v-20260102-010000" / "_refresh.json").read_text()
+    )
+    assert lineage["base"] is None and lineage["new_problems"] == 4 and lineage["dropped_problem_ids"] == []
 
     # Someone else takes the lock while we work (our lease was judged dead): the heartbeat notices,
     # and the refresh neither releases their lock nor applies retention.

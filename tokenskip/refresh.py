@@ -19,10 +19,16 @@ fingerprint **resumes** that version: carried shards are rewritten idempotently 
 pipeline shards are skipped, so no finished problem is generated twice. A re-run whose plan differs
 (new problems arrived, LATEST moved, config changed) starts a **new** version cleanly; the abandoned
 folder has no manifest, so it is invisible to readers and to retention (delete it by hand if wanted).
+
+Lineage: ``runs/<version>/_refresh.json`` records the base version, the number of new problems and
+the ids of problems dropped from the carried rows (the manifest itself records the pipeline config,
+its hash and ``extra.generation_hash``, which the next refresh compares).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import posixpath
@@ -44,6 +50,8 @@ from tokenskip.config import PipelineConfig, load_yaml
 from tokenskip.pipeline import INPUT_SHARD, Plan, Shard, make_plan, run_pipeline
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.storage import (
+    FileRecord,
+    IntegrityError,
     Lock,
     LockHeld,
     Manifest,
@@ -63,6 +71,7 @@ VERSION_FORMAT = "v-%Y%m%d-%H%M%S"
 # Rows of these stages describe the input (load errors, duplicates, contamination), not generated
 # work: every refresh recomputes them from the current sources instead of carrying them forward.
 INPUT_STAGES = frozenset({sources_stage.STAGE, dedup_stage.STAGE})
+LINEAGE_NAME = "_refresh.json"  # runs/<version>/_refresh.json: base version, new and dropped problems
 CANONICAL_SCHEMAS = {"data": COMPRESSED_SCHEMA, "rejects": REJECT_SCHEMA, "errors": ERROR_SCHEMA}
 
 __all__ = [
@@ -245,21 +254,22 @@ def done_problem_ids(pipeline: PipelineConfig, manifest: Manifest) -> set[str]:
     return done
 
 
-def _read_part(pipeline: PipelineConfig, run_dir: str, record, schema: pa.Schema) -> pa.Table:
-    """One committed part, checked against its manifest record (size, sha256, rows)."""
-    import hashlib
-    import io
-
+def _read_part(pipeline: PipelineConfig, run_dir: str, record: FileRecord, schema: pa.Schema) -> pa.Table:
+    """One committed part, checked against its manifest record (size, sha256, rows) as storage's
+    readers do: a damaged previous version must stop the refresh, not be copied forward."""
     fs, _ = open_filesystem(pipeline.output)
     path = posixpath.join(run_dir, record.path)
-    data = fs.cat_file(path)
-    if len(data) != record.size or (
-        pipeline.output.verify_sha256 and hashlib.sha256(data).hexdigest() != record.sha256
-    ):
-        raise RuntimeError(f"{path}: size or sha256 differs from the manifest of the previous version")
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: listed in the previous version's manifest but missing") from None
+    if len(data) != record.size:
+        raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
+    if pipeline.output.verify_sha256 and hashlib.sha256(data).hexdigest() != record.sha256:
+        raise IntegrityError(f"{path}: sha256 differs from the manifest")
     table = pq.read_table(io.BytesIO(data))
     if table.num_rows != record.rows:
-        raise RuntimeError(f"{path}: {table.num_rows} rows, the manifest says {record.rows}")
+        raise IntegrityError(f"{path}: {table.num_rows} rows, the manifest says {record.rows}")
     return table.cast(schema)
 
 
@@ -272,7 +282,7 @@ def carried_shards(
     contaminated) left out. Shards left empty are skipped."""
     fs_root = open_filesystem(pipeline.output)[1]
     run_dir = posixpath.join(fs_root, pipeline.dataset, "runs", manifest.run_id)
-    by_shard: dict[str, dict[str, Any]] = {}
+    by_shard: dict[str, dict[str, FileRecord]] = {}
     for kind, records in manifest.files.items():
         for record in records:
             by_shard.setdefault(_part_shard(kind, record.path), {})[kind] = record
@@ -580,16 +590,24 @@ def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: _Hea
         return out
 
     pipeline = rplan.pipeline
-    _write_in_progress(
-        pipeline,
-        {
-            "version": rplan.version,
-            "base": rplan.base_id,
-            "fingerprint": rplan.fingerprint,
-            "started_at": datetime.now(timezone.utc).isoformat(),
-        },
-    )
+    record = {
+        "version": rplan.version,
+        "base": rplan.base_id,
+        "fingerprint": rplan.fingerprint,
+        "started_at": datetime.now(timezone.utc).isoformat(),
+    }
+    _write_in_progress(pipeline, record)
     store = RunStore(pipeline.output, pipeline.dataset, rplan.version)
+    # Lineage beside the run's files (the manifest has no field for it): where the version came from.
+    fs, _ = open_filesystem(pipeline.output)
+    fs.makedirs(store.run_dir, exist_ok=True)
+    lineage = record | {
+        "new_problems": rplan.plan.problems.num_rows,
+        "done_problems_in_base": len(rplan.done_ids),
+        "dropped_problem_ids": sorted(rplan.drop_ids),
+        "rebuild_reason": rplan.rebuild_reason,
+    }
+    fs.pipe_file(f"{store.run_dir}/{LINEAGE_NAME}", json.dumps(lineage, indent=1).encode())
     if rplan.carries:
         for shard_id, tables in carried_shards(pipeline, rplan.base, rplan.drop_ids):
             store.write_shard(shard_id, tables)  # idempotent on resume (same content)
