@@ -94,6 +94,28 @@ def test_summarize_hand_made_samples():
     assert no_baseline["accuracy"].to_pylist() == [1.0, 0.25]
 
 
+def test_sample_rows_keep_engine_errors_and_every_sample():
+    from tokenskip.engine import Generation, PromptResult
+    from tokenskip.evaluate import _sample_rows
+
+    problems = [{"id": "a", "question": "q1", "answer": "1"}, {"id": "b", "question": "q2", "answer": "2"}]
+    results = [
+        PromptResult(
+            generations=[Generation("x 1", 3, "stop"), Generation("y", 8, "length")], prompt_tokens=5
+        ),
+        PromptResult(error="prompt_too_long", error_detail="300 tokens", prompt_tokens=300),
+    ]
+    rows = _sample_rows(problems, 0.7, ["p1", "p2"], results, 44, samples_per_prompt=2)
+    assert [(r["problem_id"], r["sample_index"], r.get("tokens"), r.get("error")) for r in rows] == [
+        ("a", 0, 3, None),
+        ("a", 1, 8, None),
+        ("b", 0, None, "prompt_too_long"),  # one row per requested sample: n stays problems x samples
+        ("b", 1, None, "prompt_too_long"),
+    ]
+    assert {(r["ratio"], r["max_tokens"]) for r in rows} == {(0.7, 44)}
+    assert rows[2]["prompt"] == "p2" and rows[2]["error_detail"] == "300 tokens"
+
+
 def _config(**overrides) -> dict:
     raw = {
         "engine": {"model": "m"},
@@ -107,6 +129,10 @@ def test_config_defaults_validation_and_max_tokens_scaling(tmp_path):
     config = EvaluateConfig.model_validate(_config())
     assert config.ratios == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
     assert config.grading.last_number_fallback is True
+    partial = EvaluateConfig.model_validate(_config(grading={"timeout_s": 2.0}))
+    assert (partial.grading.timeout_s, partial.grading.last_number_fallback) == (2.0, True)
+    explicit = EvaluateConfig.model_validate(_config(grading={"last_number_fallback": False}))
+    assert explicit.grading.last_number_fallback is False
     assert (config.sampling.temperature, config.sampling.max_tokens) == (0.0, 512)
     assert [config.max_tokens_at(r) for r in (1.0, 0.5)] == [512, 512]
     scaled = EvaluateConfig.model_validate(
@@ -152,7 +178,7 @@ def test_example_config_and_dry_runs(capsys):
     assert json.loads(capsys.readouterr().out)["sampling"]["max_tokens"] == 9
 
 
-def test_fetch_adapter_local_and_s3_cache(tmp_path, s3_bucket):
+def test_fetch_adapter_local_and_s3_cache(tmp_path, s3_bucket, monkeypatch):
     import s3fs
 
     endpoint, bucket = s3_bucket
@@ -163,6 +189,8 @@ def test_fetch_adapter_local_and_s3_cache(tmp_path, s3_bucket):
     (local / "adapter_config.json").write_text('{"r": 4}')
     (local / "sub" / "weights.bin").write_bytes(b"\x00\x01" * 100)
     assert fetch_adapter(str(local)) == str(local)
+    monkeypatch.chdir(tmp_path)
+    assert fetch_adapter("adapter") == str(local)  # absolute: vLLM must not resolve it itself
 
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
     fs.put(str(local), f"{bucket}/adapters/a1", recursive=True)
@@ -261,6 +289,7 @@ def test_cli_evaluate_tiny_solver_on_vllm(tmp_path, tiny_solver, s3_bucket, caps
     assert samples.schema == SAMPLES_SCHEMA and samples.num_rows == 4 * len(problems)
     plain = [s for s in samples.to_pylist() if s["ratio"] == 1.0]
     assert all(s["verdict"] == "correct" and "\\boxed{" in s["response"] for s in plain)
+    assert all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples.to_pylist())  # chat template
     assert not any("<|im_end|>0.5" in s["prompt"] for s in plain)
     half = [s for s in samples.to_pylist() if s["ratio"] == 0.5]
     assert all("<|im_end|>0.5<|im_end|>" in s["prompt"] and s["tokens"] <= 32 for s in half)

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
-from tokenskip.prompts import INSTRUCTION, render_prompt
+from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
 from tokenskip.sources import SourceConfig, load_problems
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,15 @@ class EvaluateConfig(BaseModel):
             raise ValueError(f"ratios must be distinct, got {ratios}")
         return ratios
 
+    @field_validator("grading", mode="before")
+    @classmethod
+    def _keep_last_number_fallback(cls, grading: Any) -> Any:
+        # A partial `grading:` block (say, only timeout_s) must not silently drop the TokenSkip-compatible
+        # fallback that this config defaults to; only an explicit `last_number_fallback: false` does.
+        if isinstance(grading, dict) and "last_number_fallback" not in grading:
+            return {**grading, "last_number_fallback": True}
+        return grading
+
     @field_validator("source")
     @classmethod
     def _resolve_builtin_source(cls, source: SourceConfig) -> SourceConfig:
@@ -228,7 +237,7 @@ def fetch_adapter(
         local = Path(adapter.removeprefix("file://"))
         if not (local / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json there (not a peft adapter)")
-        return str(local)
+        return str(local.resolve())  # vLLM resolves adapter paths itself: never hand it a relative one
     fs, root = fsspec.core.url_to_fs(adapter, **(storage_options or {}))
     root = root.rstrip("/")
     files = fs.find(root, detail=True)
@@ -356,7 +365,8 @@ def plot_accuracy_vs_tokens(table: pa.Table, title: str = "") -> bytes:
     ys = [100 * r["accuracy"] for r in rows]
     ax.plot(xs, ys, "o-", color="tab:blue")
     for r, x, y in zip(rows, xs, ys, strict=True):
-        ax.annotate(f"{r['ratio']:g}", (x, y), textcoords="offset points", xytext=(4, 6))
+        ax.annotate(format_ratio(r["ratio"]), (x, y), textcoords="offset points", xytext=(4, 6))
+    ax.margins(0.1)  # room for the labels of the outermost points
     ax.set_xlabel("mean generated tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy vs CoT tokens per compression ratio")
@@ -376,6 +386,7 @@ def _sample_rows(
     prompts: Sequence[str],
     results: Sequence[PromptResult],
     max_tokens: int,
+    samples_per_prompt: int,
 ) -> list[dict[str, Any]]:
     rows = []
     for problem, prompt, result in zip(problems, prompts, results, strict=True):
@@ -388,10 +399,9 @@ def _sample_rows(
             "prompt_tokens": result.prompt_tokens,
             "max_tokens": max_tokens,
         }
-        if result.error:
-            rows.append(
-                {**base, "sample_index": 0, "error": result.error, "error_detail": result.error_detail}
-            )
+        if result.error:  # one row per sample that was asked for, so every ratio's n is problems x n
+            error = {"error": result.error, "error_detail": result.error_detail}
+            rows += [{**base, "sample_index": index, **error} for index in range(samples_per_prompt)]
             continue
         for index, gen in enumerate(result.generations):
             rows.append(
@@ -439,7 +449,14 @@ def generate_samples(config: EvaluateConfig, problems: pa.Table, llm, adapter_pa
 
     rows = []
     for ratio in config.ratios:
-        rows += _sample_rows(problem_rows, ratio, prompts[ratio], results[ratio], config.max_tokens_at(ratio))
+        rows += _sample_rows(
+            problem_rows,
+            ratio,
+            prompts[ratio],
+            results[ratio],
+            config.max_tokens_at(ratio),
+            config.sampling.n,
+        )
     graded = [r for r in rows if r.get("error") is None]
     verdicts = grade_batch([r["response"] for r in graded], [r["answer"] for r in graded], config.grading)
     for row, result in zip(graded, verdicts, strict=True):
