@@ -50,7 +50,8 @@ class ScorerConfig(BaseModel):
         32,
         ge=1,
         description="Chunks (llmlingua2: up to 512 tokens; selfinfo: up to max_length) per forward pass. "
-        "Larger = faster on GPU, more memory; results do not depend on it.",
+        "Larger = faster on GPU (64+), more memory; on CPU 8-16 is fastest (cache-friendly attention). "
+        "Results do not depend on it.",
     )
     device: str = Field("cpu", description="torch device, e.g. cpu, cuda, cuda:1.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
