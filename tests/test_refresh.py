@@ -30,10 +30,12 @@ from tokenskip.refresh import (
     refresh,
     version_name,
 )
-from tokenskip.schema import problem_id
+from tokenskip.schema import COMPRESSED_SCHEMA, problem_id
 from tokenskip.storage import (
     Lock,
     LockHeld,
+    NotCommitted,
+    RunStore,
     StorageConfig,
     latest_run_id,
     list_committed_runs,
@@ -304,3 +306,40 @@ def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
     result = refresh(config, now=_at(2))
     assert "thief" not in result["lock"]["owner"] and result["lock"]["lost"]
     assert watcher.holder().owner == "thief"  # left alone
+
+
+def test_plan_resumes_only_the_same_work(tmp_path, monkeypatch):
+    """No engine: an unfinished version is resumed (its committed shards skipped) only while the
+    planned work is unchanged; otherwise a new version starts and the old folder stays unpublished."""
+    output = StorageConfig(root=str(tmp_path / "out"))
+    problems = arithmetic_problems()
+    path = _write_problems(tmp_path / "problems.jsonl", problems[:8])
+    config = _refresh_config(tmp_path, path, output)
+
+    def budget_spent(pipeline, *, max_shards=None, progress=True, plan=None):
+        # As if the pipeline committed its first shard and then the driver died.
+        RunStore(pipeline.output, pipeline.dataset, plan.run_id).write_shard(
+            plan.shards[0].shard_id, {"data": COMPRESSED_SCHEMA.empty_table()}
+        )
+        raise RuntimeError("driver died")
+
+    monkeypatch.setattr(refresh_module, "run_pipeline", budget_spent)
+    with pytest.raises(RuntimeError, match="driver died"):
+        refresh(config, now=_at(1))
+    with pytest.raises(NotCommitted):
+        latest_run_id(output, DATASET)
+
+    again = plan_refresh(config, now=_at(2))
+    assert again.resumed and again.version == "v-20260102-010000"
+    assert [s.size for s in again.plan.shards] == [4, 4]
+    assert [s.shard_id for s in again.plan.pending] == [again.plan.shards[1].shard_id]
+
+    # New problems arrived: the planned shards differ, so a new version starts from scratch.
+    _write_problems(path, problems)
+    changed = plan_refresh(config, now=_at(3))
+    assert not changed.resumed and changed.version == "v-20260102-030000"
+    assert len(changed.plan.pending) == len(changed.plan.shards) == 3
+    assert "unfinished refresh (v-20260102-010000)" in changed.describe()
+    # Within the same second as the abandoned attempt, the new version gets the next free name.
+    same_second = plan_refresh(config, now=_at(1))
+    assert not same_second.resumed and same_second.version == "v-20260102-010001"

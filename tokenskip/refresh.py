@@ -401,10 +401,14 @@ def _clear_in_progress(pipeline: PipelineConfig) -> None:
 
 
 def _free_version(pipeline: PipelineConfig, now: datetime, committed: set[str]) -> str:
-    """The version name for ``now``, moved on by seconds while that name is already committed (two
-    refreshes within one second), so names stay unique and in time order."""
+    """The version name for ``now``, moved on by seconds while that name is taken (committed, or a
+    folder left by an abandoned attempt within the same second), so a new version never inherits
+    another attempt's shards and names stay unique and in time order."""
+    fs, root = open_filesystem(pipeline.output)
+    runs_dir = posixpath.join(root, pipeline.dataset, "runs")
+    fs.invalidate_cache(runs_dir)  # s3fs caches listings; another attempt may have written since
     moment = now
-    while (name := version_name(moment)) in committed:
+    while (name := version_name(moment)) in committed or fs.exists(posixpath.join(runs_dir, name)):
         moment += timedelta(seconds=1)
     return name
 
