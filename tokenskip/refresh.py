@@ -79,8 +79,11 @@ __all__ = [
     "LockHeld",
     "RefreshConfig",
     "RefreshPlan",
+    "carried_shards",
+    "done_problem_ids",
     "load_refresh_config",
     "plan_refresh",
+    "read_in_progress",
     "refresh",
     "version_name",
 ]
