@@ -207,6 +207,35 @@ def test_fetch_adapter_local_and_s3_cache(tmp_path, s3_bucket, monkeypatch):
         fetch_adapter(f"s3://{bucket}/adapters/none", options, cache=cache)
 
 
+def test_bad_inputs_fail_before_the_engine_starts(tmp_path, s3_bucket, monkeypatch):
+    import tokenskip.evaluate as evaluate_module
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine must not start")
+
+    monkeypatch.setattr(evaluate_module, "create_llm", no_engine)
+    endpoint, _ = s3_bucket
+    good = tmp_path / "test.jsonl"
+    good.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text("not json\n" + json.dumps({"question": ""}) + "\n")
+    source = {"path": str(good), "kind": "custom", "field_map": {"question": "question", "answer": "answer"}}
+    base = {"engine": {"model": "never-loaded"}, "source": source, "output": str(tmp_path / "out")}
+
+    bad_source = {**base, "source": {**source, "path": str(tmp_path / "bad.jsonl")}}
+    with pytest.raises(ValueError, match=r"no usable problems .*\(2 bad records\)"):
+        evaluate_module.evaluate(EvaluateConfig.model_validate(bad_source))
+    with pytest.raises(ValueError, match="enable_lora"):
+        evaluate_module.evaluate(EvaluateConfig.model_validate({**base, "adapter": str(tmp_path)}))
+    missing_bucket = {
+        **base,
+        "output": "s3://no-such-bucket/eval",
+        "storage_options": {"endpoint_url": endpoint},
+    }
+    with pytest.raises(FileNotFoundError):
+        evaluate_module.evaluate(EvaluateConfig.model_validate(missing_bucket))
+    assert not (tmp_path / "out").exists()
+
+
 def _zero_lora_adapter(model: Path, out: Path) -> Path:
     """A LoRA adapter with peft's default init (B = 0): the model's outputs stay exactly the same."""
     from peft import LoraConfig, get_peft_model
@@ -295,6 +324,7 @@ def test_cli_evaluate_tiny_solver_on_vllm(tmp_path, tiny_solver, s3_bucket, caps
     assert all("<|im_end|>0.5<|im_end|>" in s["prompt"] and s["tokens"] <= 32 for s in half)
 
     report = json.loads(fs.cat(f"{bucket}/eval/evaluation.json"))
+    assert report["status"] == "complete"
     assert report["problems"] == len(problems) and report["source_errors"] == 1
     assert report["table"] == table.to_pylist()
     assert "storage_options" not in report["config"] and "adapter_storage_options" not in report["config"]

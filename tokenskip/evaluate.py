@@ -17,7 +17,8 @@ adapter (local folder or fsspec URL, copied to a local cache) is applied per req
 Outputs, under ``output`` (a folder or fsspec URL): ``evaluation.parquet`` (the table),
 ``evaluation.json`` (the table, the config and run facts), ``samples.parquet`` (every sample: prompt,
 response, tokens, verdict), ``accuracy_vs_tokens.png`` and, when the source had bad records,
-``source_errors.parquet``.
+``source_errors.parquet``. ``evaluation.json`` is written first with ``"status": "running"`` (so a bad
+output location fails before any generation) and last with ``"status": "complete"``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
@@ -501,7 +503,16 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
         )
     fs, root = fsspec.core.url_to_fs(config.output, **config.storage_options)
     root = root.rstrip("/") or "/"
-    fs.makedirs(root, exist_ok=True)  # fail on an unwritable output before the expensive part
+    if isinstance(fs, LocalFileSystem):  # object stores need no folders (and makedirs would create buckets)
+        fs.makedirs(root, exist_ok=True)
+    # Storage options may carry credentials: never written out.
+    config_json = config.model_dump(
+        mode="json",
+        exclude={"storage_options": True, "adapter_storage_options": True, "source": {"storage_options"}},
+    )
+    # A placeholder report first: a wrong URL or missing credentials fail now, not after generation.
+    report_path = posixpath.join(root, REPORT_FILE)
+    _write(fs, report_path, json.dumps({"status": "running", "config": config_json}, indent=2).encode())
 
     adapter_path = fetch_adapter(config.adapter, config.adapter_storage_options) if config.adapter else None
     if llm is None:
@@ -513,6 +524,7 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
     table = summarize(samples)
 
     report = {
+        "status": "complete",
         "model": config.engine.model,
         "adapter": config.adapter,
         "source": config.source.path,
@@ -521,19 +533,17 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
         "generation_seconds": round(generation_s, 3),
         "total_seconds": round(time.time() - started, 3),
         "table": table.to_pylist(),
-        # Storage options may carry credentials: never written out.
-        "config": config.model_dump(
-            mode="json",
-            exclude={"storage_options": True, "adapter_storage_options": True, "source": {"storage_options"}},
-        ),
+        "config": config_json,
     }
     _write(fs, posixpath.join(root, SAMPLES_FILE), _parquet_bytes(samples))
     if source_errors.num_rows:
         _write(fs, posixpath.join(root, SOURCE_ERRORS_FILE), _parquet_bytes(source_errors))
     _write(fs, posixpath.join(root, TABLE_FILE), _parquet_bytes(table))
-    _write(fs, posixpath.join(root, REPORT_FILE), json.dumps(report, indent=2).encode())
     title = os.path.basename(config.engine.model.rstrip("/")) + (" + adapter" if config.adapter else "")
     _write(fs, posixpath.join(root, PLOT_FILE), plot_accuracy_vs_tokens(table, title))
+    _write(
+        fs, report_path, json.dumps(report, indent=2).encode()
+    )  # last: "complete" means every file is there
     return table
 
 
