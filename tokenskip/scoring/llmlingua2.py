@@ -190,16 +190,34 @@ class LLMLingua2Scorer(Scorer):
 
         The model runs in a worker thread one batch ahead, so word merging and pruning of finished
         chunks (Python, on the caller's thread) overlap the next forward pass (torch releases the GIL).
+        Without exact padding, chunks are batched in length order (least padding) and handed back
+        in input order once all are done.
         """
         bs = self.config.batch_size
+        order = list(range(len(ids)))
+        if not self.config.exact_padding:
+            order.sort(key=lambda i: len(ids[i]))
+        batches = [order[start : start + bs] for start in range(0, len(order), bs)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmlingua2-forward") as pool:
             pending: deque = deque()
-            for start in range(0, len(ids), bs):
-                pending.append(pool.submit(self._forward, ids[start : start + bs], masks[start : start + bs]))
+            done: dict[int, np.ndarray] = {}
+            next_out = 0
+            for batch in batches:
+                pending.append(
+                    (batch, pool.submit(self._forward, [ids[i] for i in batch], [masks[i] for i in batch]))
+                )
                 if len(pending) > 1:
-                    yield from pending.popleft().result()
+                    finished, future = pending.popleft()
+                    done.update(zip(finished, future.result(), strict=True))
+                    while next_out in done:
+                        yield done.pop(next_out)
+                        next_out += 1
             while pending:
-                yield from pending.popleft().result()
+                finished, future = pending.popleft()
+                done.update(zip(finished, future.result(), strict=True))
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
 
     # -- tokens -> words --------------------------------------------------------------------------
 
