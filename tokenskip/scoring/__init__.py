@@ -85,6 +85,12 @@ class ScorerConfig(BaseModel):
         "bit-identical to it. False pads to the longest chunk in the batch: faster on short CoTs, but "
         "float rounding differs slightly and can flip near-threshold words.",
     )
+    trim_padding_queries: bool = Field(
+        True,
+        description="llmlingua2: compute attention only for query rows up to the batch's last real "
+        "token (chunks batched by length). Bit-identical (verified against plain sdpa at load, else "
+        "off) and much cheaper for short chunks; False runs llmlingua's full 512x512 attention.",
+    )
     word_convention: Literal["auto", "sentencepiece", "wordpiece"] = Field(
         "auto",
         description="llmlingua2: how tokens merge into words. auto follows llmlingua (model name "

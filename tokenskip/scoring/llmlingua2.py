@@ -65,6 +65,44 @@ def detect_word_convention(model_name: str, tokenizer) -> str:
     return "sentencepiece"
 
 
+TRIMMED_ATTENTION = "tokenskip_query_trimmed_sdpa"
+
+
+def _query_trimmed_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, computing only the query rows up to the batch's last unmasked
+    position: padding rows' outputs are never read (they only feed masked keys/values), and each
+    row's result does not depend on how many rows are computed, so real rows are bit-identical
+    (checked when the scorer loads). Skips most of the attention cost of llmlingua's 512-padding."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n = query.shape[2]
+    if (
+        attention_mask is not None
+        and attention_mask.dtype == torch.bool
+        and attention_mask.dim() == 4
+        and attention_mask.shape[2] == n == key.shape[2]
+    ):
+        # Bidirectional padding mask: every query row sees the same keys.
+        used = torch.nonzero(attention_mask[:, 0, 0, :].any(dim=0))
+        length = int(used[-1]) + 1 if len(used) else n
+        if length < n:
+            out, weights = sdpa_attention_forward(
+                module, query[:, :, :length], key, value, attention_mask[:, :, :length], **kwargs
+            )
+            padding = out.new_zeros(out.shape[0], n - length, *out.shape[2:])
+            return torch.cat([out, padding], dim=1), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_trimmed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TRIMMED_ATTENTION, _query_trimmed_sdpa)
+    AttentionMaskInterface.register(TRIMMED_ATTENTION, sdpa_mask)  # same masks as sdpa
+
+
 class LLMLingua2Scorer(Scorer):
     """See the module docstring. ``prune(texts, ratios)`` is the entry point."""
 
@@ -116,6 +154,27 @@ class LLMLingua2Scorer(Scorer):
         self.oai = load_cl100k()
         self._weight_cache: dict[str, int] = {}
         self._build_vocab_tables()
+        self.trimmed_attention = config.trim_padding_queries and self._enable_trimmed_attention()
+
+    def _enable_trimmed_attention(self) -> bool:
+        """Switch sdpa to the query-trimmed variant if it gives bit-identical probabilities here."""
+        import torch
+
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
+            return False
+        generator = torch.Generator().manual_seed(0)
+        vocab = len(self.tokenizer)
+        ids = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (MAX_SEQ_LEN, 300, 37)]
+        masks = [[True] * len(x) for x in ids]
+        plain = self._forward(ids[1:], masks[1:]) + self._forward(ids[:1], masks[:1])
+        _register_trimmed_attention()
+        self.model.set_attn_implementation(TRIMMED_ATTENTION)
+        trimmed = self._forward(ids[1:], masks[1:]) + self._forward(ids[:1], masks[:1])
+        if all(np.array_equal(a, b) for a, b in zip(plain, trimmed, strict=True)):
+            return True
+        log.warning("query-trimmed attention is not bit-identical on this device; using plain sdpa")
+        self.model.set_attn_implementation("sdpa")
+        return False
 
     # -- text -> chunks ---------------------------------------------------------------------------
 
@@ -190,13 +249,14 @@ class LLMLingua2Scorer(Scorer):
 
         The model runs in a worker thread one batch ahead, so word merging and pruning of finished
         chunks (Python, on the caller's thread) overlap the next forward pass (torch releases the GIL).
-        Without exact padding, chunks are batched in length order (least padding) and handed back
-        in input order once all are done.
+        Chunks are batched in length order when that saves work (batch padding, or query-trimmed
+        attention) and handed back in input order; with exact padding each chunk's probabilities do
+        not depend on its batch.
         """
         bs = self.config.batch_size
         order = list(range(len(ids)))
-        if not self.config.exact_padding:
-            order.sort(key=lambda i: len(ids[i]))
+        if not self.config.exact_padding or self.trimmed_attention:
+            order.sort(key=lambda i: len(ids[i]))  # similar lengths together: less padding computed
         batches = [order[start : start + bs] for start in range(0, len(order), bs)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmlingua2-forward") as pool:
             pending: deque = deque()
