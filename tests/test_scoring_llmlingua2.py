@@ -336,3 +336,13 @@ def test_batch_padding_mode_keeps_order_and_nearly_all_outputs(shared_data, tiny
     assert [o[1.0] for o in loose] == [o[1.0] for o in exact]
     same = sum(a[r] == b[r] for a, b in zip(exact, loose, strict=True) for r in RATIOS)
     assert same >= 0.95 * len(texts) * len(RATIOS)
+
+
+def test_padded_key_attention_matches_full_512_padding(shared_data, tiny_classifier, scorers):
+    # The default scorer skips llmlingua's padding rows (verified bit-identical when it loads);
+    # a scorer computing all 512 positions gives the same texts.
+    assert scorers[True].trimmed_attention
+    full = build_scorer(scorer_config(tiny_classifier, True, trim_padding_queries=False))
+    assert not full.trimmed_attention
+    texts = load_parity_cots(shared_data)[::7]
+    assert full.prune(texts, RATIOS) == scorers[True].prune(texts, RATIOS)

@@ -82,14 +82,16 @@ class ScorerConfig(BaseModel):
     exact_padding: bool = Field(
         True,
         description="llmlingua2: pad every chunk to 512 tokens like llmlingua, which makes output "
-        "bit-identical to it. False pads to the longest chunk in the batch: faster on short CoTs, but "
-        "float rounding differs slightly and can flip near-threshold words.",
+        "bit-identical to it (with trim_padding_queries active this costs nothing). False pads to the "
+        "longest chunk in the batch with plain attention: float rounding then differs slightly and can "
+        "flip near-threshold words.",
     )
     trim_padding_queries: bool = Field(
         True,
-        description="llmlingua2: compute attention only for query rows up to the batch's last real "
-        "token (chunks batched by length). Bit-identical (verified against plain sdpa at load, else "
-        "off) and much cheaper for short chunks; False runs llmlingua's full 512x512 attention.",
+        description="llmlingua2: run the model only up to each batch's longest chunk (chunks batched by "
+        "length) while attention still reduces over llmlingua's 512 padded keys. Bit-identical "
+        "(verified against plain sdpa at load, else off) and much cheaper for short chunks; False "
+        "computes llmlingua's full 512 positions.",
     )
     word_convention: Literal["auto", "sentencepiece", "wordpiece"] = Field(
         "auto",

@@ -65,33 +65,33 @@ def detect_word_convention(model_name: str, tokenizer) -> str:
     return "sentencepiece"
 
 
-TRIMMED_ATTENTION = "tokenskip_query_trimmed_sdpa"
+TRIMMED_ATTENTION = "tokenskip_padded_key_sdpa"
 
 
-def _query_trimmed_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' sdpa attention, computing only the query rows up to the batch's last unmasked
-    position: padding rows' outputs are never read (they only feed masked keys/values), and each
-    row's result does not depend on how many rows are computed, so real rows are bit-identical
-    (checked when the scorer loads). Skips most of the attention cost of llmlingua's 512-padding."""
+def _padded_key_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention on a chunk batch cut to its longest chunk, with keys and values
+    zero-padded back to llmlingua's 512 positions (and masked there).
+
+    Masked keys contribute exactly nothing whatever their values, every row is computed alone, and
+    the reduction over 512 keys is the one llmlingua's kernel does, so real tokens get bit-identical
+    outputs (checked when the scorer loads) - while the model skips the padding rows llmlingua
+    computes and throws away.
+    """
     import torch
+    import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    n = query.shape[2]
-    if (
-        attention_mask is not None
-        and attention_mask.dtype == torch.bool
-        and attention_mask.dim() == 4
-        and attention_mask.shape[2] == n == key.shape[2]
-    ):
-        # Bidirectional padding mask: every query row sees the same keys.
-        used = torch.nonzero(attention_mask[:, 0, 0, :].any(dim=0))
-        length = int(used[-1]) + 1 if len(used) else n
-        if length < n:
-            out, weights = sdpa_attention_forward(
-                module, query[:, :, :length], key, value, attention_mask[:, :, :length], **kwargs
+    n_keys = key.shape[2]
+    if n_keys < MAX_SEQ_LEN:
+        if attention_mask is None:  # all keys valid (transformers drops an all-true mask)
+            attention_mask = torch.ones(
+                (query.shape[0], 1, query.shape[2], n_keys), dtype=torch.bool, device=query.device
             )
-            padding = out.new_zeros(out.shape[0], n - length, *out.shape[2:])
-            return torch.cat([out, padding], dim=1), weights
+        if attention_mask.dtype == torch.bool and attention_mask.dim() == 4:
+            extra = MAX_SEQ_LEN - n_keys
+            key = F.pad(key, (0, 0, 0, extra))
+            value = F.pad(value, (0, 0, 0, extra))
+            attention_mask = F.pad(attention_mask, (0, extra), value=False)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -99,7 +99,7 @@ def _register_trimmed_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(TRIMMED_ATTENTION, _query_trimmed_sdpa)
+    AttentionInterface.register(TRIMMED_ATTENTION, _padded_key_sdpa)
     AttentionMaskInterface.register(TRIMMED_ATTENTION, sdpa_mask)  # same masks as sdpa
 
 
@@ -154,10 +154,11 @@ class LLMLingua2Scorer(Scorer):
         self.oai = load_cl100k()
         self._weight_cache: dict[str, int] = {}
         self._build_vocab_tables()
+        self.trimmed_attention = False
         self.trimmed_attention = config.trim_padding_queries and self._enable_trimmed_attention()
 
     def _enable_trimmed_attention(self) -> bool:
-        """Switch sdpa to the query-trimmed variant if it gives bit-identical probabilities here."""
+        """Switch sdpa to the padded-key variant if it gives bit-identical probabilities here."""
         import torch
 
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
@@ -166,13 +167,14 @@ class LLMLingua2Scorer(Scorer):
         vocab = len(self.tokenizer)
         ids = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (MAX_SEQ_LEN, 300, 37)]
         masks = [[True] * len(x) for x in ids]
-        plain = self._forward(ids[1:], masks[1:]) + self._forward(ids[:1], masks[:1])
+        batches = [(ids, masks), (ids[1:], masks[1:]), (ids[2:], masks[2:])]
+        plain = [p for b in batches for p in self._forward(*b, full_width=True)]
         _register_trimmed_attention()
         self.model.set_attn_implementation(TRIMMED_ATTENTION)
-        trimmed = self._forward(ids[1:], masks[1:]) + self._forward(ids[:1], masks[:1])
+        trimmed = [p for b in batches for p in self._forward(*b, full_width=False)]
         if all(np.array_equal(a, b) for a, b in zip(plain, trimmed, strict=True)):
             return True
-        log.warning("query-trimmed attention is not bit-identical on this device; using plain sdpa")
+        log.warning("padded-key attention is not bit-identical on this device; using plain sdpa")
         self.model.set_attn_implementation("sdpa")
         return False
 
@@ -227,12 +229,20 @@ class LLMLingua2Scorer(Scorer):
 
     # -- model pass -------------------------------------------------------------------------------
 
-    def _forward(self, batch_ids: list[list[int]], batch_masks: list[list[bool]]) -> list[np.ndarray]:
-        """Label-1 (keep) probability of every unmasked token of each framed chunk of one batch."""
+    def _forward(
+        self, batch_ids: list[list[int]], batch_masks: list[list[bool]], full_width: bool | None = None
+    ) -> list[np.ndarray]:
+        """Label-1 (keep) probability of every unmasked token of each framed chunk of one batch.
+
+        ``full_width``: pad to 512 like llmlingua (default: only with exact padding and plain sdpa;
+        the padded-key attention reproduces 512-padding without computing the padding rows).
+        """
         import torch
 
+        if full_width is None:
+            full_width = self.config.exact_padding and not self.trimmed_attention
         pad_id = self.frame_ids[2]
-        width = MAX_SEQ_LEN if self.config.exact_padding else max(len(x) for x in batch_ids)
+        width = MAX_SEQ_LEN if full_width else max(len(x) for x in batch_ids)
         t_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
         t_mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
         for row, (x, m) in enumerate(zip(batch_ids, batch_masks, strict=True)):
