@@ -19,6 +19,7 @@ import time
 import pyarrow as pa
 
 from tokenskip.engine import EngineConfig, SamplingConfig, create_llm, generate_safe
+from tokenskip.metrics import StageMetrics
 from tokenskip.models import resolve_model
 from tokenskip.prompts import render_prompt
 
@@ -66,6 +67,7 @@ class GenerateStage:
         self.prompt = prompt
         self.llm = create_llm(self.engine_config)
         self.tokenizer = self.llm.get_tokenizer()
+        self.metrics = StageMetrics()
 
     def render(self, question: str) -> str:
         return render_prompt(
@@ -104,6 +106,12 @@ class GenerateStage:
             else:
                 errors.append(r.error)
                 details.append(r.error_detail)
+        self.metrics.record_rows("generate", batch.num_rows)
+        self.metrics.record_tokens(sum(g.token_count for r in results for g in r.generations))
+        self.metrics.record_stage_seconds("generate", elapsed)
+        for reason in errors:
+            if reason:
+                self.metrics.record_errors("generate", reason)
         # Wall time of the call, spread over its rows, so per-stage throughput can be reported.
         per_row = elapsed / max(1, batch.num_rows)
         columns = [samples, prompt_tokens, errors, details, [per_row] * batch.num_rows]

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from tokenskip.config import PipelineConfig
 from tokenskip.dedup import dedup_and_decontaminate
 from tokenskip.generation import GenerateStage
+from tokenskip.metrics import StageMetrics, log_stage_event
 from tokenskip.schema import (
     COMPRESSED_SCHEMA,
     ERROR_SCHEMA,
@@ -117,8 +118,12 @@ def make_plan(config: PipelineConfig) -> Plan:
     load_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
+    log_stage_event(
+        "load", rows=all_problems.num_rows, errors=load_errors.num_rows, seconds=round(load_seconds, 3)
+    )
     kept, rejects = dedup_and_decontaminate(all_problems, config.dedup)
     dedup_seconds = time.perf_counter() - started
+    log_stage_event("dedup", kept=kept.num_rows, rejects=rejects.num_rows, seconds=round(dedup_seconds, 3))
 
     kept = kept.sort_by("id")
     size = config.resources.shard_size
@@ -170,6 +175,7 @@ class CompressKeptStage:
             else {"scorer": scorer}
         )
         self.compressor = Compressor(compression)
+        self.metrics = StageMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -211,6 +217,11 @@ class CompressKeptStage:
             ],
             "compress_seconds": [seconds if i in extra else None for i in range(len(rows))],
         }
+        self.metrics.record_rows("compress", len(kept_idx))
+        self.metrics.record_stage_seconds("compress", seconds * len(kept_idx))
+        for i in extra:
+            if rows[i]["status"] == "error":
+                self.metrics.record_errors("compress", rows[i]["reason"])
         out = pa.Table.from_pylist(rows, schema=SAMPLE_ROW_SCHEMA)
         for f in self.OUT_FIELDS:
             out = out.append_column(f, pa.array(columns[f.name], type=f.type))
@@ -407,6 +418,9 @@ def _write_report(config: PipelineConfig, store: RunStore, report: dict[str, Any
     fs, _ = open_filesystem(config.output)
     fs.pipe(f"{store.run_dir}/report.json", json.dumps(report, indent=2, default=str).encode())
     fs.pipe(f"{store.run_dir}/report.txt", (_summary_text(report) + "\n").encode())
+    from tokenskip.report import write_html_report
+
+    write_html_report(config, store, report)
 
 
 def run_pipeline(
@@ -468,7 +482,15 @@ def run_pipeline(
                         {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.tokens_generated}
                     )
                     bar.update(1)
-                    log.info("committed shard %s (%d/%d)", shard_id, stats.shards_committed, len(pending))
+                    log_stage_event(
+                        "commit_shard",
+                        shard_id=shard_id,
+                        rows=rows.num_rows,
+                        shards_committed=stats.shards_committed,
+                        shards_pending=len(pending),
+                        tokens=stats.tokens_generated,
+                        t=round(time.perf_counter() - wall_start, 3),
+                    )
         bar.close()
         missing = [s for s in expected if s in buffers or counts[s] != expected[s]]
         if missing:
@@ -480,6 +502,8 @@ def run_pipeline(
     remaining = [s for s in plan.pending if s not in pending]
     commit_start = time.perf_counter()
     counts_all = run_statistics(plan, store)
+    StageMetrics().record_run_counts(counts_all)
+    log_stage_event("run", run_id=plan.run_id, **counts_all)
     stats.wall_seconds = time.perf_counter() - wall_start
     attempt = {
         "shards_committed": stats.shards_committed,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
+from tokenskip.metrics import StageMetrics
 from tokenskip.schema import sample_key
 
 SAMPLE_ROW_SCHEMA = pa.schema(
@@ -62,6 +63,7 @@ class GradeSelectStage:
         self.model = model
         self.generation_hash = generation_hash
         self.n_samples = n_samples
+        self.metrics = StageMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         problems = batch.to_pylist()
@@ -123,4 +125,8 @@ class GradeSelectStage:
                 else:
                     row |= {"status": "reject", "reason": g.verdict.value, "detail": g.detail}
                 rows.append(row)
+        self.metrics.record_rows("grade", len(rows))
+        for r in rows:
+            if r["status"] == "reject":  # generation errors are counted by the generation stage
+                self.metrics.record_rejects("grade", r["reason"])
         return pa.Table.from_pylist(rows, schema=SAMPLE_ROW_SCHEMA)
