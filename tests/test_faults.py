@@ -97,7 +97,7 @@ class _FaultyLLM:
 def test_engine_error_on_one_row_becomes_an_error_row_and_spares_the_others():
     prompts = ["what is 1 + 1", "poisoned prompt", "what is 2 + 2", "word " * 100, ""]
     llm = _FaultyLLM(poison="poisoned prompt")
-    results = generate_safe(llm, prompts, SamplingConfig(n=2, max_tokens=8))
+    results = generate_safe(llm, prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=8))
 
     assert len(results) == len(prompts)
     fine, poisoned, fine2, too_long, empty = results
