@@ -36,7 +36,10 @@ def _port() -> int:
 
 @pytest.fixture()
 def ray_head():
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # The job's `python` is whatever the head's PATH finds first: make it this interpreter, as an
+    # activated virtualenv would (CI runs pytest as .venv/bin/python without activating).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=path)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs_port, dash_port = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="rayh")  # short: Ray's socket paths have a length limit
