@@ -183,9 +183,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_pipeline_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     data = load_yaml(path)
     for dotted, value in (overrides or {}).items():
-        node = data
+        node: Any = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        for p in parents:  # "sources.0.limit": digits index lists
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
     return PipelineConfig.model_validate(data)

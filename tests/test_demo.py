@@ -1,0 +1,59 @@
+"""The embedded default, end to end: the demo config (SmolLM2-135M from the PyPI package, self-information
+scorer, local Ray, local folder) run through the CLI on a slice of its problems, and its HTML report
+opened in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_report import _body_attrs, _chart_count, _dump_dom, chromium  # noqa: F401 (fixture)
+from tokenskip.storage import StorageConfig, read_manifest, read_table
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium):  # noqa: F811
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "tokenskip.cli",
+        "run",
+        "--config",
+        str(REPO / "tokenskip" / "configs" / "demo.yaml"),
+        "--set",
+        f"output.root={out}",
+        "--set",
+        "sources.0.limit=12",
+        "--set",
+        "sampling.max_tokens=128",
+        "--no-progress",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tokenskip run report" in result.stdout
+
+    storage = StorageConfig(root=str(out))
+    manifest = read_manifest(storage, "demo-arithmetic")
+    counts = manifest.counts
+    assert counts["input_rows"] == 12
+    assert counts["samples"] == counts["problems_to_generate"] * 4
+    data = read_table(storage, "demo-arithmetic", "data")
+    assert counts["kept_samples"] == data.num_rows
+    for row in data.to_pylist():
+        assert [c["target_ratio"] for c in row["compressions"]] == [0.9, 0.8, 0.7, 0.6, 0.5]
+
+    run_dir = out / "demo-arithmetic" / "runs" / manifest.run_id
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["counts"]["kept_samples"] == data.num_rows
+    page = (run_dir / "report.html").read_text()
+    attrs = _body_attrs(_dump_dom(chromium, tmp_path, page))
+    assert attrs["data-errors"] == ""
+    assert int(attrs["data-charts"]) == _chart_count(page) > 0
+    assert attrs["data-rendered"] == attrs["data-charts"]
