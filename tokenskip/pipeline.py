@@ -104,6 +104,17 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
+def shard_problems(problems: pa.Table, shard_size: int) -> list[Shard]:
+    """Id-sorted chunks named by the hash of their ids: the same problems always give the same
+    shard ids, which is what makes resume (and a re-planned refresh) skip committed work."""
+    problems = problems.sort_by("id")
+    shards = []
+    for start in range(0, problems.num_rows, shard_size):
+        chunk = problems.slice(start, shard_size)
+        shards.append(Shard("s-" + config_hash(chunk.column("id").to_pylist())[:16], chunk))
+    return shards
+
+
 def make_plan(config: PipelineConfig) -> Plan:
     """Load, validate, deduplicate and shard the problems; look up what is already committed."""
     run_id = config.resolved_run_id()
@@ -126,12 +137,7 @@ def make_plan(config: PipelineConfig) -> Plan:
     log_stage_event("dedup", kept=kept.num_rows, rejects=rejects.num_rows, seconds=round(dedup_seconds, 3))
 
     kept = kept.sort_by("id")
-    size = config.resources.shard_size
-    shards = []
-    for start in range(0, kept.num_rows, size):
-        chunk = kept.slice(start, size)
-        shard_id = "s-" + config_hash(chunk.column("id").to_pylist())[:16]
-        shards.append(Shard(shard_id, chunk))
+    shards = shard_problems(kept, config.resources.shard_size)
 
     store = RunStore(config.output, config.dataset, run_id)
     committed_run = store.is_committed()

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tokenskip import dedup as dedup_stage
 from tokenskip import sources as sources_stage
 from tokenskip.config import PipelineConfig, load_yaml
-from tokenskip.pipeline import INPUT_SHARD, Plan, Shard, make_plan, run_pipeline
+from tokenskip.pipeline import INPUT_SHARD, Plan, make_plan, run_pipeline, shard_problems
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.storage import (
     FileRecord,
@@ -361,17 +361,6 @@ class RefreshPlan:
         return "\n".join(lines + self.notes)
 
 
-def _shards_of(problems: pa.Table, shard_size: int) -> list[Shard]:
-    """Same sharding as pipeline.make_plan (id-sorted chunks named by their ids' hash), so a
-    re-planned refresh over the same problems gets the same shard ids (resume)."""
-    problems = problems.sort_by("id")
-    shards = []
-    for start in range(0, problems.num_rows, shard_size):
-        chunk = problems.slice(start, shard_size)
-        shards.append(Shard("s-" + config_hash(chunk.column("id").to_pylist())[:16], chunk))
-    return shards
-
-
 def _pointer_path(pipeline: PipelineConfig) -> tuple[Any, str]:
     fs, root = open_filesystem(pipeline.output)
     return fs, posixpath.join(root, pipeline.dataset, "_refresh", "in_progress.json")
@@ -439,7 +428,7 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
     ids = full.problems.column("id")
     is_done = pc.is_in(ids, value_set=pa.array(sorted(done), pa.string()))
     new_problems = full.problems.filter(pc.invert(is_done))
-    shards = _shards_of(new_problems, pipeline.resources.shard_size)
+    shards = shard_problems(new_problems, pipeline.resources.shard_size)
     # Carried problems the input stage now rejects (a new eval set, a new earlier duplicate) leave
     # the dataset; an id that is both kept and rejected (a repeated row of a kept problem) stays.
     rejected = (
