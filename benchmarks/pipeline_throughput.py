@@ -88,7 +88,7 @@ def main() -> None:
                 "sampling": sampling,
                 "prompt": {"instruction": INSTRUCTION},
                 "cpus": args.cpus_per_actor,
-                "omp_threads": max(1, int(args.cpus_per_actor * (os.cpu_count() or 2) / actors)),
+                "omp_threads": max(1, round((os.cpu_count() or 2) / actors)),  # same cores as the raw run
             },
             batch_size=max(1, len(questions) // actors),
             batch_format="pyarrow",
