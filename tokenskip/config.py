@@ -153,8 +153,8 @@ class PipelineConfig(BaseModel):
     def content_hash(self) -> str:
         """Hash of everything that changes the output (not resources, not where it is written)."""
         content = self.model_dump(mode="json", exclude={"resources", "output", "run_id"})
-        for source in content["sources"]:
-            source.pop("storage_options", None)
+        for source in content["sources"] + content["dedup"]["eval_sets"]:
+            source.pop("storage_options", None)  # credentials/endpoints do not change the content
         return config_hash(content)
 
     def resolved_run_id(self) -> str:
