@@ -8,11 +8,89 @@ each expected (problem, sample) key is in the output exactly once and that the c
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
+import pytest
+
+from tokenskip.config import PipelineConfig
 from tokenskip.engine import SamplingConfig, generate_safe
 from tokenskip.grading import Grader, GradingConfig, Verdict
+from tokenskip.pipeline import make_plan, run_pipeline
+from tokenskip.schema import ERROR_SCHEMA, problem_id, sample_key
+from tokenskip.storage import NotCommitted, RunStore, StorageConfig, read_manifest, read_table
+from tokenskip.testing.faults import FaultProxy, FaultRule
+from tokenskip.testing.tiny_models import arithmetic_problems
+
+DATASET = "tiny-arith"
+SOURCE = "tiny"
+
+
+def _problems(count: int = 12) -> list[dict]:
+    return [{k: p[k] for k in ("id", "question", "answer")} for p in arithmetic_problems(count)]
+
+
+def _write_problems(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config_data(model: Path, problems_path: Path, output: StorageConfig, **overrides) -> dict:
+    """A pipeline config as plain data (also written as YAML for the CLI): tiny model, 4-problem shards."""
+    data = {
+        "dataset": DATASET,
+        "sources": [
+            {
+                "path": str(problems_path),
+                "kind": "custom",
+                "name": SOURCE,
+                "field_map": {"question": "question", "answer": "answer", "id": "id", "metadata": []},
+            }
+        ],
+        "engine": {"model": str(model), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
+        "sampling": {"n": 1, "temperature": 0.0, "max_tokens": 48},
+        "compression": {
+            "ratios": [0.9, 0.5],
+            "scorer": {"kind": "selfinfo", "model": str(model), "batch_size": 8},
+            "target_tokenizer": str(model),
+        },
+        "output": output.model_dump(),
+        "resources": {
+            "generation_cpus": 0.5,
+            "compression_cpus": 0.25,
+            "grading_cpus": 0.25,
+            "shard_size": 4,
+            "generation_batch_size": 4,
+            "omp_threads": 1,
+        },
+    }
+    data.update(overrides)
+    return data
+
+
+def _expected_keys(config: PipelineConfig, problems: list[dict]) -> set[str]:
+    return {
+        sample_key(problem_id(SOURCE, p["question"]), config.generation_hash(), i)
+        for p in problems
+        for i in range(config.sampling.n)
+    }
+
+
+def _assert_every_key_once(output: StorageConfig, config: PipelineConfig, problems: list[dict]) -> dict:
+    """Every (problem, sample) key exactly once over data + rejects + errors; counts reconcile (n = 1)."""
+    tables = {kind: read_table(output, DATASET, kind) for kind in ("data", "rejects", "errors")}
+    keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
+    assert len(keys) == len(set(keys)), "a (problem, sample) key landed twice"
+    assert set(keys) == _expected_keys(config, problems), "a (problem, sample) key is missing or extra"
+    assert config.sampling.n == 1
+    assert len(problems) == sum(t.num_rows for t in tables.values())  # input = kept + rejects + errors
+    manifest = read_manifest(output, DATASET)
+    assert manifest.counts["input_rows"] == len(problems)
+    assert manifest.rows == {kind: t.num_rows for kind, t in tables.items()}
+    return tables
+
 
 # ---------------------------------------------------------------------------------------------
 # Grader: pathological answers are bounded and graded `timeout` (no engine)
@@ -111,3 +189,245 @@ def test_engine_error_on_one_row_becomes_an_error_row_and_spares_the_others():
     # One batch call (failed), then each servable prompt alone: the bad row is isolated.
     assert llm.calls[0] == [prompts[0], prompts[1], prompts[2]]
     assert sorted(map(tuple, llm.calls[1:])) == sorted([(prompts[0],), (prompts[1],), (prompts[2],)])
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 faults: transient 500/503 through a proxy, then a commit that keeps failing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_nothing(
+    tmp_path, tiny_solver, ray_local, s3_bucket
+):
+    endpoint, bucket = s3_bucket
+    problems = _problems()
+    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    direct = StorageConfig(root=f"s3://{bucket}/datasets", storage_options={"endpoint_url": endpoint})
+    # An earlier committed run: LATEST points at it, and a failed commit must leave it there.
+    previous = RunStore(direct, DATASET, "run-previous")
+    previous.write_shard("s-prev", {"errors": ERROR_SCHEMA.empty_table()})
+    previous.commit({"counts": {"input_rows": 0}})
+
+    manifest_outage = FaultRule("PUT", path_contains="_MANIFEST.json", status=500, code="InternalError")
+    transient = [
+        FaultRule("PUT", every=3, status=500, code="InternalError", max_faults=12),
+        FaultRule("GET", every=4, status=503, code="SlowDown", max_faults=12),
+    ]
+    with FaultProxy(endpoint, [manifest_outage, *transient], max_seconds=500) as proxy:
+        # No botocore retries: the faults reach s3fs and tokenskip's own retry loop (what is tested).
+        faulty = StorageConfig(
+            root=direct.root,
+            storage_options={
+                "endpoint_url": proxy.endpoint_url,
+                "config_kwargs": {"retries": {"max_attempts": 1}},
+            },
+            retries=3,
+            backoff_s=0.01,
+        )
+        config = PipelineConfig.model_validate(_config_data(tiny_solver, path, faulty))
+        run_id = config.resolved_run_id()
+
+        with pytest.raises(OSError, match="injected by FaultProxy"):
+            run_pipeline(config, progress=False)
+        assert proxy.injected("PUT", "_MANIFEST.json") >= faulty.retries + 1  # more than the retries
+        assert proxy.injected("PUT") > proxy.injected("PUT", "_MANIFEST.json")  # transient PUTs too
+        assert proxy.injected("GET") > 0
+        assert not proxy.exhausted
+
+        # The failed commit left no visible version: LATEST unchanged, the new run unreadable.
+        assert read_manifest(direct, DATASET).run_id == "run-previous"
+        with pytest.raises(NotCommitted):
+            read_manifest(direct, DATASET, run_id)
+        with pytest.raises(NotCommitted):
+            read_table(direct, DATASET, "data", run_id=run_id)
+        assert read_table(direct, DATASET, "errors").num_rows == 0  # readers still see the previous run
+        # ... while every shard's work is committed and waits for the next attempt.
+        plan = make_plan(config)
+        assert {s.shard_id for s in plan.shards} <= set(RunStore(direct, DATASET, run_id).committed_shards())
+
+        # The outage ends; throttling goes on (503 SlowDown: the report files after the commit are
+        # written without tokenskip's retry loop, and s3fs itself retries SlowDown but not 500).
+        # The re-run commits without generating anything.
+        proxy.rules = [
+            FaultRule("PUT", every=3, status=503, code="SlowDown", max_faults=6),
+            FaultRule("GET", every=4, status=503, code="SlowDown", max_faults=6),
+        ]
+        faults_before = proxy.injected()
+        report = run_pipeline(config, progress=False)
+        assert report["committed"] is True
+        assert report["attempt"]["problems_generated"] == 0
+        assert report["attempt"]["shards_resumed"] == len(plan.shards)
+        assert proxy.injected() > faults_before and not proxy.exhausted
+
+    assert read_manifest(direct, DATASET).run_id == run_id  # LATEST moved only now
+    _assert_every_key_once(direct, config, problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# A generation actor killed mid-batch; a prompt longer than the context
+# ---------------------------------------------------------------------------------------------
+
+GENERATE_TASK_TITLE = "MapWorker(MapBatches(GenerateStage)).submit"  # Ray's title while a batch runs
+
+
+def _own_processes_titled(title: str) -> list:
+    """Descendants of this test process (our Ray's workers, never anyone else's) with ``title``."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass  # exited meanwhile
+    return found
+
+
+class _ActorKiller(threading.Thread):
+    """SIGKILLs the first GenerateStage actor caught running a batch; then notes any later one."""
+
+    def __init__(self, deadline_s: float = 500.0):
+        super().__init__(daemon=True)
+        self.killed_pid: int | None = None
+        self.later_pids: set[int] = set()
+        self.done = threading.Event()
+        self.deadline = time.monotonic() + deadline_s
+
+    def run(self) -> None:
+        while not self.done.is_set() and time.monotonic() < self.deadline:
+            procs = _own_processes_titled(GENERATE_TASK_TITLE)
+            if self.killed_pid is None and procs:
+                procs[0].kill()
+                self.killed_pid = procs[0].pid
+            self.later_pids |= {p.pid for p in procs if p.pid != self.killed_pid}
+            time.sleep(0.05)
+
+
+def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_solver, ray_local):
+    problems = _problems()
+    # Under the source's max_question_chars (20k) but far over the engine's 256-token context.
+    long_question = "What is 12 + 30? " + "Think about it carefully, step by step. " * 120
+    problems.append({"id": "too-long", "question": long_question, "answer": "42"})
+    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    output = StorageConfig(root=str(tmp_path / "out"))
+    data = _config_data(tiny_solver, path, output)
+    data["resources"] = {**data["resources"], "generation_batch_size": 2}  # several batches to interrupt
+    config = PipelineConfig.model_validate(data)
+
+    killer = _ActorKiller()
+    killer.start()
+    try:
+        report = run_pipeline(config, progress=False)
+    finally:
+        killer.done.set()
+        killer.join(timeout=10)
+    assert killer.killed_pid is not None, "no GenerateStage batch was caught running"
+    assert report["committed"] is True
+    assert report["attempt"]["problems_generated"] == len(problems)
+    # Ray restarted the actor (max_restarts=-1) and retried its batch (max_task_retries=-1) there.
+    assert killer.later_pids, "no generation actor ran a batch after the kill"
+
+    tables = _assert_every_key_once(output, config, problems)
+    errors = tables["errors"].to_pylist()
+    too_long_key = sample_key(problem_id(SOURCE, long_question), config.generation_hash(), 0)
+    assert [(e["key"], e["reason"], e["stage"]) for e in errors] == [
+        (too_long_key, "prompt_too_long", "generate")
+    ]
+    assert "max_model_len is 256" in errors[0]["detail"]
+    assert report["counts"]["errors_by_reason"] == {"prompt_too_long": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver killed (SIGKILL) at stage boundaries, then re-run
+# ---------------------------------------------------------------------------------------------
+
+
+def _start_cli_run(config_path: Path, log_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    # Its own local Ray (no RAY_ADDRESS), as a fresh driver on a machine would start.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
+    }
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tokenskip.cli", "run", "--config", str(config_path), "--no-progress"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def _kill_driver_when(proc, condition, timeout_s: float = 480.0) -> None:
+    """SIGKILL the driver (by PID) as soon as ``condition()`` holds; then reap what it started."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before the kill point"
+        assert time.monotonic() < deadline, "the kill point was never reached"
+        time.sleep(0.02)
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait(timeout=30)
+    # Ray's own processes die with their driver; anything left over of ours is killed by PID.
+    _, alive = psutil.wait_procs(descendants, timeout=20)
+    for leftover in alive:
+        try:
+            leftover.kill()
+        except psutil.Error:
+            pass
+
+
+def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path, tiny_solver):
+    import yaml
+
+    problems = _problems(16)
+    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    output = StorageConfig(root=str(tmp_path / "out"))
+    data = _config_data(tiny_solver, path, output)
+    config = PipelineConfig.model_validate(data)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "out" / DATASET / "runs" / config.resolved_run_id()
+    shards_dir = run_dir / "_shards"
+    n_shards = len(make_plan(config).shards)
+    assert n_shards == 4
+
+    def problem_shards() -> set[str]:
+        return {p.stem for p in shards_dir.glob("*.json")} - {"input"} if shards_dir.is_dir() else set()
+
+    log_path = tmp_path / "runs.log"
+    # (a) after the input shard is written, before any generation shard.
+    proc = _start_cli_run(config_path, log_path)
+    _kill_driver_when(proc, lambda: (shards_dir / "input.json").exists())
+    assert problem_shards() == set()
+    assert not (run_dir / "_MANIFEST.json").exists()
+
+    # (b) after a committed generation shard (the re-run writes the input shard again, idempotently).
+    proc = _start_cli_run(config_path, log_path)
+    _kill_driver_when(proc, lambda: len(problem_shards()) >= 1)
+    committed = problem_shards()
+    assert 1 <= len(committed) < n_shards, "the run got to the end before the kill"
+    assert not (run_dir / "_MANIFEST.json").exists()
+    with pytest.raises(NotCommitted):
+        read_manifest(output, DATASET)
+
+    # The re-run generates only the uncommitted shards' problems and commits the run.
+    proc = _start_cli_run(config_path, log_path)
+    try:
+        assert proc.wait(timeout=480) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["committed"] is True
+    assert report["attempt"]["shards_resumed"] == len(committed)
+    assert report["attempt"]["problems_generated"] == 4 * (n_shards - len(committed))
+    _assert_every_key_once(output, config, problems)
+    # The killed attempts' shard parts were not rewritten with different content (markers unchanged).
+    assert committed <= problem_shards()

@@ -148,10 +148,14 @@ class FaultProxy:
 
             def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
                 self.send_response(status)
+                length = str(len(body))
                 for name, value in headers:
-                    if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    if name.lower() == "content-length":
+                        if self.command == "HEAD":
+                            length = value  # a HEAD reply has no body but tells the object's size
+                    elif name.lower() not in _HOP_BY_HOP:
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
