@@ -343,44 +343,70 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
 # ---------------------------------------------------------------------------------------------
 
 
-def _start_cli_run(config_path: Path, log_path: Path):
+# The CLI driver, SIGKILLing itself right after its ``kill_after``-th shard commit (the input shard
+# counts as the 0th): an exact stage boundary, with no race against a watcher.
+_KILLING_DRIVER = """
+import os, signal, sys
+from tokenskip import cli, pipeline
+kill_after = int(sys.argv[1])
+commits = []
+write_shard = pipeline.RunStore.write_shard
+
+def write_shard_then_die(self, shard_id, tables):
+    record = write_shard(self, shard_id, tables)
+    commits.append(shard_id)
+    if kill_after >= 0 and len(commits) > kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
+
+pipeline.RunStore.write_shard = write_shard_then_die
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _run_cli(config_path: Path, log_path: Path, kill_after: int = -1, timeout_s: float = 480.0) -> int:
+    """Run ``tokenskip run`` as a driver process; returns its exit status (-9: it was SIGKILLed)."""
     import os
     import subprocess
     import sys
+
+    import psutil
 
     # Its own local Ray (no RAY_ADDRESS), as a fresh driver on a machine would start.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
     }
+    argv = ["run", "--config", str(config_path), "--no-progress"]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tokenskip.cli", "run", "--config", str(config_path), "--no-progress"],
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLING_DRIVER, str(kill_after), *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
-
-
-def _kill_driver_when(proc, condition, timeout_s: float = 480.0) -> None:
-    """SIGKILL the driver (by PID) as soon as ``condition()`` holds; then reap what it started."""
-    import psutil
-
+    started: dict[int, psutil.Process] = {}
     deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert proc.poll() is None, f"the run exited ({proc.returncode}) before the kill point"
-        assert time.monotonic() < deadline, "the kill point was never reached"
-        time.sleep(0.02)
-    descendants = psutil.Process(proc.pid).children(recursive=True)
-    proc.kill()
-    proc.wait(timeout=30)
-    # Ray's own processes die with their driver; anything left over of ours is killed by PID.
-    _, alive = psutil.wait_procs(descendants, timeout=20)
-    for leftover in alive:
-        try:
-            leftover.kill()
-        except psutil.Error:
-            pass
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "the driver did not finish in time"
+            try:  # remember what the driver started, to reap it should it outlive the driver
+                started |= {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.Error:
+                pass
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        # Ray's own processes die with their driver; anything left over of ours is killed by PID.
+        _, alive = psutil.wait_procs(list(started.values()), timeout=20)
+        for leftover in alive:
+            try:
+                leftover.kill()
+            except psutil.Error:
+                pass
+    return proc.returncode
 
 
 def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path, tiny_solver):
@@ -399,31 +425,25 @@ def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path
     assert n_shards == 4
 
     def problem_shards() -> set[str]:
-        return {p.stem for p in shards_dir.glob("*.json")} - {"input"} if shards_dir.is_dir() else set()
+        return {p.stem for p in shards_dir.glob("*.json")} - {"input"}
 
     log_path = tmp_path / "runs.log"
-    # (a) after the input shard is written, before any generation shard.
-    proc = _start_cli_run(config_path, log_path)
-    _kill_driver_when(proc, lambda: (shards_dir / "input.json").exists())
-    assert problem_shards() == set()
+    # (a) killed right after the input shard is written, before any generation shard.
+    assert _run_cli(config_path, log_path, kill_after=0) == -9
+    assert (shards_dir / "input.json").exists() and problem_shards() == set()
     assert not (run_dir / "_MANIFEST.json").exists()
 
-    # (b) after a committed generation shard (the re-run writes the input shard again, idempotently).
-    proc = _start_cli_run(config_path, log_path)
-    _kill_driver_when(proc, lambda: len(problem_shards()) >= 1)
+    # (b) killed right after the first generation shard commit (the input shard is rewritten first,
+    # idempotently: same content, nothing new).
+    assert _run_cli(config_path, log_path, kill_after=1) == -9
     committed = problem_shards()
-    assert 1 <= len(committed) < n_shards, "the run got to the end before the kill"
+    assert len(committed) == 1
     assert not (run_dir / "_MANIFEST.json").exists()
     with pytest.raises(NotCommitted):
         read_manifest(output, DATASET)
 
     # The re-run generates only the uncommitted shards' problems and commits the run.
-    proc = _start_cli_run(config_path, log_path)
-    try:
-        assert proc.wait(timeout=480) == 0, log_path.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    assert _run_cli(config_path, log_path) == 0, log_path.read_text()[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["committed"] is True
     assert report["attempt"]["shards_resumed"] == len(committed)
