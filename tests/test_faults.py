@@ -196,6 +196,7 @@ def test_engine_error_on_one_row_becomes_an_error_row_and_spares_the_others():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_nothing(
     tmp_path, tiny_solver, ray_local, s3_bucket
 ):
@@ -304,6 +305,7 @@ class _ActorKiller(threading.Thread):
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_solver, ray_local):
     problems = _problems()
     # Under the source's max_question_chars (20k) but far over the engine's 256-token context.
@@ -409,6 +411,7 @@ def _run_cli(config_path: Path, log_path: Path, kill_after: int = -1, timeout_s:
     return proc.returncode
 
 
+@pytest.mark.slow
 def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path, tiny_solver):
     import yaml
 
