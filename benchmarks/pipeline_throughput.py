@@ -27,7 +27,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--problems", type=int, default=48)
@@ -72,7 +74,11 @@ def main() -> None:
     outputs = llm.generate(prompts, sampling.to_vllm(), use_tqdm=False)
     raw_seconds = time.perf_counter() - started
     raw_tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
-    result["raw"] = {"tokens": raw_tokens, "seconds": round(raw_seconds, 2), "tokens_per_s": round(raw_tokens / raw_seconds, 1)}
+    result["raw"] = {
+        "tokens": raw_tokens,
+        "seconds": round(raw_seconds, 2),
+        "tokens_per_s": round(raw_tokens / raw_seconds, 1),
+    }
     del llm, outputs
     import gc
 

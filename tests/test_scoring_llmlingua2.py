@@ -195,6 +195,23 @@ def test_output_does_not_depend_on_batching(shared_data, tiny_classifier, scorer
     assert alone == together[:10]
 
 
+def test_texts_finish_out_of_order_but_prune_keeps_input_order(shared_data, scorers):
+    # Length-sorted batches finish short texts first; prune() must still answer in input order.
+    cots = load_parity_cots(shared_data)
+    texts = [max(cots, key=len), "", *cots[:6], "Step 1: 2 + 2 = 4."]
+    scorer = scorers[True]
+    unordered = list(scorer.iter_scored_unordered(texts))
+    indices = [i for i, _ in unordered]
+    assert sorted(indices) == list(range(len(texts)))
+    assert indices != sorted(indices)  # the long multi-chunk text really finished later
+    assert len(dict(unordered)[0]) > 1
+    ordered = list(scorer.iter_scored(texts))
+    assert [[c.words for c in chunks] for chunks in ordered] == [
+        [c.words for c in dict(unordered)[i]] for i in range(len(texts))
+    ]
+    assert scorer.prune(texts, RATIOS) == [scorer.prune([t], RATIOS)[0] for t in texts]
+
+
 def test_forced_words_survive_every_ratio(shared_data, scorers):
     scorer = scorers[True]
     texts = load_parity_cots(shared_data)[:20]

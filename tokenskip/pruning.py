@@ -20,7 +20,7 @@ The selection reproduces LLMLingua-2's ``compress_prompt`` exactly (llmlingua 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class ScoredChunk:
     """bool per word: the word is one of the force tokens (the drop-consecutive candidates)."""
     word_ids: np.ndarray
     """int per word: equal ids <=> equal words (vectorised equality for drop-consecutive)."""
+    _sorted: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Sorted probabilities per selection, shared by every ratio (see :meth:`sorted_probs`)."""
 
     def __post_init__(self) -> None:
         n = len(self.words)
@@ -53,6 +55,20 @@ class ScoredChunk:
     @property
     def n_words(self) -> int:
         return len(self.words)
+
+    def sorted_probs(self, token_weighted: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`sort_weighted` of the unmodified probabilities (all words with weight 1, or the
+        words with a token weight > 0 by that weight), computed once for all ratios."""
+        cached = self._sorted.get(token_weighted)
+        if cached is None:
+            probs = self.probs.astype(np.float32, copy=False)
+            if token_weighted:
+                weighted = self.weights > 0
+                cached = sort_weighted(probs[weighted], self.weights[weighted])
+            else:
+                cached = sort_weighted(probs, np.ones(self.n_words, dtype=np.int64))
+            self._sorted[token_weighted] = cached
+        return cached
 
 
 def word_ids(words: list[str]) -> np.ndarray:
@@ -66,8 +82,16 @@ def reduce_rate_for(ratio: float) -> float:
     return max(0, 1 - ratio)
 
 
-def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: int, widen: bool) -> float:
-    """``np.percentile(np.repeat(values, weights), q)`` bit for bit, without building the repeated array.
+def sort_weighted(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` in ascending order (stable) and the cumulative ``weights`` in that order: what
+    :func:`percentile_of_sorted` needs, reusable for every percentile of the same values."""
+    order = np.argsort(values, kind="stable")
+    return values[order], np.cumsum(weights[order])
+
+
+def percentile_of_sorted(sorted_values: np.ndarray, cumulative: np.ndarray, q: int, widen: bool) -> float:
+    """``np.percentile(np.repeat(values, weights), q)`` bit for bit, from :func:`sort_weighted`'s
+    output, without building the repeated array.
 
     ``widen`` picks the array dtype numpy would see (float64, else float32); the arithmetic below is
     numpy's "linear" method step by step in that dtype (``np.lib._function_base_impl._quantile`` and
@@ -75,10 +99,7 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: int, widen: 
     two neighbouring order statistics, from the upper one when the fraction is >= 0.5.
     """
     dtype = np.float64 if widen else np.float32
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order].astype(dtype)
-    cumulative = np.cumsum(weights[order])
-    n = int(cumulative[-1])
+    n = int(cumulative[-1]) if len(cumulative) else 0
     if n <= 0:
         raise ValueError("percentile of no values")
     virtual = (n - 1) * np.true_divide(q, dtype(100))
@@ -90,12 +111,17 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: int, widen: 
         upper = lower + 1
         gamma = dtype(virtual - lower)
     # The k-th smallest of the repeated array: the value whose cumulative weight first exceeds k.
-    a = sorted_values[np.searchsorted(cumulative, lower, side="right")]
-    b = sorted_values[np.searchsorted(cumulative, upper, side="right")]
+    a = dtype(sorted_values[np.searchsorted(cumulative, lower, side="right")])
+    b = dtype(sorted_values[np.searchsorted(cumulative, upper, side="right")])
     diff = b - a
     if gamma >= 0.5:
         return float(b - diff * (dtype(1) - gamma))
     return float(a + diff * gamma)
+
+
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: int, widen: bool) -> float:
+    """``np.percentile(np.repeat(values, weights), q)`` bit for bit (see :func:`percentile_of_sorted`)."""
+    return percentile_of_sorted(*sort_weighted(values, weights), q, widen)
 
 
 def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) -> np.ndarray:
@@ -110,28 +136,33 @@ def keep_mask(chunk: ScoredChunk, reduce_rate: float, drop_consecutive: bool) ->
     python_float = chunk.python_float.copy()
 
     force_pos = np.flatnonzero(chunk.force_word) if drop_consecutive else np.zeros(0, dtype=np.int64)
+    modified = False
     if len(force_pos) > 1:
         prev, cur = force_pos[:-1], force_pos[1:]
         same_word = chunk.word_ids[cur] == chunk.word_ids[prev]
         if same_word.any():  # else the threshold below cannot change anything: skip the percentile
-            thr = weighted_percentile(
-                probs, np.ones(n, dtype=np.int64), int(100 * reduce_rate), bool(python_float.any())
+            thr = percentile_of_sorted(
+                *chunk.sorted_probs(token_weighted=False), int(100 * reduce_rate), bool(python_float.any())
             )
             # A non-force word counts as content between two force tokens when above the threshold.
             content = (~chunk.force_word) & (probs.astype(np.float64) > float(thr))
             seen = np.cumsum(content)
             dropped = cur[(seen[cur] == seen[prev]) & same_word]
-            probs[dropped] = 0.0
-            python_float[dropped] = True  # llmlingua writes a Python 0.0 there
+            if len(dropped):
+                modified = True
+                probs[dropped] = 0.0
+                python_float[dropped] = True  # llmlingua writes a Python 0.0 there
 
     weighted = chunk.weights > 0
     if not weighted.any():
         return np.zeros(n, dtype=bool)
-    thr = weighted_percentile(
-        probs[weighted],
-        chunk.weights[weighted],
-        int(100 * reduce_rate + 1),
-        bool(python_float[weighted].any()),
+    sorted_weighted = (
+        sort_weighted(probs[weighted], chunk.weights[weighted])
+        if modified
+        else chunk.sorted_probs(token_weighted=True)
+    )
+    thr = percentile_of_sorted(
+        *sorted_weighted, int(100 * reduce_rate + 1), bool(python_float[weighted].any())
     )
     p64 = probs.astype(np.float64)
     keep = (p64 > thr) | ((thr == 1.0) & (p64 == thr))
@@ -159,7 +190,9 @@ def validate_ratios(ratios: list[float]) -> list[float]:
 __all__ = [
     "ScoredChunk",
     "keep_mask",
+    "percentile_of_sorted",
     "reduce_rate_for",
+    "sort_weighted",
     "validate_ratios",
     "weighted_percentile",
     "word_ids",

@@ -139,6 +139,12 @@ class Scorer(ABC):
         """Like :meth:`score`, text by text (a scorer may stream: prune one while scoring the next)."""
         yield from self.score(texts)
 
+    def iter_scored_unordered(self, texts: list[str]) -> Iterator[tuple[int, list[ScoredChunk]]]:
+        """``(index, chunks)`` for every text, in any order: a scorer that batches chunks by length
+        finishes texts out of input order, and pruning a finished text need not wait for those
+        before it (that wait would leave the model idle while Python prunes, and vice versa)."""
+        yield from enumerate(self.iter_scored(texts))
+
     @abstractmethod
     def render(self, chunk: ScoredChunk, keep: Any) -> str:
         """The kept words of ``chunk`` (mask ``keep``) as text."""
@@ -161,7 +167,13 @@ class Scorer(ABC):
         ratios = validate_ratios(ratios)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("prune() takes a list of str")
-        return [self.prune_scored(chunks, ratios) for chunks in self.iter_scored(texts)]
+        out: list[dict[float, str] | None] = [None] * len(texts)
+        for index, chunks in self.iter_scored_unordered(texts):
+            out[index] = self.prune_scored(chunks, ratios)
+        missing = [i for i, o in enumerate(out) if o is None]
+        if missing:  # a scorer bug, never a silently shorter result
+            raise RuntimeError(f"scorer returned no chunks for texts {missing[:5]}")
+        return out  # type: ignore[return-value]
 
 
 def resolve_model_path(model: str, cache_dir: str, storage_options: dict[str, Any] | None = None) -> str:

@@ -35,11 +35,17 @@ from tokenskip.scoring import Scorer, ScorerConfig, resolve_model_path
 log = logging.getLogger(__name__)
 
 MAX_SEQ_LEN = 512  # llmlingua's chunk length, [CLS] and [SEP] included
+# Batches the forward thread may run ahead of the Python that merges and prunes their results: one
+# is not enough (the model idles whenever a batch's Python work outlasts the next batch's forward);
+# each extra batch holds only its probabilities (batch_size x 512 floats).
+FORWARD_LOOKAHEAD = 4
 MAX_FORCE_TOKENS = 100  # llmlingua adds [NEW0]..[NEW99]
 ADDED_TOKENS = [f"[NEW{i}]" for i in range(MAX_FORCE_TOKENS)]
 # llmlingua frames chunks with these literal strings whatever the model (TokenClfDataset default).
 FRAME_CLS, FRAME_SEP, FRAME_PAD = "[CLS]", "[SEP]", "[PAD]"
 _DIGIT = re.compile(r"\d")
+# Characters that may mark word starts while merging tokens (the first one no token contains).
+_WORD_SEPARATORS = ("\x00", "\x01", "\ue000", "\ue001", "\U0010fffd")
 
 
 def load_cl100k():
@@ -68,7 +74,9 @@ def detect_word_convention(model_name: str, tokenizer) -> str:
 TRIMMED_ATTENTION = "tokenskip_padded_key_sdpa"
 
 
-def _key_padding_mask(batch_size, q_length, kv_length, attention_mask=None, kv_offset=0, device="cpu", **kwargs):
+def _key_padding_mask(
+    batch_size, q_length, kv_length, attention_mask=None, kv_offset=0, device="cpu", **kwargs
+):
     """A bidirectional encoder's mask as one key-padding row per chunk, ``[B, 1, 1, kv]``, broadcast
     over the queries by sdpa - instead of ``sdpa_mask``'s ``[B, 1, q, kv]``.
 
@@ -80,7 +88,9 @@ def _key_padding_mask(batch_size, q_length, kv_length, attention_mask=None, kv_o
 
     if attention_mask is None:
         return None
-    return attention_mask[:, None, None, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
+    return attention_mask[:, None, None, kv_offset : kv_offset + kv_length].to(
+        device=device, dtype=torch.bool
+    )
 
 
 def _padded_key_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -267,14 +277,14 @@ class LLMLingua2Scorer(Scorer):
         mask_np = t_mask.numpy()
         return [probs[row][mask_np[row]] for row in range(len(batch_ids))]
 
-    def _token_probs(self, ids: list[list[int]], masks: list[list[bool]]) -> Iterator[np.ndarray]:
-        """Per framed chunk, in order, its unmasked tokens' keep probabilities.
+    def _token_probs(self, ids: list[list[int]], masks: list[list[bool]]) -> Iterator[tuple[int, np.ndarray]]:
+        """``(index, probabilities of its unmasked tokens)`` per framed chunk, batch by batch.
 
-        The model runs in a worker thread one batch ahead, so word merging and pruning of finished
+        The model runs in a worker thread up to ``FORWARD_LOOKAHEAD`` batches ahead, so word merging and pruning of finished
         chunks (Python, on the caller's thread) overlap the next forward pass (torch releases the GIL).
         Chunks are batched in length order when that saves work (batch padding, or query-trimmed
-        attention) and handed back in input order; with exact padding each chunk's probabilities do
-        not depend on its batch.
+        attention), so they come back in that order, not the input's; with exact padding each
+        chunk's probabilities do not depend on its batch.
         """
         bs = self.config.batch_size
         order = list(range(len(ids)))
@@ -283,24 +293,16 @@ class LLMLingua2Scorer(Scorer):
         batches = [order[start : start + bs] for start in range(0, len(order), bs)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmlingua2-forward") as pool:
             pending: deque = deque()
-            done: dict[int, np.ndarray] = {}
-            next_out = 0
             for batch in batches:
                 pending.append(
                     (batch, pool.submit(self._forward, [ids[i] for i in batch], [masks[i] for i in batch]))
                 )
-                if len(pending) > 1:
+                if len(pending) > FORWARD_LOOKAHEAD:
                     finished, future = pending.popleft()
-                    done.update(zip(finished, future.result(), strict=True))
-                    while next_out in done:
-                        yield done.pop(next_out)
-                        next_out += 1
+                    yield from zip(finished, future.result(), strict=True)
             while pending:
                 finished, future = pending.popleft()
-                done.update(zip(finished, future.result(), strict=True))
-            while next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
+                yield from zip(finished, future.result(), strict=True)
 
     # -- tokens -> words --------------------------------------------------------------------------
 
@@ -344,6 +346,13 @@ class LLMLingua2Scorer(Scorer):
             dtype=bool,
         )
         self._next_forced = np.array([force_digits and bool(_DIGIT.search(t)) for t in vocab], dtype=bool)
+        self._word_sep = next(
+            (c for c in _WORD_SEPARATORS if not any(c in t for t in self._first_text + self._next_text)), None
+        )
+        if self._word_sep is None:
+            raise ValueError(f"every candidate word separator occurs in the vocabulary of {self.model_path}")
+        self._first_text_sep = np.array([self._word_sep + t for t in self._first_text], dtype=object)
+        self._next_text_arr = np.array(self._next_text, dtype=object)
 
     def _weight(self, word: str) -> int:
         w = self._weight_cache.get(word)
@@ -368,14 +377,10 @@ class LLMLingua2Scorer(Scorer):
         start_pos = np.flatnonzero(starts)
         n = len(start_pos)
         counts = np.diff(np.append(start_pos, len(ids)))
-        words = []
-        first_text, next_text = self._first_text, self._next_text
-        id_list = ids.tolist()
-        for a, b in zip(start_pos.tolist(), (start_pos[1:].tolist() + [len(id_list)]), strict=False):
-            if b - a == 1:
-                words.append(first_text[id_list[a]])
-            else:
-                words.append(first_text[id_list[a]] + "".join(next_text[i] for i in id_list[a + 1 : b]))
+        # Words = each start token's text (prefixed with a separator no vocabulary token contains)
+        # followed by its continuation tokens' texts: one join and one split in C, not a join per word.
+        pieces = np.where(starts, self._first_text_sep[ids], self._next_text_arr[ids])
+        words = "".join(pieces.tolist()).split(self._word_sep)[1:] if n else []
 
         # Mean in float32, summed left to right as llmlingua's sum() over float32 scalars does.
         acc = np.zeros(n, dtype=np.float32)
@@ -397,19 +402,34 @@ class LLMLingua2Scorer(Scorer):
 
     # -- Scorer interface -------------------------------------------------------------------------
 
-    def iter_scored(self, texts: list[str]) -> Iterator[list[ScoredChunk]]:
+    def iter_scored_unordered(self, texts: list[str]) -> Iterator[tuple[int, list[ScoredChunk]]]:
         chunked = self._to_chunks(texts)
         flat = [c for chunks in chunked for c in chunks]
+        owner = [t for t, chunks in enumerate(chunked) for _ in chunks]
+        first = np.cumsum([0] + [len(c) for c in chunked]).tolist()
         ids, masks = self._frame(flat)
-        probs = self._token_probs(ids, masks)
-        position = 0
-        for chunks in chunked:
-            scored = []
-            for text in chunks:
-                x, m = np.asarray(ids[position], dtype=np.int64), np.asarray(masks[position], dtype=bool)
-                scored.append(self._merge(text, x[m], next(probs)))
-                position += 1
-            yield scored
+        left = [len(c) for c in chunked]
+        scored: list[list[ScoredChunk | None]] = [[None] * n for n in left]
+        for t, n in enumerate(left):
+            if n == 0:  # empty text: no chunks
+                yield t, []
+        for k, probs in self._token_probs(ids, masks):
+            x, m = np.asarray(ids[k], dtype=np.int64), np.asarray(masks[k], dtype=bool)
+            t = owner[k]
+            scored[t][k - first[t]] = self._merge(flat[k], x[m], probs)
+            left[t] -= 1
+            if left[t] == 0:
+                yield t, scored[t]  # type: ignore[misc]
+                scored[t] = []  # free the text's chunks once handed out
+
+    def iter_scored(self, texts: list[str]) -> Iterator[list[ScoredChunk]]:
+        done: dict[int, list[ScoredChunk]] = {}
+        next_out = 0
+        for t, chunks in self.iter_scored_unordered(texts):
+            done[t] = chunks
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
 
     def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
         return list(self.iter_scored(texts))
