@@ -48,6 +48,7 @@ def main() -> None:
     from tokenskip.generation import GenerateStage
     from tokenskip.models import resolve_model
     from tokenskip.prompts import INSTRUCTION, render_prompt
+    from tokenskip.ray_runtime import init_ray
     from tokenskip.testing.tiny_models import arithmetic_problems
 
     model = resolve_model(args.model)
@@ -84,7 +85,7 @@ def main() -> None:
 
     gc.collect()
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    init_ray(log_to_driver=False)  # as the pipeline starts a local Ray
     for actors in [int(a) for a in args.actors.split(",")]:
         ds = ray.data.from_items([{"id": str(i), "question": q} for i, q in enumerate(questions)])
         ds = ds.map_batches(

@@ -13,7 +13,6 @@ samples per problem (the point of a correctness filter) are lost; it does run on
 
 from __future__ import annotations
 
-import os
 import time
 
 import pyarrow as pa
@@ -22,6 +21,9 @@ from tokenskip.engine import EngineConfig, SamplingConfig, create_llm, generate_
 from tokenskip.metrics import StageMetrics
 from tokenskip.models import resolve_model
 from tokenskip.prompts import render_prompt
+from tokenskip.torch_thread import TorchThread
+
+__all__ = ["GENERATED_FIELDS", "SAMPLE_STRUCT", "GenerateStage"]
 
 SAMPLE_STRUCT = pa.struct(
     [
@@ -40,15 +42,6 @@ GENERATED_FIELDS = [
 ]
 
 
-def set_threads(threads: int | None, cpus: float) -> None:
-    """Ray sets OMP_NUM_THREADS to an actor's CPU count (1 for fractional actors); be explicit."""
-    n = threads or max(1, round(cpus))
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
-
-
 class GenerateStage:
     """``map_batches`` callable: adds ``samples``/``prompt_tokens``/``gen_error`` columns."""
 
@@ -61,11 +54,12 @@ class GenerateStage:
         cpus: float = 1.0,
         omp_threads: int | None = None,
     ):
-        set_threads(omp_threads, cpus)
+        # The engine is built and driven on one thread of ours (see tokenskip.torch_thread).
+        self.torch_thread = TorchThread(omp_threads, cpus, name="vllm-engine")
         self.engine_config = engine.model_copy(update={"model": resolve_model(engine.model)})
         self.sampling = sampling
         self.prompt = prompt
-        self.llm = create_llm(self.engine_config)
+        self.llm = self.torch_thread.run(create_llm, self.engine_config)
         self.tokenizer = self.llm.get_tokenizer()
         self.metrics = StageMetrics()
 
@@ -89,7 +83,7 @@ class GenerateStage:
             except Exception as e:  # a template that rejects this input: an error row, not a crash
                 render_errors[i] = f"{type(e).__name__}: {e}"
                 prompts.append("")
-        results = generate_safe(self.llm, prompts, self.sampling)
+        results = self.torch_thread.run(generate_safe, self.llm, prompts, self.sampling)
         elapsed = time.perf_counter() - started
         samples, prompt_tokens, errors, details = [], [], [], []
         for i, r in enumerate(results):

@@ -30,6 +30,7 @@ from tokenskip.config import PipelineConfig
 from tokenskip.dedup import dedup_and_decontaminate
 from tokenskip.generation import GenerateStage
 from tokenskip.metrics import StageMetrics, log_stage_event
+from tokenskip.ray_runtime import init_ray
 from tokenskip.schema import (
     COMPRESSED_SCHEMA,
     ERROR_SCHEMA,
@@ -170,17 +171,18 @@ class CompressKeptStage:
 
     def __init__(self, compression, *, cpus: float = 0.5, omp_threads: int | None = None):
         from tokenskip.compress import Compressor
-        from tokenskip.generation import set_threads
         from tokenskip.models import resolve_model
+        from tokenskip.torch_thread import TorchThread
 
-        set_threads(omp_threads, cpus)
+        # The scoring model is loaded and run on one thread of ours (see tokenskip.torch_thread).
+        self.torch_thread = TorchThread(omp_threads, cpus, name="scorer")
         scorer = compression.scorer.model_copy(update={"model": resolve_model(compression.scorer.model)})
         compression = compression.model_copy(
             update={"scorer": scorer, "target_tokenizer": resolve_model(compression.target_tokenizer)}
             if compression.target_tokenizer
             else {"scorer": scorer}
         )
-        self.compressor = Compressor(compression)
+        self.compressor = self.torch_thread.run(Compressor, compression)
         self.metrics = StageMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -191,14 +193,14 @@ class CompressKeptStage:
         if kept_idx:
             sub = {"cot": [rows[i]["cot"] for i in kept_idx]}
             try:
-                out = self.compressor(sub)
+                out = self.torch_thread.run(self.compressor, sub)
                 per_row = [{k: out[k][j] for k in out} for j in range(len(kept_idx))]
             except Exception as batch_error:
                 log.warning("compression failed on a batch (%s); retrying row by row", batch_error)
                 per_row = []
                 for i in kept_idx:
                     try:
-                        one = self.compressor({"cot": [rows[i]["cot"]]})
+                        one = self.torch_thread.run(self.compressor, {"cot": [rows[i]["cot"]]})
                         per_row.append({k: one[k][0] for k in one})
                     except Exception as e:
                         per_row.append(
@@ -274,14 +276,6 @@ class AttemptStats:
     compression_seconds: float = 0.0
     wall_seconds: float = 0.0
     progress: list[dict[str, float]] = field(default_factory=list)
-
-
-def _ray_init() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Joins RAY_ADDRESS when set (ray job submit / a cluster); otherwise starts a local Ray.
-        ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def _build_dataset(config: PipelineConfig, shards: list[Shard]):
@@ -468,7 +462,7 @@ def run_pipeline(
         pending = pending[:max_shards]
     pipeline_start = time.perf_counter()
     if pending:
-        _ray_init()
+        init_ray()
         ds = _build_dataset(config, pending)
         expected = {s.shard_id: s.size * config.sampling.n for s in pending}
         buffers: dict[str, list[pa.Table]] = defaultdict(list)
