@@ -35,3 +35,16 @@ def test_an_exception_reaches_the_caller_and_the_thread_survives():
         assert worker.run(lambda: "still here") == "still here"
     finally:
         worker.close()
+
+
+def test_thread_count_is_set_even_after_vllm_disabled_torch_set_num_threads(monkeypatch):
+    # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process.
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    wanted = 2 if torch.get_num_threads() != 2 else 1
+    worker = TorchThread(threads=wanted, cpus=1)
+    try:
+        assert worker.run(torch.get_num_threads) == wanted
+    finally:
+        worker.close()

@@ -31,7 +31,10 @@ def set_threads(threads: int | None, cpus: float) -> int:
     os.environ["OMP_NUM_THREADS"] = str(n)
     import torch
 
-    torch.set_num_threads(n)
+    # torch's own function, not the ``torch.set_num_threads`` attribute: once a vLLM CPU engine has
+    # started anywhere in the process, vLLM replaces that attribute with a no-op (it pins its own
+    # threads), which would silently leave this thread at the previous count.
+    torch._C.set_num_threads(n)
     return n
 
 
