@@ -280,8 +280,9 @@ class LLMLingua2Scorer(Scorer):
     def _token_probs(self, ids: list[list[int]], masks: list[list[bool]]) -> Iterator[tuple[int, np.ndarray]]:
         """``(index, probabilities of its unmasked tokens)`` per framed chunk, batch by batch.
 
-        The model runs in a worker thread up to ``FORWARD_LOOKAHEAD`` batches ahead, so word merging and pruning of finished
-        chunks (Python, on the caller's thread) overlap the next forward pass (torch releases the GIL).
+        The model runs in a worker thread up to ``FORWARD_LOOKAHEAD`` batches ahead, so word merging
+        and pruning of finished chunks (Python, on the caller's thread) overlap the next forward passes
+        (torch releases the GIL).
         Chunks are batched in length order when that saves work (batch padding, or query-trimmed
         attention), so they come back in that order, not the input's; with exact padding each
         chunk's probabilities do not depend on its batch.
