@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
+# Ray picks the node's address with this switch: off, a node is single-machine and every server it
+# starts (GCS, raylet, object manager, workers, agents) binds the loopback address only.
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def init_ray(log_to_driver: bool = True) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (``ray job submit``, KubeRay), else start a local Ray.
 
-    A local Ray started here runs its workers at normal priority. Ray's default (nice 15) keeps its
-    own processes responsive, but on a CPU-only machine it lets the nice-0 driver and control plane
-    preempt a generation actor whose OpenMP team spans every core, stalling the whole team: on 2
-    cores the pipeline reached 0.80-0.87x of raw vLLM tokens/s at nice 15 and 0.95-0.97x at nice 0
+    A local Ray started here listens on 127.0.0.1 only: Ray's job API and GCS run code for whoever
+    reaches them, and by default they bind every interface (a laptop demo would open them to its
+    network). Joining an existing cluster is unchanged.
+
+    It also runs its workers at normal priority. Ray's default (nice 15) keeps its own processes
+    responsive, but on a CPU-only machine it lets the nice-0 driver and control plane preempt a
+    generation actor whose OpenMP team spans every core, stalling the whole team: on 2 cores the
+    pipeline reached 0.80-0.87x of raw vLLM tokens/s at nice 15 and 0.95-0.97x at nice 0
     (``benchmarks/pipeline_throughput.py``). An explicit ``RAY_worker_niceness`` is left as set; a
     cluster's workers keep whatever the cluster was started with.
     """
@@ -21,6 +30,30 @@ def init_ray(log_to_driver: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault(WORKER_NICENESS_ENV, "0")  # read by the Ray processes started below
-    ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+        return
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")  # read by the Ray processes started below
+    with _loopback_only():
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local Ray starts: single-machine, bound to loopback. The environment carries the
+    switch to the processes Ray starts (they keep it); Ray's constant is read at import, so the
+    driver's module gets the same value. Both are restored afterwards, so a later ``ray start`` or
+    ``ray.init`` of this process's own making behaves as Ray's defaults say."""
+    import ray._private.ray_constants as constants
+
+    saved_env, saved_constant = os.environ.get(RAY_CLUSTER_ENV), constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_ENV] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[RAY_CLUSTER_ENV] = saved_env
