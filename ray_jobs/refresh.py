@@ -4,7 +4,9 @@
 
 Exit codes: 0 published / up to date / budget reached (resumes next time); 3 another refresh holds
 the dataset's lock (nothing was done; the scheduler can simply try again later); 4 LATEST was built
-with another config (see ``rebuild_on_config_change``); 1 any other error (LATEST unchanged).
+with another config (see ``rebuild_on_config_change``); 5 the new version was held back (empty, or it
+lost more kept samples than ``min_kept_fraction`` allows; the reason is printed, LATEST unchanged);
+1 any other error (LATEST unchanged).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import yaml
 
 EXIT_LOCKED = 3
 EXIT_INCOMPATIBLE = 4
+EXIT_REFUSED = 5
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -58,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INCOMPATIBLE
     result.pop("pipeline", None)  # the full run report is in runs/<version>/report.json
     print(json.dumps(result, indent=2, default=str))
+    if result.get("status") == "refused":
+        print(
+            f"refresh refused: version {result['version']} not published: {result['reason']}", file=sys.stderr
+        )
+        return EXIT_REFUSED
     return 0
 
 

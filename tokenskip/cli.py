@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import yaml
@@ -23,16 +24,34 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
+EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
+EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): try again later
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenskip.config import load_pipeline_config
-    from tokenskip.pipeline import make_plan, run_pipeline
+    from tokenskip.pipeline import RunRefused, make_plan, run_pipeline
+    from tokenskip.preflight import UserError, check_run
 
-    config = load_pipeline_config(args.config, _overrides(args.set))
+    try:
+        config = load_pipeline_config(args.config, _overrides(args.set))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # pydantic's ValidationError too
+        raise UserError(f"config {args.config}: {_one_line(exc)}") from exc
+    check_run(config)  # output root, models: before any engine starts
     plan = make_plan(config)
     print(plan.describe(), flush=True)
     if args.dry_run:
         return 0
-    report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
+    try:
+        report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
+    except RunRefused as refused:
+        print(
+            f"tokenskip run: run {plan.run_id} not published, LATEST unchanged: {refused.reason} "
+            "(output.allow_empty=true publishes such a run)",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
     if report.get("committed") and "attempt" in report:
         from tokenskip.pipeline import _summary_text
 
@@ -61,8 +80,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_storage(args: argparse.Namespace) -> int:
     from tokenskip import storage
+    from tokenskip.preflight import UserError
 
     config = storage.StorageConfig(root=args.root, storage_options=json.loads(args.storage_options or "{}"))
+    if args.storage_cmd in ("set-latest", "pin", "unpin") and not args.run_id:
+        raise UserError(f"--run-id is required for {args.storage_cmd}")
+    storage.require_dataset(config, args.dataset)
     if args.storage_cmd == "set-latest":
         storage.set_latest(config, args.dataset, args.run_id)
         print(f"LATEST of {args.dataset} -> {args.run_id}")
@@ -78,10 +101,18 @@ def cmd_storage(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenskip", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; tracebacks with error messages"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="build a compressed CoT dataset (the Ray Data pipeline)")
+    # -v after the subcommand too (tokenskip run -v ...); SUPPRESS keeps the top-level value otherwise.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as above")
+
+    run = sub.add_parser(
+        "run", parents=[verbose], help="build a compressed CoT dataset (the Ray Data pipeline)"
+    )
     run.add_argument("--config", required=True, help="pipeline YAML (see tokenskip/configs/)")
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
@@ -93,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    comp = sub.add_parser("compress", help="prune CoTs from a jsonl/parquet file at every ratio")
+    comp = sub.add_parser(
+        "compress", parents=[verbose], help="prune CoTs from a jsonl/parquet file at every ratio"
+    )
     comp.add_argument("--input", required=True)
     comp.add_argument("--output", required=True, help="output parquet path")
     comp.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5")
@@ -107,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.set_defaults(func=cmd_compress)
 
-    st = sub.add_parser("storage", help="inspect runs, roll LATEST back, pin runs")
+    st = sub.add_parser("storage", parents=[verbose], help="inspect runs, roll LATEST back, pin runs")
     st.add_argument("storage_cmd", choices=["runs", "set-latest", "pin", "unpin"])
     st.add_argument("--root", required=True)
     st.add_argument("--dataset", required=True)
@@ -125,6 +158,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: pydantic's field errors joined, other messages' lines joined."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()]
+            return "; ".join(parts)
+        except Exception:  # not pydantic's errors(): fall back to the message
+            pass
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the request was wrong, not the program: one line and exit 2."""
+    import pydantic
+
+    from tokenskip.preflight import UserError
+
+    return (
+        UserError,
+        pydantic.ValidationError,
+        yaml.YAMLError,
+        FileNotFoundError,  # missing config, input, dataset or run (storage.NotFound, NotCommitted)
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = build_parser().parse_args(argv)
@@ -132,7 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args)
+    from tokenskip.storage import LockHeld
+
+    try:
+        return args.func(args)
+    except LockHeld as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"tokenskip {args.command}: refused: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except _user_errors() as exc:
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (--verbose shows the traceback)"
+        print(f"tokenskip {args.command}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -79,3 +80,47 @@ def resolve_model(model: str) -> str:
     log.info("converting the embedded %s GGUF to a HF folder at %s (once)", EMBEDDED_MODEL, out)
     convert_gguf(_embedded_gguf(), out)
     return str(out)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def model_problem(model: str, hub_timeout_s: float = 10.0) -> str | None:
+    """Why ``model`` cannot be loaded, found without loading it; None when it can (or when the hub
+    could not be asked, which is logged). Checks a local folder for its config.json, the embedded
+    model for its package, and a hub id against the local cache, then (online) the hub itself."""
+    if model == EMBEDDED_MODEL:
+        if (cache_dir() / "models" / EMBEDDED_MODEL / "config.json").exists():
+            return None
+        try:
+            _embedded_gguf()
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+    if "://" in model and not model.startswith("file://"):
+        return None  # a remote folder (s3://...), copied at load time; its store reports a bad path
+    path = Path(model.removeprefix("file://")).expanduser()
+    if path.exists() or model.startswith(("/", ".", "~")) or not _HUB_ID.match(model):
+        if not path.is_dir():
+            return f"model {model!r}: no such folder (and not a Hugging Face model id)"
+        if not (path / "config.json").exists():
+            return f"model folder {model!r} has no config.json (not a Hugging Face model folder)"
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model, timeout=hub_timeout_s)
+    except GatedRepoError:
+        return None  # it exists; loading it needs a token (HF_TOKEN), which the load will say
+    except RepositoryNotFoundError:
+        return f"model {model!r} not found on the Hugging Face hub (nor as a local folder)"
+    except Exception as exc:  # offline, proxy, hub down: the engine start will tell
+        log.warning("could not check model %r on the Hugging Face hub: %s", model, exc)
+    return None

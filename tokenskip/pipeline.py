@@ -9,9 +9,15 @@
     -> all shards committed -> manifest (conditional write) -> LATEST -> report
 
 Resume: shard ids are content hashes of their problem ids, and a shard is committed atomically
-(marker written after its parts). Re-running the same config recomputes the same shards and skips
-the committed ones, so committed work is never generated again and every (problem, sample) key lands
-exactly once.
+(marker written after its parts, with the ids of the problems it holds). Re-running the same config
+skips every problem a committed shard holds and shards the rest, also when the resources (e.g.
+``shard_size``) changed between attempts, so committed work is never generated again and every
+(problem, sample) key lands exactly once; the commit refuses two shards sharing a problem.
+
+A run holds a lease on its folder while it works (a second writer of the same run is refused before
+it starts an engine), and only a run with problems and kept samples becomes LATEST (``RunRefused``
+otherwise, unless ``output.allow_empty``): a bad input or a broken grader never replaces a good
+dataset with an empty one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokenskip.config import PipelineConfig
@@ -40,11 +47,29 @@ from tokenskip.schema import (
 )
 from tokenskip.selection import SAMPLE_ROW_SCHEMA, GradeSelectStage
 from tokenskip.sources import load_problems
-from tokenskip.storage import RunStore, open_filesystem, read_manifest
+from tokenskip.storage import (
+    LockHeartbeat,
+    NotLockOwner,
+    RunStore,
+    ShardRecord,
+    open_filesystem,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 INPUT_SHARD = "input"
+
+
+class RunRefused(RuntimeError):
+    """The run finished but is not fit to publish (no problems, no kept samples, or fewer than the
+    caller's minimum): nothing was committed and LATEST did not move. ``report`` is the run report
+    (also written next to the run's files)."""
+
+    def __init__(self, reason: str, report: dict[str, Any]):
+        super().__init__(reason)
+        self.reason = reason
+        self.report = report
 
 
 @dataclass
@@ -116,6 +141,33 @@ def shard_problems(problems: pa.Table, shard_size: int) -> list[Shard]:
     return shards
 
 
+def _is_in(ids: pa.ChunkedArray, values: set[str]) -> pa.Array:
+    return pc.is_in(ids, value_set=pa.array(sorted(values), pa.string()))
+
+
+def resume_shards(
+    store: RunStore, problems: pa.Table, shard_size: int, committed: dict[str, ShardRecord]
+) -> list[Shard]:
+    """The run's shards given what earlier attempts committed. When every committed shard is one this
+    plan makes too, that is the plan. Otherwise an attempt planned differently (another
+    ``shard_size``): its committed shards stay as they are, and only the problems none of them holds
+    are sharded anew, so no problem is generated (or committed) twice."""
+    planned = shard_problems(problems, shard_size)
+    if set(committed) <= {s.shard_id for s in planned}:
+        return planned
+    held = {shard_id: store.shard_problem_ids(record) for shard_id, record in committed.items()}
+    done = set().union(*held.values())
+    log.info(
+        "%d committed shards were planned with another shard size: resuming by problem (%d done)",
+        len(set(committed) - {s.shard_id for s in planned}),
+        len(done),
+    )
+    ids = problems.column("id")
+    kept_shards = [Shard(shard_id, problems.filter(_is_in(ids, pids))) for shard_id, pids in held.items()]
+    rest = problems.filter(pc.invert(_is_in(ids, done)))
+    return kept_shards + shard_problems(rest, shard_size)
+
+
 def make_plan(config: PipelineConfig) -> Plan:
     """Load, validate, deduplicate and shard the problems; look up what is already committed."""
     run_id = config.resolved_run_id()
@@ -138,11 +190,15 @@ def make_plan(config: PipelineConfig) -> Plan:
     log_stage_event("dedup", kept=kept.num_rows, rejects=rejects.num_rows, seconds=round(dedup_seconds, 3))
 
     kept = kept.sort_by("id")
-    shards = shard_problems(kept, config.resources.shard_size)
-
     store = RunStore(config.output, config.dataset, run_id)
     committed_run = store.is_committed()
-    committed = set(store.committed_shards()) if not committed_run else {s.shard_id for s in shards}
+    if committed_run:
+        shards = shard_problems(kept, config.resources.shard_size)
+        committed = {s.shard_id for s in shards}
+    else:
+        records = {k: v for k, v in store.committed_shards().items() if k != INPUT_SHARD}
+        shards = resume_shards(store, kept, config.resources.shard_size, records)
+        committed = set(records)
     return Plan(
         config=config,
         run_id=run_id,
@@ -429,26 +485,87 @@ def run_pipeline(
     max_shards: int | None = None,
     progress: bool = True,
     plan: Plan | None = None,
+    min_kept_samples: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) the job. Returns the run report.
 
     ``max_shards`` commits at most that many new shards in this attempt and returns without a
     manifest (a budgeted attempt); the next call with the same config goes on from there.
+
+    Raises :class:`~tokenskip.storage.LockHeld` when another writer holds this run's lease (before any
+    work starts), and :class:`RunRefused` when the finished run has no problems, no kept samples or
+    fewer than ``min_kept_samples`` (unless ``config.output.allow_empty``): then nothing is committed,
+    LATEST stays where it was, and the report says why.
     """
     wall_start = time.perf_counter()
     plan = plan or make_plan(config)
     store = RunStore(config.output, config.dataset, plan.run_id)
     if plan.already_committed_run:
-        manifest = read_manifest(config.output, config.dataset, plan.run_id)
-        log.info("run %s is already committed; nothing to do", plan.run_id)
-        return {
-            "dataset": config.dataset,
-            "run_id": plan.run_id,
-            "committed": True,
-            "counts": manifest.counts,
-            "resumed": False,
-        }
+        return _already_committed(config, plan)
+    lease = store.lease()
+    lease.acquire()  # LockHeld propagates: another writer of this run is at work
+    heartbeat = LockHeartbeat(lease, lease.ttl_s / 3)
+    try:
+        with heartbeat:
+            if store.is_committed():  # committed by another writer after this plan was made
+                return _already_committed(config, plan)
+            # Shards another writer committed since planning are not generated again.
+            planned = {s.shard_id for s in plan.shards}
+            plan.committed |= set(store.committed_shards()) & planned
+            return _run_leased(
+                config, plan, store, heartbeat, wall_start, max_shards, progress, min_kept_samples
+            )
+    finally:
+        if not heartbeat.lost:
+            try:
+                lease.release()
+            except NotLockOwner:
+                log.warning("run lease was lost before release", exc_info=True)
 
+
+def _already_committed(config: PipelineConfig, plan: Plan) -> dict[str, Any]:
+    manifest = read_manifest(config.output, config.dataset, plan.run_id)
+    log.info("run %s is already committed; nothing to do", plan.run_id)
+    return {
+        "dataset": config.dataset,
+        "run_id": plan.run_id,
+        "committed": True,
+        "counts": manifest.counts,
+        "resumed": False,
+    }
+
+
+def publish_refusal(config: PipelineConfig, counts: dict[str, Any], min_kept_samples: int = 1) -> str | None:
+    """Why a finished run must not be committed as a dataset (None: it may). A run that loaded no
+    problem or kept no sample is almost always a mistake (wrong file, wrong columns, a grader or
+    gold answers that reject everything); committing it would move LATEST to an empty dataset."""
+    kept = counts["kept_samples"]
+    if kept == 0 and config.output.allow_empty:
+        return None
+    if counts["samples"] == 0 and counts["problems_to_generate"] == 0:
+        errors = ", ".join(f"{k} {v}" for k, v in counts["errors_by_reason"].items()) or "none"
+        return (
+            f"0 problems loaded from {counts['input_rows']} input rows (load errors: {errors}; "
+            f"duplicates {counts['dedup']['duplicate']}, contaminated {counts['dedup']['contaminated']})"
+        )
+    if kept == 0:
+        rejects = ", ".join(f"{k} {v}" for k, v in counts["rejects_by_reason"].items()) or "none"
+        return f"0 kept samples of {counts['samples']} generated (rejects: {rejects})"
+    if kept < min_kept_samples:
+        return f"{kept} kept samples, fewer than the {min_kept_samples} required"
+    return None
+
+
+def _run_leased(
+    config: PipelineConfig,
+    plan: Plan,
+    store: RunStore,
+    heartbeat: LockHeartbeat,
+    wall_start: float,
+    max_shards: int | None,
+    progress: bool,
+    min_kept_samples: int,
+) -> dict[str, Any]:
     # Input-stage outcomes are a shard of their own: idempotent, so re-running writes nothing new.
     input_tables = {
         "rejects": plan.dedup_rejects.cast(REJECT_SCHEMA),
@@ -465,6 +582,7 @@ def run_pipeline(
         init_ray()
         ds = _build_dataset(config, pending)
         expected = {s.shard_id: s.size * config.sampling.n for s in pending}
+        shard_by_id = {s.shard_id: s for s in pending}
         buffers: dict[str, list[pa.Table]] = defaultdict(list)
         counts: Counter = Counter()
         bar = _progress_bar(len(pending), progress)
@@ -475,7 +593,8 @@ def run_pipeline(
                 counts[shard_id] += part.num_rows
                 if counts[shard_id] == expected[shard_id]:
                     rows = pa.concat_tables(buffers.pop(shard_id))
-                    store.write_shard(shard_id, split_outcomes(rows))
+                    problem_ids = shard_by_id[shard_id].problems.column("id").to_pylist()
+                    store.write_shard(shard_id, split_outcomes(rows), problem_ids=problem_ids)
                     _account(stats, rows)
                     stats.shards_committed += 1
                     stats.progress.append(
@@ -533,6 +652,17 @@ def run_pipeline(
         attempt["commit_seconds"] = 0.0
         report["pending_shards"] = len(remaining)
         return report
+    refusal = publish_refusal(config, counts_all, min_kept_samples)
+    if refusal:
+        attempt["commit_seconds"] = 0.0
+        report["refused"] = refusal
+        log_stage_event("refused", run_id=plan.run_id, reason=refusal)
+        _write_report(config, store, report)
+        raise RunRefused(refusal, report)
+    if heartbeat.lost:
+        raise NotLockOwner(
+            f"run {plan.run_id!r}: the run's lease was lost before the commit: {heartbeat.lost}"
+        )
     manifest_config = config.model_dump(mode="json")
     store.commit(
         {

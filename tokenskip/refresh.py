@@ -31,8 +31,8 @@ import hashlib
 import io
 import json
 import logging
+import math
 import posixpath
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -47,12 +47,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tokenskip import dedup as dedup_stage
 from tokenskip import sources as sources_stage
 from tokenskip.config import PipelineConfig, load_yaml
-from tokenskip.pipeline import INPUT_SHARD, Plan, make_plan, run_pipeline, shard_problems
+from tokenskip.pipeline import INPUT_SHARD, Plan, RunRefused, make_plan, run_pipeline, shard_problems
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.storage import (
     FileRecord,
     IntegrityError,
     Lock,
+    LockHeartbeat,
     LockHeld,
     Manifest,
     NotCommitted,
@@ -141,6 +142,16 @@ class RefreshConfig(BaseModel):
         description="When LATEST was built with another generation/grading/selection/compression config "
         "(or row schema): False refuses with IncompatibleBase (the safe default: a full rebuild can be "
         "expensive); True publishes a full rebuild that carries nothing forward.",
+    )
+    min_kept_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A version is published only if it keeps at least this fraction of the base "
+        "version's kept samples (rows leave a version only when the input stage now rejects their "
+        "problems). A version that lost more is held back with the reason, LATEST unchanged: a broken "
+        "source or a new eval set that matches half the data needs a person. 0 turns the check off; "
+        "an empty version is never published unless pipeline.output.allow_empty.",
     )
     progress: bool = Field(default=False, description="Show the pipeline's progress bar (interactive use).")
 
@@ -497,40 +508,6 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
 # The refresh
 
 
-class _Heartbeat:
-    """Renews the lease every ``interval`` seconds in a daemon thread. The pipeline gives no hook
-    between shards, so a thread is what keeps a long generation from outliving its lease. A lost
-    lease (someone took it over) stops the beats and is reported by :attr:`lost`."""
-
-    def __init__(self, lock: Lock, interval: float):
-        self.lock = lock
-        self.interval = interval
-        self.lost: str | None = None
-        self.beats = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"refresh-heartbeat-{lock.name}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.lock.refresh()
-                self.beats += 1
-            except NotLockOwner as exc:
-                self.lost = str(exc)
-                log.error("refresh lock lost: %s", exc)
-                return
-            except Exception:  # a transient store error: the next beat tries again before the lease ends
-                log.warning("refresh lock heartbeat failed; retrying in %.0fs", self.interval, exc_info=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any]:
     """Publish the next version of ``config.pipeline.dataset`` (or report that it is up to date).
 
@@ -540,7 +517,8 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     where it was; a re-run with the same inputs resumes the unfinished version.
 
     Returns ``status`` (``published`` | ``pending`` (budget reached, resume next time) |
-    ``up-to-date``), ``version``, ``base``, ``resumed``, ``new_problems``, ``problems_generated``,
+    ``up-to-date`` | ``refused`` (empty, or fewer kept samples than ``min_kept_fraction`` of the base:
+    not published, ``reason`` says why)), ``version``, ``base``, ``resumed``, ``new_problems``, ``problems_generated``,
     ``carried`` (rows per kind), ``dropped_problems``, ``rows`` (the published version's rows per kind),
     ``retention_deleted``, ``lock`` and ``pipeline`` (the pipeline's run report).
     """
@@ -548,7 +526,7 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     started = time.perf_counter()
     lock = Lock(pipeline.output, pipeline.dataset, config.lock_name, ttl_s=config.lock_ttl_s)
     lock.acquire()  # LockHeld propagates: another refresh is running
-    heartbeat = _Heartbeat(lock, config.heartbeat_interval)
+    heartbeat = LockHeartbeat(lock, config.heartbeat_interval, thread_name="refresh-heartbeat")
     result: dict[str, Any] = {"dataset": pipeline.dataset, "lock": {"owner": lock.owner}}
     try:
         with heartbeat:
@@ -566,7 +544,7 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     return result
 
 
-def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: _Heartbeat) -> dict[str, Any]:
+def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: LockHeartbeat) -> dict[str, Any]:
     rplan = plan_refresh(config, now)
     log.info("refresh plan:\n%s", rplan.describe())
     out: dict[str, Any] = {
@@ -606,13 +584,29 @@ def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: _Hea
     fs.pipe_file(f"{store.run_dir}/{LINEAGE_NAME}", json.dumps(lineage, indent=1).encode())
     if rplan.carries:
         for shard_id, tables in carried_shards(pipeline, rplan.base, rplan.drop_ids):
-            store.write_shard(shard_id, tables)  # idempotent on resume (same content)
+            problem_ids = {p for t in tables.values() for p in t.column("problem_id").to_pylist() if p}
+            # Idempotent on resume (same content); the problem ids let the commit refuse duplicates.
+            store.write_shard(shard_id, tables, problem_ids=problem_ids)
             for kind, table in tables.items():
                 out["carried"][kind] += table.num_rows
     if heartbeat.lost:
         raise NotLockOwner(f"refresh lock lost before the pipeline started: {heartbeat.lost}")
 
-    report = run_pipeline(pipeline, max_shards=config.max_shards, progress=config.progress, plan=rplan.plan)
+    base_kept = rplan.base.rows.get("data", 0) if rplan.carries else 0
+    min_kept = max(1, math.ceil(config.min_kept_fraction * base_kept))
+    try:
+        report = run_pipeline(
+            pipeline,
+            max_shards=config.max_shards,
+            progress=config.progress,
+            plan=rplan.plan,
+            min_kept_samples=min_kept,
+        )
+    except RunRefused as refused:
+        # Held back: the version's shards stay (a re-run with the same plan resumes and decides again).
+        log.error("version %s not published: %s", rplan.version, refused.reason)
+        out.update(status="refused", reason=refused.reason, pipeline=refused.report)
+        return out
     out["pipeline"] = report
     out["problems_generated"] = report.get("attempt", {}).get("problems_generated", 0)
     if not report.get("committed"):

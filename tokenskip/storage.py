@@ -33,6 +33,7 @@ import random
 import re
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -46,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenskip.schema import ERROR_SCHEMA, REJECT_SCHEMA
+from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.schema import config_hash as compute_config_hash
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ KINDS = ("data", "rejects", "errors")
 MANIFEST_NAME = "_MANIFEST.json"
 MANIFEST_FORMAT = 1
 # Canonical schemas for kinds that no shard wrote, so a reader always gets a (possibly empty) table.
-_DEFAULT_SCHEMAS = {"rejects": REJECT_SCHEMA, "errors": ERROR_SCHEMA}
+_DEFAULT_SCHEMAS = {"data": COMPRESSED_SCHEMA, "rejects": REJECT_SCHEMA, "errors": ERROR_SCHEMA}
 # Dataset, run, shard and lock names become path components: keep them boring.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
 
@@ -106,6 +107,14 @@ class NotLockOwner(StorageError):
     """Refresh/release by someone who does not hold the lock (never acquired it, or lost it)."""
 
 
+class DuplicateKeys(StorageError):
+    """Two shards of one run hold the same problem (so the same sample keys): never committed."""
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """The output root or the dataset does not exist."""
+
+
 class _VersionMismatch(Exception):
     """Internal: a compare-and-swap found another version (or no object at all)."""
 
@@ -145,6 +154,19 @@ class StorageConfig(BaseModel):
     )
     parquet_compression: str = Field(
         default="zstd", description="Parquet codec for parts: zstd is small and fast; 'none' for debugging."
+    )
+    allow_empty: bool = Field(
+        default=False,
+        description="Commit a run (and move LATEST to it) even when it loaded no problem or kept no "
+        "sample. Off, such a run exits non-zero with the reason and leaves LATEST alone, so a bad input "
+        "or a grader that rejects everything never replaces a good dataset with an empty one.",
+    )
+    run_lease_ttl_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A run holds a lease on its folder while it writes (renewed every third of this). A "
+        "second writer of the same run is refused while the lease lives; a writer that died unannounced "
+        "(OOM, lost node) blocks re-runs for up to this long before its lease is taken over.",
     )
 
 
@@ -542,6 +564,12 @@ class ShardRecord(BaseModel):
     created_at: str
     files: dict[str, FileRecord] = Field(description="Kind -> the part written for it.")
     schemas: dict[str, SchemaRecord] = Field(description="Kind -> Arrow schema of the part.")
+    problem_ids: list[str] | None = Field(
+        default=None,
+        description="Problems whose generated samples this shard holds (sorted). Resume skips them and "
+        "the commit refuses two shards sharing one; None for shards that hold no generated work (the "
+        "input stage's rejects and errors) and for markers written before this field existed.",
+    )
 
 
 class CodeVersion(BaseModel):
@@ -649,11 +677,15 @@ class RunStore:
         pq.write_table(table, sink, compression=compression)
         return sink.getvalue().to_pybytes()
 
-    def write_shard(self, shard_id: str, tables: dict[str, pa.Table]) -> ShardRecord:
+    def write_shard(
+        self, shard_id: str, tables: dict[str, pa.Table], problem_ids: Iterable[str] | None = None
+    ) -> ShardRecord:
         """Write one parquet part per kind, then the shard's commit marker.
 
-        Writing a committed shard again with the same content returns its record and writes nothing;
-        different content raises :class:`ShardConflict` (and leaves the committed parts untouched).
+        ``problem_ids``: the problems whose generated samples the shard holds (recorded in the marker;
+        resume and the commit's duplicate check use them). Writing a committed shard again with the
+        same content returns its record and writes nothing; different content raises
+        :class:`ShardConflict` (and leaves the committed parts untouched).
         """
         _check_name(shard_id, "shard id")
         if not tables:
@@ -683,6 +715,7 @@ class RunStore:
             created_at=_now(),
             files=files,
             schemas={kind: SchemaRecord.of(tables[kind].schema) for kind in encoded},
+            problem_ids=None if problem_ids is None else sorted(set(problem_ids)),
         )
         try:
             self._backend.create_exclusive(marker_path, record.model_dump_json(indent=1).encode())
@@ -736,14 +769,37 @@ class RunStore:
             records[record.shard_id] = record
         return dict(sorted(records.items()))
 
+    def shard_problem_ids(self, record: ShardRecord) -> set[str]:
+        """The problems a committed shard holds: from its marker, or (markers written before markers
+        recorded them) from the ``problem_id`` column of its parts."""
+        if record.problem_ids is not None:
+            return set(record.problem_ids)
+        ids: set[str] = set()
+        for file in record.files.values():
+            if file.rows:
+                data = self._backend.read(posixpath.join(self.run_dir, file.path))
+                column = pq.read_table(io.BytesIO(data), columns=["problem_id"]).column(0)
+                ids.update(p for p in column.to_pylist() if p is not None)
+        return ids
+
+    def lease(self) -> Lock:
+        """The lease a writer of this run holds while it works (``_locks/run-<run_id>.json``): a second
+        writer of the same run is refused before it starts any work (:class:`LockHeld`)."""
+        return Lock(self.config, self.dataset, f"run-{self.run_id}", ttl_s=self.config.run_lease_ttl_s)
+
     def commit(
-        self, manifest_fields: dict[str, Any], schemas: dict[str, pa.Schema] | None = None
+        self,
+        manifest_fields: dict[str, Any],
+        schemas: dict[str, pa.Schema] | None = None,
+        *,
+        move_latest: bool = True,
     ) -> Manifest:
-        """Write the manifest (conditional create = the commit), then point LATEST at this run.
+        """Write the manifest (conditional create = the commit), then point LATEST at this run unless
+        ``move_latest`` is False (the caller decides whether the run is fit to be LATEST).
 
         ``manifest_fields`` may hold ``config`` (JSON-able; its hash is computed if ``config_hash`` is
         absent), ``config_hash``, ``model``, ``counts`` (per stage); other keys land in ``extra``.
-        ``schemas`` gives the Arrow schema of kinds that no shard wrote (rejects/errors default to the
+        ``schemas`` gives the Arrow schema of kinds that no shard wrote (data/rejects/errors default to the
         shared schemas). Raises :class:`AlreadyCommitted` if the run is committed (also on a lost race).
         """
         self._refuse_if_committed()
@@ -754,6 +810,7 @@ class RunStore:
         if "config" in known and "config_hash" not in known:
             known["config_hash"] = compute_config_hash(known["config"])
         shards = self.committed_shards()
+        _refuse_duplicate_problems(self.run_id, shards)
 
         kind_schemas: dict[str, SchemaRecord] = {}
         files: dict[str, list[FileRecord]] = {}
@@ -796,7 +853,8 @@ class RunStore:
                 f"run {self.run_id!r} of dataset {self.dataset!r} was committed by someone else"
             ) from exc
         # LATEST is only a pointer, moved after the commit: a crash here leaves it on the previous run.
-        _write_latest(self._backend, self._paths, self.run_id)
+        if move_latest:
+            _write_latest(self._backend, self._paths, self.run_id)
         return manifest
 
     def _verify_files(self, files: dict[str, list[FileRecord]]) -> None:
@@ -812,6 +870,21 @@ class RunStore:
                         f"run {self.run_id!r}: {record.path} is {'missing' if size is None else f'{size} bytes'}"
                         f", its shard marker says {record.size} bytes; rewrite that shard in a new run"
                     )
+
+
+def _refuse_duplicate_problems(run_id: str, shards: dict[str, ShardRecord]) -> None:
+    """A problem's samples (and so their keys) must live in exactly one shard of a run. Two shards
+    sharing a problem means two attempts planned shards differently; committing both would list
+    every such sample twice."""
+    owner: dict[str, str] = {}
+    for shard_id, record in shards.items():
+        for pid in record.problem_ids or ():
+            first = owner.setdefault(pid, shard_id)
+            if first != shard_id:
+                raise DuplicateKeys(
+                    f"run {run_id!r}: problem {pid!r} is in shard {first!r} and in shard {shard_id!r}; "
+                    "committing both would list its sample keys twice"
+                )
 
 
 def _write_latest(backend: _Backend, paths: _DatasetPaths, run_id: str) -> None:
@@ -939,8 +1012,48 @@ def latest_run_id(config: StorageConfig, dataset: str) -> str:
     return _latest_run_id(backend, _DatasetPaths(root_path, dataset), dataset)
 
 
+def output_problem(config: StorageConfig) -> str | None:
+    """Why runs cannot be written under ``config.root`` (None: they can, as far as can be told
+    without writing): a local root whose nearest existing folder is not writable, or an object-store
+    root whose bucket does not exist."""
+    backend, root_path = _backend(config)
+    if isinstance(backend, _LocalBackend):
+        folder = os.path.abspath(root_path)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            return f"output root {config.root!r}: {folder} is a file, not a folder"
+        try:  # a probe file, not os.access: root passes access checks on read-only mounts and /proc
+            fd, probe = tempfile.mkstemp(prefix=".tokenskip-probe-", dir=folder)
+        except OSError as exc:
+            return f"output root {config.root!r}: {folder} is not writable ({exc.strerror or exc})"
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    bucket = root_path.strip("/").split("/", 1)[0]
+    try:
+        if not backend.exists(bucket):
+            return f"output root {config.root!r}: bucket {bucket!r} does not exist"
+    except PermissionError as exc:
+        return f"output root {config.root!r}: access denied to bucket {bucket!r} ({exc})"
+    return None
+
+
+def require_dataset(config: StorageConfig, dataset: str) -> None:
+    """:class:`NotFound` unless the output root exists and holds ``dataset`` (a LATEST pointer or a
+    ``runs/`` folder), so commands on a mistyped root or dataset say so instead of reporting nothing."""
+    backend, root_path = _backend(config)
+    paths = _DatasetPaths(root_path, dataset)
+    if not backend.exists(root_path):
+        raise NotFound(f"output root {config.root!r} does not exist")
+    if not (backend.exists(paths.latest) or backend.list_names(paths.runs_dir)):
+        raise NotFound(f"dataset {dataset!r} not found under {config.root!r} (no LATEST, no runs)")
+
+
 def set_latest(config: StorageConfig, dataset: str, run_id: str) -> None:
     """Point LATEST at a committed run (rollback / roll forward). Refuses a run without manifest."""
+    if not run_id:
+        raise ValueError("set_latest needs the run id to point LATEST at")
     backend, root_path = _backend(config)
     paths = _DatasetPaths(root_path, dataset)
     _read_manifest(backend, paths, dataset, run_id)
@@ -1145,3 +1258,37 @@ class Lock:
             if exc_type is None:
                 raise
             log.warning("lock %s was lost while an error was raised", self.name, exc_info=True)
+
+
+class LockHeartbeat:
+    """Renews a held :class:`Lock` every ``interval`` seconds in a daemon thread, so a long run (a
+    refresh, a pipeline run's folder lease) never outlives its lease while it works. A lost lease
+    (someone took it over) stops the beats and is reported by :attr:`lost`."""
+
+    def __init__(self, lock: Lock, interval: float, thread_name: str = "lease-heartbeat"):
+        self.lock = lock
+        self.interval = interval
+        self.lost: str | None = None
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{thread_name}-{lock.name}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.lock.refresh()
+                self.beats += 1
+            except NotLockOwner as exc:
+                self.lost = str(exc)
+                log.error("lock %s lost: %s", self.lock.name, exc)
+                return
+            except Exception:  # a transient store error: the next beat tries again before the lease ends
+                log.warning("lock heartbeat failed; retrying in %.0fs", self.interval, exc_info=True)
+
+    def __enter__(self) -> LockHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
