@@ -343,3 +343,31 @@ def test_shard_markers_record_their_problems(tmp_path):
     table = to_table([{"key": "k1", "problem_id": "p"}, {"key": "k2", "problem_id": "q"}], COMPRESSED_SCHEMA)
     old = store.write_shard("s-2", {"data": table})
     assert old.problem_ids is None and store.shard_problem_ids(old) == {"p", "q"}
+
+
+def test_a_lease_whose_holder_died_on_this_machine_is_taken_over_at_once(tmp_path):
+    """A driver SIGKILLed on this machine leaves its lease behind; a re-run need not wait for the TTL.
+    A live holder (this process) keeps it."""
+    import signal
+    import subprocess
+    import sys
+
+    output = StorageConfig(root=str(tmp_path / "out"))
+    script = (
+        "import sys, time; from tokenskip.storage import Lock, StorageConfig; "
+        f"Lock(StorageConfig(root={output.root!r}), {DATASET!r}, 'run-r', ttl_s=3600).acquire(); "
+        "print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld):
+            Lock(output, DATASET, "run-r", ttl_s=60).acquire()  # alive: refused
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    taken = Lock(output, DATASET, "run-r", ttl_s=60)
+    taken.acquire()  # dead, long before its hour-long lease runs out
+    assert taken.holder().owner == taken.owner

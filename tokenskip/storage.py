@@ -1129,6 +1129,21 @@ class LockInfo(BaseModel):
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
 
+    def holder_died_here(self) -> bool:
+        """True when the holder ran on this machine and its process is gone: its lease need not run
+        out before a re-run takes over (a driver killed by OOM or SIGKILL on a laptop). A holder on
+        another machine, or a reused pid, keeps the lease until it expires."""
+        if self.host != socket.gethostname():
+            return False
+        import psutil  # ships with Ray
+
+        try:
+            return psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:  # access denied and the like: assume alive
+            return False
+
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
@@ -1195,7 +1210,7 @@ class Lock:
             if current is None:
                 continue  # released between our create and our read: try to create again
             holder = LockInfo.model_validate_json(current[0])
-            if holder.owner != self.owner and not holder.expired():
+            if holder.owner != self.owner and not holder.expired() and not holder.holder_died_here():
                 raise LockHeld(
                     f"lock {self.name!r} of {self.dataset!r} is held by {holder.owner!r} (host {holder.host}, "
                     f"pid {holder.pid}) until {datetime.fromtimestamp(holder.expires_at, timezone.utc)}",
@@ -1207,7 +1222,8 @@ class Lock:
             except _VersionMismatch:
                 continue
             if holder.owner != self.owner:
-                log.warning("took over expired lock %s from %s", self.name, holder.owner)
+                state = "expired" if holder.expired() else "dead holder's"
+                log.warning("took over %s lock %s from %s", state, self.name, holder.owner)
             self.info = info
             return info
         raise StorageError(f"lock {self.name!r}: could not settle who holds it after 20 attempts")
