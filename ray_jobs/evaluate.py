@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from tokenskip.cli import _overrides
+from tokenskip.config import parse_overrides
 from tokenskip.evaluate import add_arguments, evaluate, format_table, load_evaluate_config
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "--num-cpus", type=float, default=None, help="run as a Ray task reserving this many CPUs"
     )
     args = parser.parse_args(argv)
-    config = load_evaluate_config(args.config, _overrides(args.set))
+    config = load_evaluate_config(args.config, parse_overrides(args.set))
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0

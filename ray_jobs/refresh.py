@@ -17,21 +17,9 @@ import logging
 import os
 import sys
 
-import yaml
-
 EXIT_LOCKED = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_REFUSED = 5
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from tokenskip.config import parse_overrides
     from tokenskip.refresh import IncompatibleBase, LockHeld, load_refresh_config, plan_refresh, refresh
 
-    config = load_refresh_config(args.config, _overrides(args.set))
+    config = load_refresh_config(args.config, parse_overrides(args.set))
     try:
         if args.dry_run:
             print(plan_refresh(config).describe())

@@ -8,21 +8,8 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any
 
 import yaml
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set a.b=value`` pairs; values are parsed as YAML (numbers, booleans, lists)."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
 
 EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
 EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
@@ -30,13 +17,13 @@ EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): t
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tokenskip.config import load_pipeline_config
+    from tokenskip.config import load_pipeline_config, parse_overrides
     from tokenskip.pipeline import RunRefused, make_plan, run_pipeline
     from tokenskip.preflight import UserError, check_run
 
     try:
-        config = load_pipeline_config(args.config, _overrides(args.set))
-    except (ValueError, TypeError, KeyError, IndexError) as exc:  # pydantic's ValidationError too
+        config = load_pipeline_config(args.config, parse_overrides(args.set))
+    except ValueError as exc:  # pydantic's ValidationError and --set's OverrideError too
         raise UserError(f"config {args.config}: {_one_line(exc)}") from exc
     check_run(config)  # output root, models: before any engine starts
     plan = make_plan(config)

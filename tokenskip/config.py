@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -180,15 +180,72 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return _expand_env(data)
 
 
-def load_pipeline_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    data = load_yaml(path)
-    for dotted, value in (overrides or {}).items():
+class OverrideError(ValueError):
+    """A ``--set key=value`` that does not fit the config (bad syntax, a path through a scalar, a list
+    index out of range)."""
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set a.b=value`` pairs -> {dotted key: value}; values are parsed as YAML (numbers, booleans,
+    lists, mappings), so ``--set sampling.n=4`` sets an int and ``--set x=[1,2]`` a list."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.split(".")):
+            raise OverrideError(f"--set expects key=value with a dotted key (a.b.c=1), got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise OverrideError(f"--set {pair!r}: the value is not valid YAML ({exc})") from None
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set each dotted key in ``data`` (in place; returned). Missing mappings are created; digits index
+    lists (``sources.0.limit``). Walking through a scalar or past a list's end is an
+    :class:`OverrideError` naming the key, never a TypeError or IndexError from deep inside."""
+    for dotted, value in overrides.items():
         node: Any = data
         *parents, leaf = dotted.split(".")
-        for p in parents:  # "sources.0.limit": digits index lists
-            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-        if isinstance(node, list):
-            node[int(leaf)] = value
-        else:
-            node[leaf] = value
-    return PipelineConfig.model_validate(data)
+        walked = []
+        for part in [*parents, leaf]:
+            is_leaf = len(walked) == len(parents)
+            where = ".".join(walked) or "the top level"
+            if isinstance(node, list):
+                if not part.isdigit():
+                    raise OverrideError(f"--set {dotted}: {where} is a list; index it with a number")
+                index = int(part)
+                if index >= len(node):
+                    raise OverrideError(
+                        f"--set {dotted}: {where} has {len(node)} entries (0-{len(node) - 1})"
+                    )
+                if is_leaf:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if is_leaf:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise OverrideError(f"--set {dotted}: {where} is {node!r}, not a mapping or list")
+            walked.append(part)
+    return data
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def load_config(
+    model: type[ConfigT], path: str | os.PathLike, overrides: dict[str, Any] | None = None
+) -> ConfigT:
+    """The one way every job reads its config: YAML (``${VAR}`` expanded), then ``--set`` overrides,
+    then validation by ``model`` (unknown keys are errors)."""
+    return model.model_validate(apply_overrides(load_yaml(path), overrides or {}))
+
+
+def load_pipeline_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)

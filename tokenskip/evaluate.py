@@ -203,19 +203,9 @@ class EvaluateConfig(BaseModel):
 
 def load_evaluate_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> EvaluateConfig:
     """Read a YAML EvaluateConfig (``${VAR}`` expanded); ``overrides`` maps dotted keys to values."""
-    from tokenskip.config import load_yaml
+    from tokenskip.config import load_config
 
-    data = load_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"--set {dotted}: {part!r} is not a mapping in {path}")
-            node = child
-        node[leaf] = value
-    return EvaluateConfig.model_validate(data)
+    return load_config(EvaluateConfig, path, overrides)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,9 +542,9 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
 
 
 def _cli_evaluate(args: argparse.Namespace) -> int:
-    from tokenskip.cli import _overrides
+    from tokenskip.config import parse_overrides
 
-    config = load_evaluate_config(args.config, _overrides(args.set))
+    config = load_evaluate_config(args.config, parse_overrides(args.set))
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0

@@ -97,6 +97,9 @@ class Plan:
     already_committed_run: bool = False
     load_seconds: float = 0.0
     dedup_seconds: float = 0.0
+    # Fewer kept samples than this and the finished run is not published (a refresh raises it to a
+    # fraction of the previous version's).
+    min_kept_samples: int = 1
 
     @property
     def pending(self) -> list[Shard]:
@@ -485,7 +488,6 @@ def run_pipeline(
     max_shards: int | None = None,
     progress: bool = True,
     plan: Plan | None = None,
-    min_kept_samples: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) the job. Returns the run report.
 
@@ -494,7 +496,7 @@ def run_pipeline(
 
     Raises :class:`~tokenskip.storage.LockHeld` when another writer holds this run's lease (before any
     work starts), and :class:`RunRefused` when the finished run has no problems, no kept samples or
-    fewer than ``min_kept_samples`` (unless ``config.output.allow_empty``): then nothing is committed,
+    fewer than ``plan.min_kept_samples`` (unless ``config.output.allow_empty``): then nothing is committed,
     LATEST stays where it was, and the report says why.
     """
     wall_start = time.perf_counter()
@@ -512,9 +514,7 @@ def run_pipeline(
             # Shards another writer committed since planning are not generated again.
             planned = {s.shard_id for s in plan.shards}
             plan.committed |= set(store.committed_shards()) & planned
-            return _run_leased(
-                config, plan, store, heartbeat, wall_start, max_shards, progress, min_kept_samples
-            )
+            return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress)
     finally:
         if not heartbeat.lost:
             try:
@@ -564,7 +564,6 @@ def _run_leased(
     wall_start: float,
     max_shards: int | None,
     progress: bool,
-    min_kept_samples: int,
 ) -> dict[str, Any]:
     # Input-stage outcomes are a shard of their own: idempotent, so re-running writes nothing new.
     input_tables = {
@@ -652,7 +651,7 @@ def _run_leased(
         attempt["commit_seconds"] = 0.0
         report["pending_shards"] = len(remaining)
         return report
-    refusal = publish_refusal(config, counts_all, min_kept_samples)
+    refusal = publish_refusal(config, counts_all, plan.min_kept_samples)
     if refusal:
         attempt["commit_seconds"] = 0.0
         report["refused"] = refusal

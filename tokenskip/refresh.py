@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tokenskip import dedup as dedup_stage
 from tokenskip import sources as sources_stage
-from tokenskip.config import PipelineConfig, load_yaml
+from tokenskip.config import PipelineConfig, load_config
 from tokenskip.pipeline import INPUT_SHARD, Plan, RunRefused, make_plan, run_pipeline, shard_problems
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.storage import (
@@ -177,14 +177,7 @@ class RefreshConfig(BaseModel):
 
 def load_refresh_config(path: str, overrides: dict[str, Any] | None = None) -> RefreshConfig:
     """Read a refresh YAML (``${VAR}`` expanded); ``overrides`` maps dotted keys to values."""
-    data = load_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return RefreshConfig.model_validate(data)
+    return load_config(RefreshConfig, path, overrides)
 
 
 def version_name(now: datetime | None = None) -> str:
@@ -593,14 +586,10 @@ def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: Lock
         raise NotLockOwner(f"refresh lock lost before the pipeline started: {heartbeat.lost}")
 
     base_kept = rplan.base.rows.get("data", 0) if rplan.carries else 0
-    min_kept = max(1, math.ceil(config.min_kept_fraction * base_kept))
+    rplan.plan.min_kept_samples = max(1, math.ceil(config.min_kept_fraction * base_kept))
     try:
         report = run_pipeline(
-            pipeline,
-            max_shards=config.max_shards,
-            progress=config.progress,
-            plan=rplan.plan,
-            min_kept_samples=min_kept,
+            pipeline, max_shards=config.max_shards, progress=config.progress, plan=rplan.plan
         )
     except RunRefused as refused:
         # Held back: the version's shards stay (a re-run with the same plan resumes and decides again).

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenskip.engine import EngineConfig, SamplingConfig
@@ -294,10 +293,9 @@ class TrainConfig(_Strict):
         return self
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    """Read and validate a YAML training config (unknown keys are an error, not silently ignored)."""
-    with open(path, encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return TrainConfig.model_validate(raw)
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read and validate a YAML training config (unknown keys are an error, not silently ignored);
+    ``overrides`` maps dotted keys to values (``--set``)."""
+    from tokenskip.config import load_config
+
+    return load_config(TrainConfig, path, overrides)

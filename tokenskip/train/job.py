@@ -131,7 +131,9 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 
 def _cli_train(args: argparse.Namespace) -> int:
-    config = load_train_config(args.config)
+    from tokenskip.config import parse_overrides
+
+    config = load_train_config(args.config, parse_overrides(getattr(args, "set", None)))
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
@@ -145,6 +147,13 @@ def _cli_train(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", required=True, help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)."
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config field (dotted key).",
     )
     parser.add_argument("--dry-run", action="store_true", help="Validate and print the config, do not train.")
 
