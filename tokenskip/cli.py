@@ -51,15 +51,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from tokenskip.compress import CompressConfig, compress_file
+    from tokenskip.models import model_problem, resolve_model
+    from tokenskip.preflight import UserError
     from tokenskip.scoring import ScorerConfig
 
-    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ratios expects comma-separated numbers, got {args.ratios!r}") from None
     scorer = (
         ScorerConfig(kind=args.scorer, model=args.model) if args.model else ScorerConfig(kind=args.scorer)
     )
-    config = CompressConfig(
-        ratios=ratios, scorer=scorer, target_tokenizer=args.target_tokenizer or scorer.model
-    )
+    target = args.target_tokenizer or scorer.model
+    problems = [p for m in {scorer.model, target} if (p := model_problem(m)) is not None]
+    if problems:
+        raise UserError("; ".join(problems))
+    # The embedded model name (smollm2-135m-instruct) becomes its local folder, as in `run`.
+    scorer = scorer.model_copy(update={"model": resolve_model(scorer.model)})
+    config = CompressConfig(ratios=ratios, scorer=scorer, target_tokenizer=resolve_model(target))
     summary = compress_file(args.input, args.output, config, cot_column=args.cot_field)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -77,17 +86,73 @@ def cmd_storage(args: argparse.Namespace) -> int:
         storage.set_latest(config, args.dataset, args.run_id)
         print(f"LATEST of {args.dataset} -> {args.run_id}")
     elif args.storage_cmd == "runs":
-        for m in storage.list_committed_runs(config, args.dataset):
-            print(f"{m.run_id}\t{m.created_at}\t{m.rows}")
+        print(_runs_table(config, args.dataset))
     elif args.storage_cmd == "pin":
         storage.pin(config, args.dataset, args.run_id)
+        print(f"pinned {args.run_id} of {args.dataset}: retention keeps it")
     elif args.storage_cmd == "unpin":
+        if args.run_id not in storage.pinned_runs(config, args.dataset):
+            raise UserError(f"run {args.run_id!r} of {args.dataset!r} is not pinned")
         storage.unpin(config, args.dataset, args.run_id)
+        print(f"unpinned {args.run_id} of {args.dataset}")
     return 0
+
+
+def _runs_table(config, dataset: str) -> str:
+    """Committed runs, oldest first, with row counts and marks for LATEST and pinned runs."""
+    from tokenskip import storage
+
+    try:
+        latest = storage.latest_run_id(config, dataset)
+    except storage.NotCommitted:
+        latest = None
+    pinned = storage.pinned_runs(config, dataset)
+    rows = [("RUN", "COMMITTED (UTC)", "DATA", "REJECTS", "ERRORS", "")]
+    for m in storage.list_committed_runs(config, dataset):
+        marks = " ".join(
+            mark for mark, on in (("LATEST", m.run_id == latest), ("pinned", m.run_id in pinned)) if on
+        )
+        rows.append(
+            (
+                m.run_id,
+                m.created_at[:19].replace("T", " "),
+                *(str(m.rows.get(kind, 0)) for kind in ("data", "rejects", "errors")),
+                marks,
+            )
+        )
+    if len(rows) == 1:
+        return f"no committed runs in {dataset}"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (it may call git)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from tokenskip.storage import code_version
+
+        version = code_version()
+        sha = f" (git {version.git_sha[:12]})" if version.git_sha else ""
+        print(f"tokenskip {version.package_version or 'unknown'}{sha}")
+        parser.exit()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenskip", description=__doc__)
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the version (and git commit) and exit"
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging; tracebacks with error messages"
     )
@@ -95,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -v after the subcommand too (tokenskip run -v ...); SUPPRESS keeps the top-level value otherwise.
     verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as above")
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging; tracebacks with error messages",
+    )
 
     run = sub.add_parser(
         "run", parents=[verbose], help="build a compressed CoT dataset (the Ray Data pipeline)"
@@ -107,16 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run", action="store_true", help="print the plan (stages, resources, row counts) and exit"
     )
-    run.add_argument("--max-shards", type=int, default=None, help="commit at most N new shards, then stop")
+    run.add_argument(
+        "--max-shards", type=_positive_int, default=None, help="commit at most N new shards, then stop"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser(
         "compress", parents=[verbose], help="prune CoTs from a jsonl/parquet file at every ratio"
     )
-    comp.add_argument("--input", required=True)
-    comp.add_argument("--output", required=True, help="output parquet path")
-    comp.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5")
+    comp.add_argument("--input", required=True, help="jsonl or parquet file of CoTs (local or s3://...)")
+    comp.add_argument(
+        "--output", required=True, help="output parquet path (errors go beside it, <name>.errors.parquet)"
+    )
+    comp.add_argument(
+        "--ratios",
+        default="0.9,0.8,0.7,0.6,0.5",
+        help="target ratios, comma-separated (default: %(default)s)",
+    )
     comp.add_argument("--scorer", choices=["llmlingua2", "selfinfo"], default="llmlingua2")
     comp.add_argument("--model", default=None, help="scorer model (HF id or path)")
     comp.add_argument(
@@ -128,10 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=cmd_compress)
 
     st = sub.add_parser("storage", parents=[verbose], help="inspect runs, roll LATEST back, pin runs")
-    st.add_argument("storage_cmd", choices=["runs", "set-latest", "pin", "unpin"])
-    st.add_argument("--root", required=True)
-    st.add_argument("--dataset", required=True)
-    st.add_argument("--run-id")
+    st.add_argument(
+        "storage_cmd",
+        choices=["runs", "set-latest", "pin", "unpin"],
+        help="runs: list committed runs (LATEST and pins marked); set-latest: point LATEST at a committed "
+        "run; pin/unpin: protect a run from retention or stop protecting it",
+    )
+    st.add_argument("--root", required=True, help="output root: a local folder or s3://bucket/prefix")
+    st.add_argument("--dataset", required=True, help="dataset name (a folder below the root)")
+    st.add_argument("--run-id", help="the run to act on (set-latest, pin, unpin)")
     st.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     st.set_defaults(func=cmd_storage)
 

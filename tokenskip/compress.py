@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -270,6 +271,32 @@ def _errors_path(output_path: str) -> str:
     return output_path.removesuffix(".parquet") + ".errors.parquet"
 
 
+def _check_output_writable(path: str, storage_options: dict | None) -> None:
+    """Fail before any scoring when ``path`` cannot be written (minutes of work otherwise lost)."""
+    if "://" in path:
+        return  # an object store: its write reports the problem (no probe without writing)
+    folder = Path(path).parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file")
+    probe = folder / f".tokenskip-probe-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError as exc:
+        raise PermissionError(f"cannot write {path}: {folder} is not writable ({exc.strerror})") from None
+    probe.unlink()
+
+
+def _remove_stale(path: str, storage_options: dict | None) -> None:
+    """An errors file left by an earlier run would read as this run's errors."""
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if fs.exists(fs_path):
+        fs.rm_file(fs_path)
+
+
 def compress_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -295,6 +322,7 @@ def compress_file(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     input_path, output_path = str(input_path), str(output_path)
     started = time.perf_counter()
+    _check_output_writable(output_path, storage_options)
     rows, bad_lines = _read_rows(input_path, storage_options)
     if limit is not None:
         rows = rows[:limit]
@@ -351,6 +379,7 @@ def compress_file(
         ).empty_table()
     _write_parquet(table, output_path, storage_options)
     errors_output = None
+    _remove_stale(_errors_path(output_path), storage_options)
     if errors:
         errors_output = _errors_path(output_path)
         _write_parquet(

@@ -123,6 +123,15 @@ class Plan:
             f"actors={r.compression_actors} cpus/actor={r.compression_cpus} gpus/actor={r.compression_gpus}",
             f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet",
         ]
+        if self.load_errors.num_rows:
+            reasons = Counter(self.load_errors.column("reason").to_pylist())
+            lines.append("load errors: " + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()))
+            first = self.load_errors.column("detail")[0].as_py() or ""
+            lines.append(f"  first: {first[:200]}")
+        if not c.dedup.enabled or not c.dedup.eval_sets:
+            lines.append(
+                "decontamination: off (no dedup.eval_sets): problems are not checked against test sets"
+            )
         if self.already_committed_run:
             lines.append("this run is already committed: nothing to do")
         return "\n".join(lines)

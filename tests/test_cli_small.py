@@ -1,0 +1,114 @@
+"""Small CLI behaviours a new user meets first: version, argument checks, storage listings, compress
+before-the-work checks, and a dry run that says why rows failed to load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline import _config, _write_problems
+from tokenskip import cli
+from tokenskip.schema import COMPRESSED_SCHEMA, to_table
+from tokenskip.storage import RunStore, StorageConfig, pin
+
+DATASET = "tiny-arith"
+
+
+def test_version_and_positive_max_shards(capsys):
+    with pytest.raises(SystemExit) as version:
+        cli.main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("tokenskip 0.1.0")
+    with pytest.raises(SystemExit) as bad:
+        cli.main(["run", "--config", "x.yaml", "--max-shards", "-3"])
+    assert bad.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
+def _commit(output: StorageConfig, run_id: str, keys: list[str]) -> None:
+    store = RunStore(output, DATASET, run_id)
+    rows = to_table([{"key": k, "problem_id": k} for k in keys], COMPRESSED_SCHEMA)
+    store.write_shard("s-1", {"data": rows}, problem_ids=keys)
+    store.commit({"counts": {}})
+
+
+def test_storage_runs_is_a_table_marking_latest_and_pins(tmp_path, capsys):
+    output = StorageConfig(root=str(tmp_path))
+    _commit(output, "run-a", ["k1", "k2"])
+    _commit(output, "run-b", ["k3"])
+    pin(output, DATASET, "run-a")
+    assert cli.main(["storage", "runs", "--root", str(tmp_path), "--dataset", DATASET]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["RUN", "COMMITTED", "(UTC)", "DATA", "REJECTS", "ERRORS"]
+    a, b = (line.split() for line in lines[1:])
+    assert a[0] == "run-a" and a[3:] == ["2", "0", "0", "pinned"]
+    assert b[0] == "run-b" and b[3:] == ["1", "0", "0", "LATEST"]
+
+    code = cli.main(["storage", "unpin", "--root", str(tmp_path), "--dataset", DATASET, "--run-id", "run-b"])
+    assert code == cli.EXIT_USER_ERROR and "'run-b' of 'tiny-arith' is not pinned" in capsys.readouterr().err
+    assert (
+        cli.main(["storage", "unpin", "--root", str(tmp_path), "--dataset", DATASET, "--run-id", "run-a"])
+        == 0
+    )
+
+
+def test_compress_checks_output_first_and_drops_a_stale_errors_file(tmp_path, tiny_causal_lm, capsys):
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text(
+        "".join(
+            json.dumps({"id": i, "cot": f"Add {i} and 2. So {i + 2}. The answer is {i + 2}."}) + "\n"
+            for i in range(3)
+        )
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    base = ["compress", "--input", str(cots), "--scorer", "selfinfo", "--model", str(tiny_causal_lm)]
+    code = cli.main([*base, "--output", str(blocker / "out.parquet")])
+    assert code == cli.EXIT_USER_ERROR and "is a file" in capsys.readouterr().err
+
+    code = cli.main([*base, "--output", str(tmp_path / "out.parquet"), "--model", str(tmp_path / "missing")])
+    assert code == cli.EXIT_USER_ERROR and "no such folder" in capsys.readouterr().err
+
+    stale = tmp_path / "out.errors.parquet"
+    stale.write_bytes(b"an earlier run's errors")
+    assert cli.main([*base, "--output", str(tmp_path / "out.parquet")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_out"] == 3 and summary["errors"] == 0
+    assert not stale.exists()
+
+
+@pytest.mark.slow
+def test_compress_resolves_the_embedded_model_name(tmp_path, capsys):
+    from tokenskip.models import EMBEDDED_MODEL
+
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text(json.dumps({"cot": "Add 3 and 4. So 7. The answer is 7."}) + "\n")
+    out = tmp_path / "out.parquet"
+    argv = [
+        "compress",
+        "--input",
+        str(cots),
+        "--output",
+        str(out),
+        "--scorer",
+        "selfinfo",
+        "--model",
+        EMBEDDED_MODEL,
+    ]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["rows_out"] == 1
+
+
+def test_dry_run_names_the_load_errors(tmp_path, tiny_causal_lm, capsys):
+    path = _write_problems(tmp_path / "p.jsonl", [{"id": "1", "answer": "2"}], [b"not json"])
+    config = _config(tmp_path, tiny_causal_lm, path, StorageConfig(root=str(tmp_path / "out")))
+    config_path = tmp_path / "run.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert cli.main(["run", "--dry-run", "--config", str(config_path)]) == 0
+    out = capsys.readouterr().out
+    assert "load errors: " in out and "missing_question 1" in out and "invalid_json 1" in out
+    assert f"first: {path}:1" in out
+    assert "decontamination: off" in out
+    assert not Path(tmp_path / "out").exists()
