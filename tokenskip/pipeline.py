@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tokenskip.config import PipelineConfig
 from tokenskip.dedup import dedup_and_decontaminate
@@ -40,7 +39,8 @@ from tokenskip.schema import (
 )
 from tokenskip.selection import SAMPLE_ROW_SCHEMA, GradeSelectStage
 from tokenskip.sources import load_problems
-from tokenskip.storage import RunStore, open_filesystem, read_manifest
+from tokenskip.storage import RunStore, read_manifest
+from tokenskip.summary import ShardSummary, run_counts, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -336,62 +336,29 @@ def _build_dataset(config: PipelineConfig, shards: list[Shard]):
     return ds
 
 
-def _read_committed(store: RunStore, kind: str, columns: list[str]) -> pa.Table:
-    """The committed parts of one kind (for run statistics); reads only ``columns``."""
-    fs, _ = open_filesystem(store.config)
-    tables = []
-    for record in store.committed_shards().values():
-        file = record.files.get(kind)
-        if file is None or file.rows == 0:
-            continue
-        with fs.open(f"{store.run_dir}/{file.path}", "rb") as f:
-            table = pq.read_table(f)
-        tables.append(table.select([c for c in columns if c in table.column_names]))
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+def write_shard_rows(store: RunStore, shard_id: str, rows: pa.Table):
+    """Split one complete shard's sample rows into its three tables and commit them with their
+    summary (so end-of-run statistics read the marker, not the parts). Returns the ShardRecord."""
+    tables = split_outcomes(rows)
+    return store.write_shard(shard_id, tables, summary=ShardSummary.from_tables(tables, samples=rows))
 
 
-def run_statistics(plan: Plan, store: RunStore) -> dict[str, Any]:
-    """Counts per stage over every committed shard of the run (earlier attempts included)."""
-    data = _read_committed(store, "data", ["problem_id", "original_tokens", "compressions", "cot"])
-    rejects = _read_committed(store, "rejects", ["problem_id", "reason", "stage"])
-    errors = _read_committed(store, "errors", ["problem_id", "reason", "stage"])
-    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
-    error_reasons = Counter(errors.column("reason").to_pylist()) if errors.num_rows else Counter()
-    input_errors = plan.load_errors.num_rows
-    sample_errors = sum(error_reasons.values()) - input_errors
+def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = None) -> dict[str, Any]:
+    """Counts per stage over every committed shard of the run (earlier attempts included), from the
+    merged shard summaries (``summary``, or :func:`tokenskip.summary.run_summary` of ``store``: the
+    markers' summaries, computed from the parts for markers without one). Driver memory is O(shards)."""
+    if summary is None:
+        summary = run_summary(store)
     dedup = (
         Counter(plan.dedup_rejects.column("reason").to_pylist()) if plan.dedup_rejects.num_rows else Counter()
     )
-    grade_rejects = sum(v for k, v in reasons.items() if k not in ("duplicate", "contaminated"))
-    samples = data.num_rows + grade_rejects + sample_errors
-    graded = data.num_rows + grade_rejects
-    ratio_sums: dict[float, list[float]] = defaultdict(list)
-    if data.num_rows:
-        for comps in data.column("compressions").to_pylist():
-            for c in comps or []:
-                ratio_sums[c["target_ratio"]].append(c["achieved_ratio"])
-    kept_problems = len(set(data.column("problem_id").to_pylist())) if data.num_rows else 0
-    return {
-        "input_rows": plan.input_rows,
-        "load_errors": input_errors,
-        "dedup": {"duplicate": dedup.get("duplicate", 0), "contaminated": dedup.get("contaminated", 0)},
-        "problems_to_generate": plan.problems.num_rows,
-        "samples": samples,
-        "graded_samples": graded,
-        "kept_samples": data.num_rows,
-        "kept_problems": kept_problems,
-        "rejects_by_reason": dict(
-            sorted((k, v) for k, v in reasons.items() if k not in ("duplicate", "contaminated"))
-        ),
-        "errors_by_reason": dict(sorted(error_reasons.items())),
-        "acceptance_rate": round(data.num_rows / graded, 4) if graded else 0.0,
-        "mean_original_tokens": round(sum(data.column("original_tokens").to_pylist()) / data.num_rows, 2)
-        if data.num_rows
-        else None,
-        "achieved_ratio": {
-            f"{k:g}": round(sum(v) / len(v), 4) for k, v in sorted(ratio_sums.items(), reverse=True)
-        },
-    }
+    return run_counts(
+        summary,
+        input_rows=plan.input_rows,
+        load_errors=plan.load_errors.num_rows,
+        dedup_reasons=dedup,
+        problems_to_generate=plan.problems.num_rows,
+    )
 
 
 def _summary_text(report: dict[str, Any]) -> str:
@@ -414,13 +381,16 @@ def _summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(config: PipelineConfig, store: RunStore, report: dict[str, Any]) -> None:
-    fs, _ = open_filesystem(config.output)
-    fs.pipe(f"{store.run_dir}/report.json", json.dumps(report, indent=2, default=str).encode())
-    fs.pipe(f"{store.run_dir}/report.txt", (_summary_text(report) + "\n").encode())
+def _write_report(
+    config: PipelineConfig, store: RunStore, report: dict[str, Any], summary: ShardSummary | None = None
+) -> None:
+    """report.json, report.txt and report.html next to the manifest, through the store. ``summary``:
+    the run's merged shard summary when the caller has it (else the report reads the markers)."""
     from tokenskip.report import write_html_report
 
-    write_html_report(config, store, report)
+    store.write_file("report.json", json.dumps(report, indent=2, default=str).encode())
+    store.write_file("report.txt", (_summary_text(report) + "\n").encode())
+    write_html_report(config, store, report, summary)
 
 
 def run_pipeline(
@@ -454,7 +424,7 @@ def run_pipeline(
         "rejects": plan.dedup_rejects.cast(REJECT_SCHEMA),
         "errors": plan.load_errors.cast(ERROR_SCHEMA),
     }
-    store.write_shard(INPUT_SHARD, input_tables)
+    store.write_shard(INPUT_SHARD, input_tables, summary=ShardSummary.from_tables(input_tables))
 
     stats = AttemptStats()
     pending = plan.pending
@@ -475,7 +445,7 @@ def run_pipeline(
                 counts[shard_id] += part.num_rows
                 if counts[shard_id] == expected[shard_id]:
                     rows = pa.concat_tables(buffers.pop(shard_id))
-                    store.write_shard(shard_id, split_outcomes(rows))
+                    write_shard_rows(store, shard_id, rows)
                     _account(stats, rows)
                     stats.shards_committed += 1
                     stats.progress.append(

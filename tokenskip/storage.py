@@ -771,7 +771,7 @@ class RunStore:
         ids = self.committed_shard_ids()
         for start in range(0, len(ids), _MARKER_CHUNK):
             paths = [posixpath.join(folder, f"{i}.json") for i in ids[start : start + _MARKER_CHUNK]]
-            for path, data in self._backend.read_many(paths).items():
+            for data in self._backend.read_many(paths).values():
                 yield ShardRecord.model_validate_json(data)
 
     def committed_shards(self) -> dict[str, ShardRecord]:
