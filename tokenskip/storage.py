@@ -1070,11 +1070,12 @@ def read_dataset(
     backend, root_path = _backend(config)
     paths = _DatasetPaths(root_path, dataset)
     manifest = _read_manifest(backend, paths, dataset, run_id)
-    schema = _project(_kind_schema(manifest, kind), columns, kind)
+    schema = _kind_schema(manifest, kind)
+    _project(schema, columns, kind)  # unknown columns fail here, not on a worker
     run_dir = paths.run_dir(manifest.run_id)
     records = [r for r in manifest.files.get(kind, []) if r.rows]
     if not records:
-        return ray.data.from_arrow(schema.empty_table())
+        return ray.data.from_arrow(_project(schema, columns, kind).empty_table())
     sizes = backend.sizes(posixpath.join(run_dir, kind))
     for record in records:
         size = sizes.get(posixpath.basename(record.path))
@@ -1083,13 +1084,13 @@ def read_dataset(
                 f"{posixpath.join(run_dir, record.path)}: "
                 f"{'missing' if size is None else f'{size} bytes'}, the manifest says {record.size}"
             )
-    return ray.data.read_parquet(
+    ds = ray.data.read_parquet(
         [posixpath.join(run_dir, r.path) for r in records],
         filesystem=PyFileSystem(FSSpecHandler(backend.fs)),
         schema=schema,
-        columns=columns,
         **read_parquet_args,
     )
+    return ds if columns is None else ds.select_columns(columns)
 
 
 def read_run_file(config: StorageConfig, dataset: str, name: str, run_id: str | None = None) -> bytes:
