@@ -142,7 +142,7 @@ def make_plan(config: PipelineConfig) -> Plan:
 
     store = RunStore(config.output, config.dataset, run_id)
     committed_run = store.is_committed()
-    committed = set(store.committed_shards()) if not committed_run else {s.shard_id for s in shards}
+    committed = set(store.committed_shard_ids()) if not committed_run else {s.shard_id for s in shards}
     return Plan(
         config=config,
         run_id=run_id,
