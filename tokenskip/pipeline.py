@@ -31,7 +31,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tokenskip.config import PipelineConfig
 from tokenskip.dedup import dedup_and_decontaminate
@@ -51,10 +50,9 @@ from tokenskip.storage import (
     LockHeartbeat,
     NotLockOwner,
     RunStore,
-    ShardRecord,
-    open_filesystem,
     read_manifest,
 )
+from tokenskip.summary import ShardSummary, run_counts, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -157,25 +155,29 @@ def _is_in(ids: pa.ChunkedArray, values: set[str]) -> pa.Array:
     return pc.is_in(ids, value_set=pa.array(sorted(values), pa.string()))
 
 
-def resume_shards(
-    store: RunStore, problems: pa.Table, shard_size: int, committed: dict[str, ShardRecord]
-) -> list[Shard]:
-    """The run's shards given what earlier attempts committed. When every committed shard is one this
-    plan makes too, that is the plan. Otherwise an attempt planned differently (another
-    ``shard_size``): its committed shards stay as they are, and only the problems none of them holds
-    are sharded anew, so no problem is generated (or committed) twice."""
+def resume_shards(store: RunStore, problems: pa.Table, shard_size: int, committed: set[str]) -> list[Shard]:
+    """The run's shards given the ids of the shards earlier attempts committed. When every committed
+    shard is one this plan makes too, that is the plan (no marker is read). Otherwise an attempt
+    planned differently (another ``shard_size``): its committed shards stay as they are, and only the
+    problems none of them holds are sharded anew, so no problem is generated (or committed) twice."""
     planned = shard_problems(problems, shard_size)
-    if set(committed) <= {s.shard_id for s in planned}:
+    by_id = {s.shard_id: s for s in planned}
+    foreign = committed - set(by_id)
+    if not foreign:
         return planned
-    held = {shard_id: store.shard_problem_ids(record) for shard_id, record in committed.items()}
+    held = {
+        shard_id: set(by_id[shard_id].problems.column("id").to_pylist())
+        for shard_id in committed & set(by_id)
+    }
+    for record in store.iter_committed_shards():
+        if record.shard_id in foreign:
+            held[record.shard_id] = store.shard_problem_ids(record)
     done = set().union(*held.values())
-    log.info(
-        "%d committed shards were planned with another shard size: resuming by problem (%d done)",
-        len(set(committed) - {s.shard_id for s in planned}),
-        len(done),
-    )
+    log.info("%d committed shards were planned with another shard size: resuming by problem", len(foreign))
     ids = problems.column("id")
-    kept_shards = [Shard(shard_id, problems.filter(_is_in(ids, pids))) for shard_id, pids in held.items()]
+    kept_shards = [
+        Shard(shard_id, problems.filter(_is_in(ids, pids))) for shard_id, pids in sorted(held.items())
+    ]
     rest = problems.filter(pc.invert(_is_in(ids, done)))
     return kept_shards + shard_problems(rest, shard_size)
 
@@ -208,9 +210,8 @@ def make_plan(config: PipelineConfig) -> Plan:
         shards = shard_problems(kept, config.resources.shard_size)
         committed = {s.shard_id for s in shards}
     else:
-        records = {k: v for k, v in store.committed_shards().items() if k != INPUT_SHARD}
-        shards = resume_shards(store, kept, config.resources.shard_size, records)
-        committed = set(records)
+        committed = set(store.committed_shard_ids()) - {INPUT_SHARD}
+        shards = resume_shards(store, kept, config.resources.shard_size, committed)
     return Plan(
         config=config,
         run_id=run_id,
@@ -404,62 +405,33 @@ def _build_dataset(config: PipelineConfig, shards: list[Shard]):
     return ds
 
 
-def _read_committed(store: RunStore, kind: str, columns: list[str]) -> pa.Table:
-    """The committed parts of one kind (for run statistics); reads only ``columns``."""
-    fs, _ = open_filesystem(store.config)
-    tables = []
-    for record in store.committed_shards().values():
-        file = record.files.get(kind)
-        if file is None or file.rows == 0:
-            continue
-        with fs.open(f"{store.run_dir}/{file.path}", "rb") as f:
-            table = pq.read_table(f)
-        tables.append(table.select([c for c in columns if c in table.column_names]))
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+def write_shard_rows(store: RunStore, shard_id: str, rows: pa.Table, problem_ids: list[str] | None = None):
+    """Split one complete shard's sample rows into its three tables and commit them with their
+    summary (so end-of-run statistics read the marker, not the parts) and the problems they hold.
+    Returns the ShardRecord."""
+    tables = split_outcomes(rows)
+    if problem_ids is None:
+        problem_ids = sorted(set(rows.column("problem_id").to_pylist()))
+    summary = ShardSummary.from_tables(tables, samples=rows)
+    return store.write_shard(shard_id, tables, summary=summary, problem_ids=problem_ids)
 
 
-def run_statistics(plan: Plan, store: RunStore) -> dict[str, Any]:
-    """Counts per stage over every committed shard of the run (earlier attempts included)."""
-    data = _read_committed(store, "data", ["problem_id", "original_tokens", "compressions", "cot"])
-    rejects = _read_committed(store, "rejects", ["problem_id", "reason", "stage"])
-    errors = _read_committed(store, "errors", ["problem_id", "reason", "stage"])
-    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
-    error_reasons = Counter(errors.column("reason").to_pylist()) if errors.num_rows else Counter()
-    input_errors = plan.load_errors.num_rows
-    sample_errors = sum(error_reasons.values()) - input_errors
+def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = None) -> dict[str, Any]:
+    """Counts per stage over every committed shard of the run (earlier attempts included), from the
+    merged shard summaries (``summary``, or :func:`tokenskip.summary.run_summary` of ``store``: the
+    markers' summaries, computed from the parts for markers without one). Driver memory is O(shards)."""
+    if summary is None:
+        summary = run_summary(store)
     dedup = (
         Counter(plan.dedup_rejects.column("reason").to_pylist()) if plan.dedup_rejects.num_rows else Counter()
     )
-    grade_rejects = sum(v for k, v in reasons.items() if k not in ("duplicate", "contaminated"))
-    samples = data.num_rows + grade_rejects + sample_errors
-    graded = data.num_rows + grade_rejects
-    ratio_sums: dict[float, list[float]] = defaultdict(list)
-    if data.num_rows:
-        for comps in data.column("compressions").to_pylist():
-            for c in comps or []:
-                ratio_sums[c["target_ratio"]].append(c["achieved_ratio"])
-    kept_problems = len(set(data.column("problem_id").to_pylist())) if data.num_rows else 0
-    return {
-        "input_rows": plan.input_rows,
-        "load_errors": input_errors,
-        "dedup": {"duplicate": dedup.get("duplicate", 0), "contaminated": dedup.get("contaminated", 0)},
-        "problems_to_generate": plan.problems.num_rows,
-        "samples": samples,
-        "graded_samples": graded,
-        "kept_samples": data.num_rows,
-        "kept_problems": kept_problems,
-        "rejects_by_reason": dict(
-            sorted((k, v) for k, v in reasons.items() if k not in ("duplicate", "contaminated"))
-        ),
-        "errors_by_reason": dict(sorted(error_reasons.items())),
-        "acceptance_rate": round(data.num_rows / graded, 4) if graded else 0.0,
-        "mean_original_tokens": round(sum(data.column("original_tokens").to_pylist()) / data.num_rows, 2)
-        if data.num_rows
-        else None,
-        "achieved_ratio": {
-            f"{k:g}": round(sum(v) / len(v), 4) for k, v in sorted(ratio_sums.items(), reverse=True)
-        },
-    }
+    return run_counts(
+        summary,
+        input_rows=plan.input_rows,
+        load_errors=plan.load_errors.num_rows,
+        dedup_reasons=dedup,
+        problems_to_generate=plan.problems.num_rows,
+    )
 
 
 def _summary_text(report: dict[str, Any]) -> str:
@@ -482,13 +454,16 @@ def _summary_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(config: PipelineConfig, store: RunStore, report: dict[str, Any]) -> None:
-    fs, _ = open_filesystem(config.output)
-    fs.pipe(f"{store.run_dir}/report.json", json.dumps(report, indent=2, default=str).encode())
-    fs.pipe(f"{store.run_dir}/report.txt", (_summary_text(report) + "\n").encode())
+def _write_report(
+    config: PipelineConfig, store: RunStore, report: dict[str, Any], summary: ShardSummary | None = None
+) -> None:
+    """report.json, report.txt and report.html next to the manifest, through the store. ``summary``:
+    the run's merged shard summary when the caller has it (else the report reads the markers)."""
     from tokenskip.report import write_html_report
 
-    write_html_report(config, store, report)
+    store.write_file("report.json", json.dumps(report, indent=2, default=str).encode())
+    store.write_file("report.txt", (_summary_text(report) + "\n").encode())
+    write_html_report(config, store, report, summary)
 
 
 def run_pipeline(
@@ -579,7 +554,7 @@ def _run_leased(
         "rejects": plan.dedup_rejects.cast(REJECT_SCHEMA),
         "errors": plan.load_errors.cast(ERROR_SCHEMA),
     }
-    store.write_shard(INPUT_SHARD, input_tables)
+    store.write_shard(INPUT_SHARD, input_tables, summary=ShardSummary.from_tables(input_tables))
 
     stats = AttemptStats()
     pending = plan.pending
@@ -602,7 +577,7 @@ def _run_leased(
                 if counts[shard_id] == expected[shard_id]:
                     rows = pa.concat_tables(buffers.pop(shard_id))
                     problem_ids = shard_by_id[shard_id].problems.column("id").to_pylist()
-                    store.write_shard(shard_id, split_outcomes(rows), problem_ids=problem_ids)
+                    write_shard_rows(store, shard_id, rows, problem_ids=problem_ids)
                     _account(stats, rows)
                     stats.shards_committed += 1
                     stats.progress.append(

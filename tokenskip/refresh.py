@@ -65,6 +65,7 @@ from tokenskip.storage import (
     open_filesystem,
     read_manifest,
 )
+from tokenskip.summary import ShardSummary, SummaryAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
         )
     versioned = pipeline.model_copy(update={"run_id": version})
     store = RunStore(versioned.output, versioned.dataset, version)
-    committed_shards = set(store.committed_shards()) if resumed else set()
+    committed_shards = set(store.committed_shard_ids()) if resumed else set()
     plan = replace(
         full,
         config=versioned,
@@ -566,22 +567,29 @@ def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: Lock
     _write_in_progress(pipeline, record)
     store = RunStore(pipeline.output, pipeline.dataset, rplan.version)
     # Lineage beside the run's files (the manifest has no field for it): where the version came from.
-    fs, _ = open_filesystem(pipeline.output)
-    fs.makedirs(store.run_dir, exist_ok=True)
     lineage = record | {
         "new_problems": rplan.plan.problems.num_rows,
         "done_problems_in_base": len(rplan.done_ids),
         "dropped_problem_ids": sorted(rplan.drop_ids),
         "rebuild_reason": rplan.rebuild_reason,
     }
-    fs.pipe_file(f"{store.run_dir}/{LINEAGE_NAME}", json.dumps(lineage, indent=1).encode())
+    store.write_file(LINEAGE_NAME, json.dumps(lineage, indent=1).encode())
     if rplan.carries:
+        carried = SummaryAccumulator()
         for shard_id, tables in carried_shards(pipeline, rplan.base, rplan.drop_ids):
-            problem_ids = {p for t in tables.values() for p in t.column("problem_id").to_pylist() if p}
+            # The carried rows are a subset of the base's shard: summarise what is written, so the
+            # run's statistics merge markers only. No engine work was done for them in this version.
             # Idempotent on resume (same content); the problem ids let the commit refuse duplicates.
-            store.write_shard(shard_id, tables, problem_ids=problem_ids)
-            for kind, table in tables.items():
-                out["carried"][kind] += table.num_rows
+            summary = ShardSummary.from_tables(tables)
+            problem_ids = {p for t in tables.values() for p in t.column("problem_id").to_pylist() if p}
+            store.write_shard(shard_id, tables, summary=summary, problem_ids=problem_ids)
+            carried.add(summary)
+        merged = carried.finish()
+        out["carried"] = {
+            "data": merged.kept_samples,
+            "rejects": sum(merged.reasons("rejects").values()),
+            "errors": sum(merged.reasons("errors").values()),
+        }
     if heartbeat.lost:
         raise NotLockOwner(f"refresh lock lost before the pipeline started: {heartbeat.lost}")
 

@@ -1,12 +1,15 @@
 """The run report as ONE self-contained HTML page (inline SVG charts drawn here, no JS/CSS/fonts fetched).
 
     render_html(report, data, resources=...)  -> str
-    write_html_report(config, store, report)   -> writes <run_dir>/report.html through fsspec
+    write_html_report(config, store, report)   -> writes report.html next to the manifest (RunStore)
 
 ``report`` is the dict :func:`tokenskip.pipeline.run_pipeline` returns (``counts`` from
-``run_statistics``, ``attempt`` with timings and ``progress``); ``data`` is the run's committed data
-table (only ``original_tokens`` and ``compressions`` are read) for the token-length and ratio
-distributions. Every piece of text is HTML-escaped; numbers are formatted here.
+``run_statistics``, ``attempt`` with timings and ``progress``); ``data`` gives the token-length and ratio
+distributions: the run's merged :class:`~tokenskip.summary.ShardSummary` (what the pipeline passes: no
+rows are read), or a data table (only ``original_tokens`` and ``compressions`` are read), summarised
+the same way. Histograms use the summaries' fixed log-spaced bins, so every run's charts share bins;
+medians and percentiles are read off those bins (within one bin), means and maxima are exact. Every
+piece of text is HTML-escaped; numbers are formatted here.
 
 The page carries a Content-Security-Policy that allows nothing but inline style/script and data: images,
 so a report that tried to load anything would be blocked and the attempt recorded. A tiny inline script
@@ -20,13 +23,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import posixpath
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from tokenskip.summary import TOKEN_BIN_EDGES, Distributions, ShardSummary, ValueStats, run_summary
 
 REPORT_HTML_NAME = "report.html"
 CHART_CLASS = "chart"
@@ -170,6 +173,7 @@ class _Plot:
         y_label: str = "",
         left: int = 56,
         bottom: int = 40,
+        x_tick_labels: Sequence[str] | None = None,
     ):
         self.width, self.height = width, height
         self.left, self.right, self.top, self.bottom = left, 16, 14, bottom
@@ -183,11 +187,12 @@ class _Plot:
                 f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>'
                 f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_esc(_num(t))}</text>'
             )
-        for t in x_ticks:
+        labels = x_tick_labels if x_tick_labels is not None else [_num(t) for t in x_ticks]
+        for t, label in zip(x_ticks, labels, strict=True):
             x = self.sx(t)
             self.parts.append(
                 f'<line x1="{x:.1f}" y1="{self.top + ph}" x2="{x:.1f}" y2="{self.top + ph + 4}" stroke="#999"/>'
-                f'<text x="{x:.1f}" y="{self.top + ph + 16}" text-anchor="middle">{_esc(_num(t))}</text>'
+                f'<text x="{x:.1f}" y="{self.top + ph + 16}" text-anchor="middle">{_esc(label)}</text>'
             )
         self.parts.append(
             f'<line x1="{left}" y1="{self.top + ph}" x2="{left + pw}" y2="{self.top + ph}" stroke="#999"/>'
@@ -254,21 +259,30 @@ def _hbar_chart(
     return _svg(width, 16 + row * len(items), title, "".join(parts))
 
 
-def _histogram_chart(title: str, counts: list[int], edges: list[float], colour: str) -> str:
+def _histogram_chart(title: str, counts: list[int], edges: list[int], colour: str) -> str:
+    """Bars on log-spaced bins, drawn equally wide (a log x axis); ``edges`` has len(counts) + 1."""
     y_ticks = _nice_ticks(0, max(counts, default=0) or 1, 4)
+    n = len(counts)
+    tick_at = sorted({round(i * n / 4) for i in range(5)})
     plot = _Plot(
-        _nice_ticks(edges[0], edges[-1], 5), y_ticks, width=330, height=200, x_label="tokens", y_label="CoTs"
-    )
-    for count, lo, hi in zip(counts, edges, edges[1:], strict=False):
+        [float(i) for i in tick_at], y_ticks, width=330, height=200, x_label="tokens (log scale)",
+        y_label="CoTs", x_tick_labels=[_edge_label(edges[i]) for i in tick_at],
+    )  # fmt: skip
+    for i, count in enumerate(counts):
         if count == 0:
             continue
-        x0, x1, y = plot.sx(lo), plot.sx(hi), plot.sy(count)
+        lo, hi = edges[i], edges[i + 1]
+        x0, x1, y = plot.sx(i), plot.sx(i + 1), plot.sy(count)
         plot.parts.append(
             f'<rect data-mark="bin" x="{x0:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
-            f'height="{plot.sy(0) - y:.1f}" fill="{colour}"><title>{_esc(_num(lo))}-{_esc(_num(hi))} tokens: '
-            f"{count}</title></rect>"
+            f'height="{plot.sy(0) - y:.1f}" fill="{colour}"><title>{_esc(_num(lo))}-{_esc(_edge_label(hi))} '
+            f"tokens: {count}</title></rect>"
         )
     return plot.svg(title)
+
+
+def _edge_label(edge: int) -> str:
+    return "inf" if edge >= TOKEN_BIN_EDGES[-1] else _num(edge)
 
 
 def _line_chart(title: str, points: list[tuple[float, float]], x_label: str, y_label: str) -> str:
@@ -317,75 +331,42 @@ def _ratio_chart(title: str, rows: list[dict[str, Any]]) -> str:
 # Figures from the report and the data table
 
 
-def _describe(values: np.ndarray) -> dict[str, Any]:
-    if not len(values):
-        return {"n": 0, "mean": None, "median": None, "p10": None, "p90": None, "max": None}
-    p10, median, p90 = (float(q) for q in np.quantile(values, [0.1, 0.5, 0.9]))
-    return {
-        "n": int(len(values)),
-        "mean": float(values.mean()),
-        "median": median,
-        "p10": p10,
-        "p90": p90,
-        "max": float(values.max()),
-    }
+# At most this many bars per histogram: adjacent fixed bins are grouped (still fixed edges) to fit.
+_MAX_BARS = 32
 
 
-def _finite(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    values = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls -> NaN
-    return values[np.isfinite(values)]
+def _describe(stats: ValueStats) -> dict[str, Any]:
+    p10, median, p90 = stats.quantiles([0.1, 0.5, 0.9])
+    return {"n": stats.count, "mean": stats.mean, "median": median, "p10": p10, "p90": p90, "max": stats.max}
 
 
-def _token_series(data: pa.Table) -> tuple[np.ndarray, dict[float, np.ndarray], dict[float, np.ndarray]]:
-    """Original token counts, compressed token counts per target and achieved ratios per target.
-
-    Columnar (Arrow compute + numpy): the compressed texts are never turned into Python objects, so a
-    run of millions of CoTs costs what its numbers cost.
-    """
-    missing = {"original_tokens", "compressions"} - set(data.column_names)
-    if missing:
-        raise ValueError(
-            f"the data table lacks columns {sorted(missing)}; pass the run's data table "
-            "(tokenskip.storage.read_table(config.output, dataset, 'data', run_id))"
-        )
-    original = _finite(data.column("original_tokens"))
-    flat = pc.list_flatten(data.column("compressions"))  # null and empty lists contribute nothing
-    tokens: dict[float, np.ndarray] = {}
-    achieved: dict[float, np.ndarray] = {}
-    if len(flat):
-        flat = flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat
-        if flat.null_count:
-            flat = flat.filter(flat.is_valid())
-        targets = np.asarray(pc.struct_field(flat, "target_ratio").to_numpy(zero_copy_only=False), np.float64)
-        token_values = np.asarray(pc.struct_field(flat, "tokens").to_numpy(zero_copy_only=False), np.float64)
-        ratio_values = np.asarray(
-            pc.struct_field(flat, "achieved_ratio").to_numpy(zero_copy_only=False), np.float64
-        )
-        for target in np.unique(targets[np.isfinite(targets)]):
-            rows = targets == target
-            t, r = token_values[rows], ratio_values[rows]
-            if np.isfinite(t).any():
-                tokens[float(target)] = t[np.isfinite(t)]
-            if np.isfinite(r).any():
-                achieved[float(target)] = r[np.isfinite(r)]
-    return original, tokens, achieved
+def _shared_bins(series: list[ValueStats]) -> tuple[list[int], list[np.ndarray]]:
+    """Display edges shared by every histogram (so lengths before/after pruning compare bar for bar):
+    the fixed token bins over the range any series reaches, grouped to at most ``_MAX_BARS`` bars;
+    and each series' counts on them."""
+    dense = [s.dense() for s in series]
+    nonzero = np.flatnonzero(np.sum(dense, axis=0))
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    group = max(1, math.ceil((hi - lo) / _MAX_BARS))
+    starts = list(range(lo, hi, group))
+    edges = [TOKEN_BIN_EDGES[i] for i in starts] + [TOKEN_BIN_EDGES[min(starts[-1] + group, hi)]]
+    grouped = [np.add.reduceat(d[lo:hi], [i - lo for i in starts]) for d in dense]
+    return edges, grouped
 
 
-def _histogram(values: np.ndarray, edges: list[float]) -> list[int]:
-    """Counts per bin; the last bin also takes anything at or past its right edge."""
-    n = len(edges) - 1
-    index = np.clip(np.floor((values - edges[0]) / (edges[1] - edges[0])), 0, n - 1).astype(np.int64)
-    return [int(c) for c in np.bincount(index, minlength=n)]
-
-
-def _shared_edges(series: list[np.ndarray], bins: int = 20) -> list[float]:
-    """Bin edges shared by every histogram, so lengths before/after pruning compare bar for bar."""
-    top = max((float(s.max()) for s in series if len(s)), default=1.0)
-    step = _nice_ticks(0, top / bins, 1)[-1] or 1.0
-    n = max(1, math.ceil((top + 1e-9) / step))
-    if top >= n * step:  # the maximum sits on the last edge: give it a bin of its own
-        n += 1
-    return [round(i * step, 10) for i in range(n + 1)]
+def _distributions(data: Any) -> Distributions | None:
+    if data is None:
+        return None
+    if isinstance(data, pa.Table):
+        return Distributions.from_table(data)
+    if isinstance(data, ShardSummary):
+        return data.distributions
+    if isinstance(data, Distributions):
+        return data
+    raise TypeError(
+        f"data must be a pyarrow.Table, a tokenskip.summary.ShardSummary/Distributions or None, "
+        f"got {type(data).__name__}"
+    )
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -446,45 +427,47 @@ def _funnel_section(counts: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _lengths_section(data: pa.Table | None) -> str:
+def _lengths_section(dist: Distributions | None) -> str:
     out = ["<h2>Token lengths before and after pruning</h2>"]
-    if data is None or data.num_rows == 0:
+    if dist is None or dist.empty:
         out.append('<p class="note">No data rows: no length distributions to show.</p>')
         return "\n".join(out)
-    original, tokens, _ = _token_series(data)
-    targets = sorted(tokens, reverse=True)
-    series = [("original CoT", original, _GREY)] + [
-        (f"ratio {t:g}", tokens[t], _RATIO_COLOURS[i % len(_RATIO_COLOURS)]) for i, t in enumerate(targets)
+    series = [("original CoT", dist.original_tokens, _GREY)] + [
+        (f"ratio {float(k):g}", stats, _RATIO_COLOURS[i % len(_RATIO_COLOURS)])
+        for i, (k, stats) in enumerate(sorted(dist.compressed_tokens.items(), key=lambda kv: -float(kv[0])))
     ]
-    edges = _shared_edges([s for _, s, _ in series])
+    series = [s for s in series if s[1].count]
+    edges, grouped = _shared_bins([stats for _, stats, _ in series])
     figures = [
-        _figure(f"{name}: {len(values)} CoTs", _histogram_chart(f"Tokens, {name}", _histogram(values, edges), edges, c))
-        for name, values, c in series
-        if len(values)
+        _figure(f"{name}: {stats.count} CoTs", _histogram_chart(f"Tokens, {name}", counts.tolist(), edges, c))
+        for (name, stats, c), counts in zip(series, grouped, strict=True)
     ]  # fmt: skip
     out.append(
-        '<p class="note">Same bins on every histogram, so the shift left shows what pruning saved.</p>'
+        '<p class="note">Same log-spaced bins on every histogram, so the shift left shows what pruning '
+        "saved. Medians and p90 are read off the bins (within one bin, ~4%); means and maxima are exact.</p>"
     )
     out.append('<div class="grid">' + "".join(figures) + "</div>")
     rows = []
-    for name, values, _ in series:
-        d = _describe(values)
+    for name, stats, _ in series:
+        d = _describe(stats)
         rows.append((name, d["n"], _num(d["mean"]), _num(d["median"]), _num(d["p90"]), _num(d["max"])))
     out.append(_table(["series", "CoTs", "mean tokens", "median", "p90", "max"], rows))
     return "\n".join(out)
 
 
-def _ratio_section(counts: dict[str, Any], data: pa.Table | None) -> str:
+def _ratio_section(counts: dict[str, Any], dist: Distributions | None) -> str:
     out = ["<h2>Achieved vs target ratio</h2>"]
     rows: list[dict[str, Any]] = []
-    if data is not None and data.num_rows:
-        original, tokens, achieved = _token_series(data)
-        mean_original = float(original.mean()) if len(original) else None
-        for target in sorted(achieved, reverse=True):
-            d = _describe(achieved[target])
-            mean_tokens = float(tokens[target].mean()) if target in tokens else None
+    if dist is not None and not dist.empty:
+        mean_original = dist.original_tokens.mean
+        for key, stats in sorted(dist.achieved_ratio.items(), key=lambda kv: -float(kv[0])):
+            if not stats.count:
+                continue
+            d = _describe(stats)
+            tokens = dist.compressed_tokens.get(key)
+            mean_tokens = tokens.mean if tokens is not None else None
             rows.append(
-                {"target": target, "mean": d["mean"], "median": d["median"], "p10": d["p10"], "p90": d["p90"],
+                {"target": float(key), "mean": d["mean"], "median": d["median"], "p10": d["p10"], "p90": d["p90"],
                  "n": d["n"], "mean_tokens": mean_tokens,
                  "saved": 1 - mean_tokens / mean_original if mean_tokens is not None and mean_original else None}
             )  # fmt: skip
@@ -658,20 +641,25 @@ def _cards(report: dict[str, Any], resources: Any) -> str:
     ) + "</div>"  # fmt: skip
 
 
-def render_html(report: dict[str, Any], data: pa.Table | None = None, *, resources: Any = None) -> str:
+def render_html(
+    report: dict[str, Any],
+    data: ShardSummary | Distributions | pa.Table | None = None,
+    *,
+    resources: Any = None,
+) -> str:
     """The run report as one self-contained HTML page.
 
     ``report``: the dict :func:`tokenskip.pipeline.run_pipeline` returns (missing sections are shown as
-    missing, not guessed). ``data``: the run's data table (``original_tokens``, ``compressions``) for the
-    length and ratio distributions, or None to show the report's aggregate ratios only. ``resources``: the
-    run's :class:`~tokenskip.config.ResourcesConfig` (or dict) for GPU/CPU-hour figures.
+    missing, not guessed). ``data``: the run's merged shard summary (or its distributions, or a data
+    table with ``original_tokens`` and ``compressions``) for the length and ratio distributions, or None
+    to show the report's aggregate ratios only. ``resources``: the run's
+    :class:`~tokenskip.config.ResourcesConfig` (or dict) for GPU/CPU-hour figures.
     """
     if not isinstance(report, dict):
         raise TypeError(f"report must be the run report dict, got {type(report).__name__}")
     if not isinstance(report.get("counts"), dict):
         raise ValueError("report has no 'counts' dict; pass the dict run_pipeline returns (report.json)")
-    if data is not None and not isinstance(data, pa.Table):
-        raise TypeError(f"data must be a pyarrow.Table or None, got {type(data).__name__}")
+    dist = _distributions(data)
     counts, attempt = report["counts"], report.get("attempt") or {}
     title = f"tokenskip run {report.get('dataset', '?')} / {report.get('run_id', '?')}"
     meta = (
@@ -683,8 +671,8 @@ def render_html(report: dict[str, Any], data: pa.Table | None = None, *, resourc
     sections = [
         _cards(report, resources),
         _funnel_section(counts),
-        _lengths_section(data),
-        _ratio_section(counts, data),
+        _lengths_section(dist),
+        _ratio_section(counts, dist),
         _throughput_section(attempt),
         _cost_section(report, resources),
         "<h2>Raw report</h2><details><summary>report.json</summary><pre>"
@@ -709,32 +697,39 @@ def write_html_report(
     config: Any,
     store_or_run_dir: Any,
     report: dict[str, Any],
-    data: pa.Table | None = None,
+    data: ShardSummary | Distributions | pa.Table | None = None,
     *,
     read_data: bool = True,
 ) -> str:
     """Render ``report`` and write ``report.html`` next to the run's manifest; returns its path.
 
     ``config``: the :class:`~tokenskip.config.PipelineConfig` (its ``output`` storage and ``resources``).
-    ``store_or_run_dir``: the run's :class:`~tokenskip.storage.RunStore` or its run folder (a path on
-    ``config.output``'s filesystem). ``data`` None with ``read_data`` reads the committed run's
-    ``original_tokens`` and ``compressions`` (the report is written after the commit).
+    ``store_or_run_dir``: the run's :class:`~tokenskip.storage.RunStore`, or its run folder (the path
+    ``RunStore.run_dir`` gives for the report's dataset and run id). ``data`` None with ``read_data``
+    merges the run's shard summaries (the markers; parts only for markers without a summary) for a
+    committed run: the data rows themselves are never loaded.
     """
-    from tokenskip.storage import open_filesystem, read_table
-
-    fs, _ = open_filesystem(config.output)
-    run_dir = getattr(store_or_run_dir, "run_dir", store_or_run_dir)
-    if not isinstance(run_dir, str) or not run_dir:
-        raise TypeError("store_or_run_dir must be a RunStore or a run folder path")
+    store = _run_store(config, store_or_run_dir, report)
     if data is None and read_data and report.get("committed"):
-        data = read_table(
-            config.output,
-            report.get("dataset") or config.dataset,
-            "data",
-            report.get("run_id"),
-            columns=["original_tokens", "compressions"],
-        )
+        data = run_summary(store)
     page = render_html(report, data, resources=getattr(config, "resources", None))
-    path = posixpath.join(run_dir.rstrip("/"), REPORT_HTML_NAME)
-    fs.pipe(path, page.encode("utf-8"))
-    return path
+    return store.write_file(REPORT_HTML_NAME, page.encode("utf-8"))
+
+
+def _run_store(config: Any, store_or_run_dir: Any, report: dict[str, Any]):
+    from tokenskip.storage import RunStore
+
+    if isinstance(store_or_run_dir, RunStore):
+        return store_or_run_dir
+    if not isinstance(store_or_run_dir, str) or not store_or_run_dir:
+        raise TypeError("store_or_run_dir must be a RunStore or a run folder path")
+    run_id = report.get("run_id")
+    if not run_id:
+        raise ValueError("report has no 'run_id': pass the run's RunStore instead of a folder")
+    store = RunStore(config.output, report.get("dataset") or config.dataset, run_id)
+    if store.run_dir.rstrip("/") != store_or_run_dir.rstrip("/"):
+        raise ValueError(
+            f"run folder {store_or_run_dir!r} is not where {config.output.root!r} keeps run {run_id!r} "
+            f"({store.run_dir!r}); pass the run's RunStore"
+        )
+    return store

@@ -11,8 +11,9 @@ Layout under ``<root>/<dataset>/``::
     _pins/<run_id>.json                             runs that retention must keep
     _locks/<name>.json                              leases (see :class:`Lock`)
 
-A run becomes visible only when its manifest exists, and readers read exactly the files the manifest
-lists (checking size and sha256), never a directory listing: stray parts from crashed attempts and
+A run becomes visible only when its manifest exists, and readers (:func:`read_table` for small runs,
+:func:`iter_batches` streaming file by file, :func:`read_dataset` for Ray Data) read exactly the files
+the manifest lists (checking size and sha256), never a directory listing: stray parts from crashed attempts and
 runs still in progress are invisible. The manifest and shard markers are written with "create only if
 absent" (S3 ``If-None-Match: *``; locally a hard link of a complete temp file), so two writers can
 never both commit the same run.
@@ -37,12 +38,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import fsspec
 import fsspec.asyn
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +61,11 @@ MANIFEST_FORMAT = 1
 _DEFAULT_SCHEMAS = {"data": COMPRESSED_SCHEMA, "rejects": REJECT_SCHEMA, "errors": ERROR_SCHEMA}
 # Dataset, run, shard and lock names become path components: keep them boring.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
+# Side files of a run (report.json, _refresh.json, ...): one path component, never a name the layout uses.
+_RUN_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]{0,199}$")
+_RESERVED_RUN_NAMES = frozenset({*KINDS, "_shards", MANIFEST_NAME})
+# Markers read per request when walking a run's shards: bounded memory, still concurrent on S3.
+_MARKER_CHUNK = 64
 
 T = TypeVar("T")
 
@@ -184,6 +191,15 @@ def _check_name(value: str, what: str) -> str:
             "letter or digit (it becomes a path component)"
         )
     return value
+
+
+def _check_run_file(name: str) -> str:
+    if not isinstance(name, str) or not _RUN_FILE_RE.match(name) or name in _RESERVED_RUN_NAMES:
+        raise ValueError(
+            f"invalid run file name {name!r}: one path component of [A-Za-z0-9._=+-] (may start with '_'), "
+            f"not one of {sorted(_RESERVED_RUN_NAMES)}"
+        )
+    return name
 
 
 def _check_kind(kind: str) -> str:
@@ -570,6 +586,12 @@ class ShardRecord(BaseModel):
         "the commit refuses two shards sharing one; None for shards that hold no generated work (the "
         "input stage's rejects and errors) and for markers written before this field existed.",
     )
+    summary: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON summary of the shard's rows (tokenskip.summary.ShardSummary), so end-of-run "
+        "statistics merge small records instead of re-reading parts. None on markers written before it "
+        "existed (or without one): readers then compute it from the parts.",
+    )
 
 
 class CodeVersion(BaseModel):
@@ -678,15 +700,25 @@ class RunStore:
         return sink.getvalue().to_pybytes()
 
     def write_shard(
-        self, shard_id: str, tables: dict[str, pa.Table], problem_ids: Iterable[str] | None = None
+        self,
+        shard_id: str,
+        tables: dict[str, pa.Table],
+        summary: dict[str, Any] | BaseModel | None = None,
+        problem_ids: Iterable[str] | None = None,
     ) -> ShardRecord:
         """Write one parquet part per kind, then the shard's commit marker.
 
-        ``problem_ids``: the problems whose generated samples the shard holds (recorded in the marker;
-        resume and the commit's duplicate check use them). Writing a committed shard again with the
-        same content returns its record and writes nothing; different content raises
+        ``summary`` (a JSON-able dict or a pydantic model, e.g. :class:`tokenskip.summary.ShardSummary`)
+        goes into the marker, so end-of-run statistics need the markers only. ``problem_ids``: the
+        problems whose generated samples the shard holds (resume and the commit's duplicate check use
+        them). Writing a committed shard again with the same content returns its record and writes
+        nothing (the committed marker keeps its summary); different content raises
         :class:`ShardConflict` (and leaves the committed parts untouched).
         """
+        if isinstance(summary, BaseModel):
+            summary = summary.model_dump(mode="json")
+        if summary is not None and not isinstance(summary, dict):
+            raise TypeError(f"summary must be a dict, a pydantic model or None, got {type(summary).__name__}")
         _check_name(shard_id, "shard id")
         if not tables:
             raise ValueError("write_shard needs at least one table (kind -> pa.Table)")
@@ -715,6 +747,7 @@ class RunStore:
             created_at=_now(),
             files=files,
             schemas={kind: SchemaRecord.of(tables[kind].schema) for kind in encoded},
+            summary=summary,
             problem_ids=None if problem_ids is None else sorted(set(problem_ids)),
         )
         try:
@@ -757,17 +790,64 @@ class RunStore:
         except FileNotFoundError:
             return None
 
+    def committed_shard_ids(self) -> list[str]:
+        """Ids of the shards with a commit marker, from one listing (markers only appear complete)."""
+        folder = posixpath.join(self.run_dir, "_shards")
+        names = self._backend.list_names(folder)
+        return sorted(n.removesuffix(".json") for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def iter_committed_shards(self) -> Iterator[ShardRecord]:
+        """Commit markers in shard-id order, read a chunk at a time: memory stays at one chunk of
+        markers however many shards the run has. Lists ``_shards/``: for writers only."""
+        folder = posixpath.join(self.run_dir, "_shards")
+        ids = self.committed_shard_ids()
+        for start in range(0, len(ids), _MARKER_CHUNK):
+            paths = [posixpath.join(folder, f"{i}.json") for i in ids[start : start + _MARKER_CHUNK]]
+            for data in self._backend.read_many(paths).values():
+                yield ShardRecord.model_validate_json(data)
+
     def committed_shards(self) -> dict[str, ShardRecord]:
         """Shards with a commit marker (for resume: skip these). Lists ``_shards/``, so it is for
-        writers only; readers use the manifest."""
-        folder = posixpath.join(self.run_dir, "_shards")
-        names = [n for n in self._backend.list_names(folder) if n.endswith(".json") and not n.startswith(".")]
-        paths = [posixpath.join(folder, n) for n in names]
-        records = {}
-        for data in self._backend.read_many(paths).values():
-            record = ShardRecord.model_validate_json(data)
-            records[record.shard_id] = record
-        return dict(sorted(records.items()))
+        writers only; readers use the manifest. Holds every marker at once: prefer
+        :meth:`committed_shard_ids` or :meth:`iter_committed_shards` on big runs."""
+        return {record.shard_id: record for record in self.iter_committed_shards()}
+
+    def iter_part_batches(
+        self,
+        record: ShardRecord,
+        kind: str,
+        columns: list[str] | None = None,
+        batch_size: int = 4096,
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows of one committed shard's part of ``kind``, batch by batch, checked against the
+        marker (size, sha256, rows); nothing when the shard wrote no such part."""
+        _check_kind(kind)
+        file = record.files.get(kind)
+        if file is None:
+            return
+        schema = record.schemas[kind].to_arrow()
+        yield from _iter_file_batches(
+            self._backend, posixpath.join(self.run_dir, file.path), file, schema, columns, batch_size
+        )
+
+    def write_file(self, name: str, data: bytes) -> str:
+        """Write a side file of the run (``report.json``, ``report.html``, ...) next to its manifest,
+        replacing any earlier version atomically (readers see old or new bytes); retried on transient
+        errors. Allowed after the commit: side files are not part of the manifest. Returns its path."""
+        path = posixpath.join(self.run_dir, _check_run_file(name))
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if isinstance(self._backend, _LocalBackend):
+            # The local write is atomic (temp + rename) but not retried on its own.
+            self._backend._retry(f"write {path}", lambda: self._backend.write(path, data))
+        else:
+            self._backend.write(path, data)
+        return path
+
+    def read_file(self, name: str) -> bytes:
+        """A side file written with :meth:`write_file` (FileNotFoundError if absent)."""
+        return self._backend.read(posixpath.join(self.run_dir, _check_run_file(name)))
 
     def shard_problem_ids(self, record: ShardRecord) -> set[str]:
         """The problems a committed shard holds: from its marker, or (markers written before markers
@@ -809,12 +889,16 @@ class RunStore:
             known["config"] = known["config"].model_dump(mode="json")
         if "config" in known and "config_hash" not in known:
             known["config_hash"] = compute_config_hash(known["config"])
-        shards = self.committed_shards()
-        _refuse_duplicate_problems(self.run_id, shards)
-
+        # Marker by marker: only files and schemas are kept (summaries are dropped as we go), and a
+        # compact fingerprint of each problem for the duplicate check.
+        shard_ids: list[str] = []
+        problems = _ProblemOwners(self.run_id)
         kind_schemas: dict[str, SchemaRecord] = {}
         files: dict[str, list[FileRecord]] = {}
-        for shard_id, record in shards.items():
+        for record in self.iter_committed_shards():
+            shard_id = record.shard_id
+            shard_ids.append(shard_id)
+            problems.add(record)
             for kind, file in record.files.items():
                 schema = record.schemas[kind]
                 first = kind_schemas.setdefault(kind, schema)
@@ -824,6 +908,7 @@ class RunStore:
                         f"but an earlier shard has\n{first.text}"
                     )
                 files.setdefault(kind, []).append(file)
+        problems.check(lambda shard_id: self._read_marker(self._marker_path(shard_id)).problem_ids or [])
         for kind, schema in {**_DEFAULT_SCHEMAS, **(schemas or {})}.items():
             _check_kind(kind)
             if kind in kind_schemas:
@@ -842,7 +927,7 @@ class RunStore:
             rows={kind: sum(f.rows for f in fs) for kind, fs in files.items()},
             schemas=kind_schemas,
             files=files,
-            shards=list(shards),
+            shards=shard_ids,
             extra=fields,
             **known,
         )
@@ -872,19 +957,52 @@ class RunStore:
                     )
 
 
-def _refuse_duplicate_problems(run_id: str, shards: dict[str, ShardRecord]) -> None:
-    """A problem's samples (and so their keys) must live in exactly one shard of a run. Two shards
-    sharing a problem means two attempts planned shards differently; committing both would list
-    every such sample twice."""
-    owner: dict[str, str] = {}
-    for shard_id, record in shards.items():
-        for pid in record.problem_ids or ():
-            first = owner.setdefault(pid, shard_id)
-            if first != shard_id:
+class _ProblemOwners:
+    """The commit's duplicate check: a problem's samples (and so their keys) must live in exactly one
+    shard of a run; two shards sharing one means attempts planned shards differently, and committing
+    both would list every such sample twice. Holds 8 bytes per problem (the first 64 bits of its id,
+    which is a hex digest) plus the shard index, not the id strings, so a million problems cost ~16 MB;
+    a clash of fingerprints is confirmed on the full ids before it is reported."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._prints: list[np.ndarray] = []
+        self._shards: list[np.ndarray] = []
+        self._shard_ids: list[str] = []
+
+    def add(self, record: ShardRecord) -> None:
+        ids = record.problem_ids or []
+        index = len(self._shard_ids)
+        self._shard_ids.append(record.shard_id)
+        self._prints.append(np.fromiter((_fingerprint(p) for p in ids), dtype=np.uint64, count=len(ids)))
+        self._shards.append(np.full(len(ids), index, dtype=np.int64))
+
+    def check(self, read_ids: Callable[[str], list[str]]) -> None:
+        """:class:`DuplicateKeys` naming a problem held by two shards. ``read_ids(shard_id)`` re-reads
+        a shard's ids to confirm a fingerprint clash."""
+        if not self._prints:
+            return
+        prints, shards = np.concatenate(self._prints), np.concatenate(self._shards)
+        order = np.argsort(prints, kind="stable")
+        prints, shards = prints[order], shards[order]
+        clash = np.nonzero((prints[1:] == prints[:-1]) & (shards[1:] != shards[:-1]))[0]
+        for i in clash:
+            a, b = self._shard_ids[shards[i]], self._shard_ids[shards[i + 1]]
+            common = sorted(set(read_ids(a)) & set(read_ids(b)))
+            if common:
                 raise DuplicateKeys(
-                    f"run {run_id!r}: problem {pid!r} is in shard {first!r} and in shard {shard_id!r}; "
+                    f"run {self.run_id!r}: problem {common[0]!r} is in shard {a!r} and in shard {b!r}; "
                     "committing both would list its sample keys twice"
                 )
+
+
+def _fingerprint(problem_id: str) -> int:
+    """64 bits of a problem id: its leading hex digits (ids are sha256 digests), or a hash of ids
+    that are not hex (hand-made tables)."""
+    try:
+        return int(problem_id[:16], 16)
+    except ValueError:
+        return int.from_bytes(hashlib.blake2b(problem_id.encode(), digest_size=8).digest(), "big")
 
 
 def _write_latest(backend: _Backend, paths: _DatasetPaths, run_id: str) -> None:
@@ -944,12 +1062,7 @@ def read_table(
     backend, root_path = _backend(config)
     paths = _DatasetPaths(root_path, dataset)
     manifest = _read_manifest(backend, paths, dataset, run_id)
-    schema = _kind_schema(manifest, kind)
-    if columns is not None:
-        unknown = sorted(set(columns) - set(schema.names))
-        if unknown:
-            raise ValueError(f"unknown columns {unknown} for {kind!r}; the schema has {schema.names}")
-        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    schema = _project(_kind_schema(manifest, kind), columns, kind)
     run_dir = paths.run_dir(manifest.run_id)
     records = {posixpath.join(run_dir, f.path): f for f in manifest.files.get(kind, [])}
     try:
@@ -972,6 +1085,129 @@ def read_table(
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
+
+
+def _project(schema: pa.Schema, columns: list[str] | None, kind: str) -> pa.Schema:
+    if columns is None:
+        return schema
+    unknown = sorted(set(columns) - set(schema.names))
+    if unknown:
+        raise ValueError(f"unknown columns {unknown} for {kind!r}; the schema has {schema.names}")
+    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+
+
+def _read_checked(backend: _Backend, path: str, record: FileRecord) -> bytes:
+    """One file's bytes, refused unless size (and sha256 when configured) match its record."""
+    try:
+        data = backend.read(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: listed in the manifest (or shard marker) but missing") from None
+    if len(data) != record.size:
+        raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
+    if backend.config.verify_sha256 and _sha256(data) != record.sha256:
+        raise IntegrityError(f"{path}: sha256 differs from the manifest")
+    return data
+
+
+def _iter_file_batches(
+    backend: _Backend,
+    path: str,
+    record: FileRecord,
+    schema: pa.Schema,
+    columns: list[str] | None,
+    batch_size: int,
+) -> Iterator[pa.RecordBatch]:
+    """Batches of one checked file with exactly ``schema`` (projected to ``columns``). Parquet needs
+    its footer first, so the file is read whole (checked, then decoded batch by batch): peak memory is
+    one file's bytes plus one decoded batch, whatever the size of the run."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    target = _project(schema, columns, "file")
+    data = _read_checked(backend, path, record)
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    if parquet.metadata.num_rows != record.rows:
+        raise IntegrityError(f"{path}: {parquet.metadata.num_rows} rows, the manifest says {record.rows}")
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=target.names):
+        yield batch if batch.schema.equals(target, check_metadata=True) else batch.cast(target)
+
+
+def iter_batches(
+    config: StorageConfig,
+    dataset: str,
+    kind: str = "data",
+    run_id: str | None = None,
+    columns: list[str] | None = None,
+    batch_size: int = 4096,
+) -> Iterator[pa.RecordBatch]:
+    """The rows of ``kind`` in a committed run (LATEST when ``run_id`` is None) as record batches of at
+    most ``batch_size`` rows, file by file in manifest order: the files the manifest lists and no
+    others, each checked against its size/sha256/rows before any of its rows are yielded, with the
+    manifest's schema (only ``columns`` if given). Memory stays at about one file, not the run."""
+    _check_kind(kind)
+    backend, root_path = _backend(config)
+    paths = _DatasetPaths(root_path, dataset)
+    manifest = _read_manifest(backend, paths, dataset, run_id)
+    schema = _kind_schema(manifest, kind)
+    _project(schema, columns, kind)  # unknown columns fail before the first read
+    run_dir = paths.run_dir(manifest.run_id)
+    for record in manifest.files.get(kind, []):
+        yield from _iter_file_batches(
+            backend, posixpath.join(run_dir, record.path), record, schema, columns, batch_size
+        )
+
+
+def read_dataset(
+    config: StorageConfig,
+    dataset: str,
+    kind: str = "data",
+    run_id: str | None = None,
+    columns: list[str] | None = None,
+    **read_parquet_args: Any,
+):
+    """A :class:`ray.data.Dataset` over ``kind`` of a committed run, read by Ray workers from exactly
+    the manifest's files (never a directory listing) with the manifest's schema.
+
+    Before building it, one listing per kind checks that every file exists with its recorded size
+    (catches a lost or truncated part); the sha256 is not checked here, since the bytes are read on the
+    workers (use :func:`iter_batches` for a fully checked read). ``read_parquet_args`` go to
+    ``ray.data.read_parquet`` (e.g. ``override_num_blocks``)."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    _check_kind(kind)
+    backend, root_path = _backend(config)
+    paths = _DatasetPaths(root_path, dataset)
+    manifest = _read_manifest(backend, paths, dataset, run_id)
+    schema = _kind_schema(manifest, kind)
+    _project(schema, columns, kind)  # unknown columns fail here, not on a worker
+    run_dir = paths.run_dir(manifest.run_id)
+    records = [r for r in manifest.files.get(kind, []) if r.rows]
+    if not records:
+        return ray.data.from_arrow(_project(schema, columns, kind).empty_table())
+    sizes = backend.sizes(posixpath.join(run_dir, kind))
+    for record in records:
+        size = sizes.get(posixpath.basename(record.path))
+        if size != record.size:
+            raise IntegrityError(
+                f"{posixpath.join(run_dir, record.path)}: "
+                f"{'missing' if size is None else f'{size} bytes'}, the manifest says {record.size}"
+            )
+    ds = ray.data.read_parquet(
+        [posixpath.join(run_dir, r.path) for r in records],
+        filesystem=PyFileSystem(FSSpecHandler(backend.fs)),
+        schema=schema,
+        **read_parquet_args,
+    )
+    return ds if columns is None else ds.select_columns(columns)
+
+
+def read_run_file(config: StorageConfig, dataset: str, name: str, run_id: str | None = None) -> bytes:
+    """A side file of a committed run (``report.json``, ``report.txt``, ``report.html``, ...; LATEST's
+    run when ``run_id`` is None), written with :meth:`RunStore.write_file`."""
+    backend, root_path = _backend(config)
+    paths = _DatasetPaths(root_path, dataset)
+    manifest = _read_manifest(backend, paths, dataset, run_id)
+    return backend.read(posixpath.join(paths.run_dir(manifest.run_id), _check_run_file(name)))
 
 
 def committed_files(
