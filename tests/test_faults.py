@@ -346,22 +346,22 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
 
 
 # The CLI driver, SIGKILLing itself right after its ``kill_after``-th shard commit (the input shard
-# counts as the 0th): an exact stage boundary, with no race against a watcher.
+# counts as the 0th; workers write the others, the driver learns of each from its record): an exact
+# stage boundary, with no race against a watcher.
 _KILLING_DRIVER = """
 import os, signal, sys
 from tokenskip import cli, pipeline
 kill_after = int(sys.argv[1])
 commits = []
-write_shard = pipeline.RunStore.write_shard
+note_shard_committed = pipeline.note_shard_committed
 
-def write_shard_then_die(self, shard_id, tables, **marker_fields):
-    record = write_shard(self, shard_id, tables, **marker_fields)
+def note_then_die(shard_id, record):
+    note_shard_committed(shard_id, record)
     commits.append(shard_id)
     if kill_after >= 0 and len(commits) > kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
-    return record
 
-pipeline.RunStore.write_shard = write_shard_then_die
+pipeline.note_shard_committed = note_then_die
 sys.exit(cli.main(sys.argv[2:]))
 """
 

@@ -91,13 +91,27 @@ class ResourcesConfig(BaseModel):
     )
     compression_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per scorer actor.")
     compression_gpus: float = Field(default=0.0, ge=0, description="GPUs per scorer actor.")
-    compression_batch_size: int = Field(default=32, ge=1, description="CoTs per scoring call.")
+    compression_batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="CoTs per scoring call. The stage receives whole shards and scores them in calls of "
+        "this many.",
+    )
     grading_cpus: float = Field(default=0.25, gt=0, description="CPUs per grading task.")
+    write_cpus: float = Field(
+        default=0.25,
+        gt=0,
+        description="CPUs per write task (Parquet encoding + upload of one shard's parts, on the worker "
+        "that holds the rows, so the driver never sees them).",
+    )
     shard_size: int = Field(
         default=64,
         ge=1,
         description="Problems per committed shard. Smaller shards lose less work when a run dies and show "
-        "progress sooner; larger ones make fewer, bigger Parquet files.",
+        "progress sooner; larger ones make fewer, bigger Parquet files. A shard stays whole from "
+        "generation to the write stage (workers write it) when generation_batch_size is a multiple of "
+        "it; otherwise the driver assembles and writes split shards (correct, but their rows pass "
+        "through the driver).",
     )
     omp_threads: int | None = Field(
         default=None,

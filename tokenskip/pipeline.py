@@ -50,9 +50,11 @@ from tokenskip.storage import (
     LockHeartbeat,
     NotLockOwner,
     RunStore,
+    ShardRecord,
     read_manifest,
 )
 from tokenskip.summary import ShardSummary, run_counts, run_summary
+from tokenskip.write_stage import decode_rows, shards_stay_whole, write_complete_shards
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,14 @@ class Plan:
             f"  grade      policy={c.selection.policy} cpus={r.grading_cpus} timeout={c.grading.timeout_s}s",
             f"  compress   scorer={c.compression.scorer.kind}:{c.compression.scorer.model} ratios={c.compression.ratios} "
             f"actors={r.compression_actors} cpus/actor={r.compression_cpus} gpus/actor={r.compression_gpus}",
-            f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet",
+            f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
+            f"cpus/task={r.write_cpus}",
         ]
+        if not shards_stay_whole(r.shard_size, r.generation_batch_size):
+            lines.append(
+                f"  note: generation_batch_size {r.generation_batch_size} is not a multiple of shard_size "
+                f"{r.shard_size}: split shards are assembled and written by the driver"
+            )
         if self.load_errors.num_rows:
             reasons = Counter(self.load_errors.column("reason").to_pylist())
             lines.append("load errors: " + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()))
@@ -238,7 +246,11 @@ class CompressKeptStage:
         pa.field("compress_seconds", pa.float64()),
     ]
 
-    def __init__(self, compression, *, cpus: float = 0.5, omp_threads: int | None = None):
+    def __init__(
+        self, compression, *, cpus: float = 0.5, omp_threads: int | None = None, batch_size: int = 32
+    ):
+        # Ray Data hands over whole shards (so the write stage gets them whole); score in chunks.
+        self.batch_size = batch_size
         from tokenskip.compress import Compressor
         from tokenskip.models import resolve_model
         from tokenskip.torch_thread import TorchThread
@@ -259,15 +271,16 @@ class CompressKeptStage:
         kept_idx = [i for i, r in enumerate(rows) if r["status"] == "kept"]
         extra: dict[int, dict[str, Any]] = {}
         started = time.perf_counter()
-        if kept_idx:
-            sub = {"cot": [rows[i]["cot"] for i in kept_idx]}
+        for start in range(0, len(kept_idx), self.batch_size):
+            chunk = kept_idx[start : start + self.batch_size]
+            sub = {"cot": [rows[i]["cot"] for i in chunk]}
             try:
                 out = self.torch_thread.run(self.compressor, sub)
-                per_row = [{k: out[k][j] for k in out} for j in range(len(kept_idx))]
+                per_row = [{k: out[k][j] for k in out} for j in range(len(chunk))]
             except Exception as batch_error:
                 log.warning("compression failed on a batch (%s); retrying row by row", batch_error)
                 per_row = []
-                for i in kept_idx:
+                for i in chunk:
                     try:
                         one = self.torch_thread.run(self.compressor, {"cot": [rows[i]["cot"]]})
                         per_row.append({k: one[k][0] for k in one})
@@ -275,7 +288,7 @@ class CompressKeptStage:
                         per_row.append(
                             {"error": "compression_error", "error_detail": f"{type(e).__name__}: {e}"}
                         )
-            for i, values in zip(kept_idx, per_row, strict=True):
+            for i, values in zip(chunk, per_row, strict=True):
                 extra[i] = values
         seconds = (time.perf_counter() - started) / max(1, len(kept_idx))
         for i, values in extra.items():
@@ -347,7 +360,9 @@ class AttemptStats:
     progress: list[dict[str, float]] = field(default_factory=list)
 
 
-def _build_dataset(config: PipelineConfig, shards: list[Shard]):
+def _build_dataset(
+    config: PipelineConfig, shards: list[Shard], store: RunStore, expected_rows: dict[str, int]
+):
     import ray
 
     r = config.resources
@@ -393,14 +408,24 @@ def _build_dataset(config: PipelineConfig, shards: list[Shard]):
             "compression": config.compression,
             "cpus": r.compression_cpus,
             "omp_threads": r.omp_threads,
+            "batch_size": r.compression_batch_size,
         },
-        batch_size=r.compression_batch_size,
+        batch_size=None,  # whole blocks: shards stay whole for the write stage
         batch_format="pyarrow",
         concurrency=r.compression_actors,
         num_cpus=r.compression_cpus,
         num_gpus=r.compression_gpus,
         max_restarts=-1,
         max_task_retries=-1,
+    )
+    # Workers write each whole shard (parts, then marker) and pass on only its record.
+    ds = ds.map_batches(
+        write_complete_shards,
+        fn_kwargs={"store": store, "expected_rows": expected_rows},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=r.write_cpus,
+        max_retries=-1,  # a worker that died mid-write: the task runs again (same part names)
     )
     return ds
 
@@ -555,6 +580,7 @@ def _run_leased(
         "errors": plan.load_errors.cast(ERROR_SCHEMA),
     }
     store.write_shard(INPUT_SHARD, input_tables, summary=ShardSummary.from_tables(input_tables))
+    note_shard_committed(INPUT_SHARD, None)
 
     stats = AttemptStats()
     pending = plan.pending
@@ -563,38 +589,41 @@ def _run_leased(
     pipeline_start = time.perf_counter()
     if pending:
         init_ray()
-        ds = _build_dataset(config, pending)
         expected = {s.shard_id: s.size * config.sampling.n for s in pending}
-        shard_by_id = {s.shard_id: s for s in pending}
-        buffers: dict[str, list[pa.Table]] = defaultdict(list)
-        counts: Counter = Counter()
+        ds = _build_dataset(config, pending, store, expected)
+        # Shards a worker could not write whole (a split block): their rows, until complete.
+        partial: dict[str, list[pa.Table]] = defaultdict(list)
+        done: set[str] = set()
         bar = _progress_bar(len(pending), progress)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard_id in set(batch.column("shard_id").to_pylist()):
-                part = batch.filter(pa.compute.equal(batch.column("shard_id"), shard_id))
-                buffers[shard_id].append(part)
-                counts[shard_id] += part.num_rows
-                if counts[shard_id] == expected[shard_id]:
-                    rows = pa.concat_tables(buffers.pop(shard_id))
-                    problem_ids = shard_by_id[shard_id].problems.column("id").to_pylist()
-                    write_shard_rows(store, shard_id, rows, problem_ids=problem_ids)
-                    _account(stats, rows)
-                    stats.shards_committed += 1
-                    stats.progress.append(
-                        {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.tokens_generated}
-                    )
-                    bar.update(1)
-                    log_stage_event(
-                        "commit_shard",
-                        shard_id=shard_id,
-                        rows=rows.num_rows,
-                        shards_committed=stats.shards_committed,
-                        shards_pending=len(pending),
-                        tokens=stats.tokens_generated,
-                        t=round(time.perf_counter() - wall_start, 3),
-                    )
+            for result in batch.to_pylist():
+                shard_id = result["shard_id"]
+                if result["record"] is not None:
+                    record = ShardRecord.model_validate_json(result["record"])
+                else:
+                    partial[shard_id].append(decode_rows(result["rows"]))
+                    if sum(t.num_rows for t in partial[shard_id]) < expected[shard_id]:
+                        continue
+                    record = write_shard_rows(store, shard_id, pa.concat_tables(partial.pop(shard_id)))
+                done.add(shard_id)
+                _account(stats, record)
+                stats.shards_committed += 1
+                stats.progress.append(
+                    {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.tokens_generated}
+                )
+                bar.update(1)
+                log_stage_event(
+                    "commit_shard",
+                    shard_id=shard_id,
+                    rows=sum(f.rows for f in record.files.values()),
+                    shards_committed=stats.shards_committed,
+                    shards_pending=len(pending),
+                    tokens=stats.tokens_generated,
+                    t=round(time.perf_counter() - wall_start, 3),
+                )
+                note_shard_committed(shard_id, record)
         bar.close()
-        missing = [s for s in expected if s in buffers or counts[s] != expected[s]]
+        missing = sorted(set(expected) - done)
         if missing:
             raise RuntimeError(
                 f"{len(missing)} shards finished with missing rows: {missing[:5]}; re-run to resume"
@@ -662,17 +691,21 @@ def _run_leased(
     return report
 
 
-def _account(stats: AttemptStats, rows: pa.Table) -> None:
-    pylist = rows.select(["problem_id", "gen_tokens", "gen_seconds", "compress_seconds"]).to_pylist()
-    stats.problems_generated += len({r["problem_id"] for r in pylist})
-    stats.samples_generated += len(pylist)
-    stats.tokens_generated += sum(r["gen_tokens"] or 0 for r in pylist)
-    stats.compression_seconds += sum(r["compress_seconds"] or 0.0 for r in pylist)
-    seen = set()
-    for r in pylist:  # gen_seconds is per problem, repeated on each of its samples
-        if r["problem_id"] not in seen:
-            seen.add(r["problem_id"])
-            stats.generation_seconds += r["gen_seconds"] or 0.0
+def _account(stats: AttemptStats, record: ShardRecord) -> None:
+    """This attempt's engine work, from the shard's summary (the rows stayed with the worker)."""
+    engine = ShardSummary.model_validate(record.summary).engine if record.summary else None
+    if engine is None:
+        return
+    stats.problems_generated += engine.problems_generated
+    stats.samples_generated += engine.samples_generated
+    stats.tokens_generated += engine.tokens_generated
+    stats.generation_seconds += engine.generation_seconds
+    stats.compression_seconds += engine.compression_seconds
+
+
+def note_shard_committed(shard_id: str, record: ShardRecord | None) -> None:
+    """Called on the driver as each shard of the attempt is known committed (the input shard first,
+    with no record). A hook point: fault tests stop the driver at these exact boundaries."""
 
 
 class _NoBar:

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenskip.failpoints import failpoint
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.schema import config_hash as compute_config_hash
 
@@ -742,6 +743,7 @@ class RunStore:
             files[kind] = FileRecord(
                 path=rel, rows=tables[kind].num_rows, size=len(data), sha256=_sha256(data)
             )
+        failpoint("shard-parts-written")  # tests: a writer dying between its parts and its marker
         record = ShardRecord(
             shard_id=shard_id,
             created_at=_now(),

@@ -1,0 +1,32 @@
+"""Named points where a process can be made to die, to prove that recovery works.
+
+Off unless ``TOKENSKIP_FAILPOINTS`` is set (one environment lookup per point passed), so production
+runs never reach them. The value is ``point=token-file[,point=token-file...]``: the first process that
+reaches ``point`` and manages to create ``token-file`` SIGKILLs itself; every later one goes on. Fault
+tests set it for Ray workers only (``runtime_env={"env_vars": ...}``), to kill a worker at an exact
+step, e.g. after a shard's parts are written and before its commit marker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "TOKENSKIP_FAILPOINTS"
+
+
+def failpoint(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, _, token = item.partition("=")
+        if point.strip() != name or not token:
+            continue
+        try:
+            fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return  # fired already: recovery must now succeed
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
