@@ -674,6 +674,7 @@ class RunStore:
         self,
         shard_id: str,
         tables: dict[str, pa.Table],
+        *,
         summary: dict[str, Any] | BaseModel | None = None,
     ) -> ShardRecord:
         """Write one parquet part per kind, then the shard's commit marker.
