@@ -354,8 +354,8 @@ kill_after = int(sys.argv[1])
 commits = []
 write_shard = pipeline.RunStore.write_shard
 
-def write_shard_then_die(self, shard_id, tables):
-    record = write_shard(self, shard_id, tables)
+def write_shard_then_die(self, shard_id, tables, **kwargs):
+    record = write_shard(self, shard_id, tables, **kwargs)
     commits.append(shard_id)
     if kill_after >= 0 and len(commits) > kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
