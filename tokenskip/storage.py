@@ -704,6 +704,7 @@ class RunStore:
         self,
         shard_id: str,
         tables: dict[str, pa.Table],
+        *,
         summary: dict[str, Any] | BaseModel | None = None,
         problem_ids: Iterable[str] | None = None,
     ) -> ShardRecord:
