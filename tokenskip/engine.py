@@ -204,6 +204,10 @@ def create_async_llm(config: EngineConfig, stat_loggers: list | None = None):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = engine_kwargs(config)
+    if stat_loggers:
+        # Ours only: vLLM's default loggers add a log line every few seconds and a process-wide
+        # Prometheus registry (which two engines in one process, as in tests, would share).
+        kwargs.setdefault("disable_log_stats", True)
     log.info("starting vLLM AsyncLLM on %s: %s", device, {k: v for k, v in kwargs.items() if k != "model"})
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=stat_loggers)
 
@@ -391,10 +395,31 @@ async def agenerate_safe(
         if final is not None and final.finished:
             results[i] = _to_result(final)
 
-    await asyncio.gather(*(serve(i) for i in servable))
+    # vLLM fails pending requests with EngineDeadError when its core process dies, but a request sent
+    # just as the process died can wait forever; so also watch the engine's own dead flag.
+    work = asyncio.ensure_future(asyncio.gather(*(serve(i) for i in servable)))
+    watch = asyncio.ensure_future(_raise_when_dead(engine))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():  # the engine died (or we were cancelled): drop its requests
+            work.cancel()
+    if not work.done() or work.cancelled():
+        watch.result()  # raises EngineDead (or CancelledError if we were cancelled)
+    work.result()  # re-raises EngineDead from a request
     return [
         r if r is not None else PromptResult(error="engine_error", error_detail="no output") for r in results
     ]
+
+
+async def _raise_when_dead(engine, interval_s: float = 1.0) -> None:
+    import asyncio
+
+    while True:
+        await asyncio.sleep(interval_s)
+        if engine.errored:
+            raise EngineDead("vLLM engine core died (the engine reports itself errored)")
 
 
 def generate(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -240,7 +241,8 @@ class GenerateStage:
         later batch on this actor would fail the same way."""
         log.critical("vLLM engine core died; ending this generation actor so Ray restarts it")
         if _in_ray_actor():
-            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
             os._exit(1)
 
     def shutdown(self) -> None:
