@@ -53,7 +53,7 @@ from tokenskip.storage import (
     ShardRecord,
     read_manifest,
 )
-from tokenskip.summary import ShardSummary, run_counts, run_summary
+from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summary
 from tokenskip.write_stage import decode_rows, shards_stay_whole, write_complete_shards
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,7 @@ class AttemptStats:
     compression_seconds: float = 0.0
     wall_seconds: float = 0.0
     progress: list[dict[str, float]] = field(default_factory=list)
+    engine: EngineTotals = field(default_factory=EngineTotals)  # occupancy terms of this attempt
 
 
 def _build_dataset(
@@ -475,10 +476,21 @@ def _summary_text(report: dict[str, Any]) -> str:
         f"  achieved ratio    {s['achieved_ratio']}",
         f"  this attempt      {a['shards_committed']} shards, {a['problems_generated']} problems, "
         f"{a['tokens_generated']} tokens in {a['wall_seconds']:.1f}s ({a['tokens_per_second']:.1f} tok/s overall)",
+        f"  engine occupancy  {_occupancy_text(a)}",
         f"  stage wall time   load {a['load_seconds']:.1f}s, dedup {a['dedup_seconds']:.1f}s, "
         f"generate+grade+compress {a['pipeline_seconds']:.1f}s, commit {a['commit_seconds']:.1f}s",
     ]
     return "\n".join(lines)
+
+
+def _occupancy_text(attempt: dict[str, Any]) -> str:
+    occupancy = attempt.get("engine_occupancy")
+    if occupancy is None:
+        return "n/a (no generation in this attempt)"
+    return (
+        f"{occupancy:.2f} of max_num_seqs {attempt.get('engine_max_num_seqs')} "
+        f"({attempt.get('generation_max_concurrent_batches')} batches in flight per actor)"
+    )
 
 
 def _write_report(
@@ -650,6 +662,10 @@ def _run_leased(
         "pipeline_seconds": pipeline_seconds,
         "generation_seconds": stats.generation_seconds,
         "compression_seconds": stats.compression_seconds,
+        # Mean running sequences / max_num_seqs over the generation engines' steps (None: no steps).
+        "engine_occupancy": None if stats.engine.occupancy is None else round(stats.engine.occupancy, 4),
+        "engine_max_num_seqs": stats.engine.engine_max_num_seqs or None,
+        "generation_max_concurrent_batches": config.resources.generation_max_concurrent_batches,
         "wall_seconds": stats.wall_seconds,
         "progress": stats.progress,
     }
@@ -703,6 +719,7 @@ def _account(stats: AttemptStats, record: ShardRecord) -> None:
     stats.tokens_generated += engine.tokens_generated
     stats.generation_seconds += engine.generation_seconds
     stats.compression_seconds += engine.compression_seconds
+    stats.engine = stats.engine.merged(engine)
 
 
 def note_shard_committed(shard_id: str, record: ShardRecord | None) -> None:

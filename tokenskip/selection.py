@@ -33,6 +33,10 @@ SAMPLE_ROW_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int64()),
         pa.field("finish_reason", pa.string()),
         pa.field("gen_seconds", pa.float64()),
+        # The problem's shares of its batch's engine steps (tokenskip.generation), for occupancy.
+        pa.field("gen_engine_steps", pa.float64()),
+        pa.field("gen_engine_running_seqs", pa.float64()),
+        pa.field("gen_engine_max_num_seqs", pa.int64()),
         pa.field("verdict", pa.string()),
         pa.field("extracted_answer", pa.string()),
         pa.field("status", pa.string()),
@@ -90,6 +94,9 @@ class GradeSelectStage:
                 "model": self.model,
                 "prompt_tokens": p.get("prompt_tokens"),
                 "gen_seconds": p.get("gen_seconds"),
+                "gen_engine_steps": p.get("gen_engine_steps"),
+                "gen_engine_running_seqs": p.get("gen_engine_running_seqs"),
+                "gen_engine_max_num_seqs": p.get("gen_engine_max_num_seqs"),
             }
             samples = p["samples"] or []
             if p.get("gen_error") or not samples:

@@ -171,23 +171,55 @@ class EngineTotals(BaseModel):
     tokens_generated: int = 0
     generation_seconds: float = 0.0
     compression_seconds: float = 0.0
+    # Engine occupancy terms (tokenskip.generation): steps and running sequences are the rows' shares
+    # of their batches' scheduler stats, so they add up; occupancy = running / (steps x max_num_seqs).
+    engine_steps: float = 0.0
+    engine_running_seqs: float = 0.0
+    engine_max_num_seqs: int = 0
 
     @classmethod
     def from_sample_rows(cls, rows: pa.Table) -> EngineTotals:
-        """From the pipeline's sample rows (``problem_id``, ``gen_tokens``, ``gen_seconds`` per problem
-        repeated on each of its samples, ``compress_seconds`` per sample)."""
-        problems: dict[Any, float] = {}  # bounded by one shard's problems
-        for pid, seconds in zip(
-            rows.column("problem_id").to_pylist(), rows.column("gen_seconds").to_pylist(), strict=True
-        ):
-            problems.setdefault(pid, seconds or 0.0)
+        """From the pipeline's sample rows (``problem_id``; ``gen_tokens`` and ``compress_seconds`` per
+        sample; ``gen_seconds`` and the ``gen_engine_*`` shares per problem, repeated on each of its
+        samples, so each problem counts once)."""
+        per_problem = [
+            c
+            for c in ("gen_seconds", "gen_engine_steps", "gen_engine_running_seqs")
+            if c in rows.column_names
+        ]
+        problems: dict[Any, dict[str, float]] = {}  # bounded by one shard's problems
+        columns = {c: rows.column(c).to_pylist() for c in per_problem}
+        for i, pid in enumerate(rows.column("problem_id").to_pylist()):
+            problems.setdefault(pid, {c: columns[c][i] or 0.0 for c in per_problem})
+        total = lambda c: float(sum(v.get(c, 0.0) for v in problems.values()))  # noqa: E731
+        max_seqs = (
+            pc.max(rows.column("gen_engine_max_num_seqs")).as_py()
+            if "gen_engine_max_num_seqs" in rows.column_names
+            else None
+        )
         return cls(
             samples_generated=rows.num_rows,
             problems_generated=len(problems),
             tokens_generated=int(pc.sum(rows.column("gen_tokens")).as_py() or 0),
-            generation_seconds=float(sum(problems.values())),
+            generation_seconds=total("gen_seconds"),
             compression_seconds=float(pc.sum(rows.column("compress_seconds")).as_py() or 0.0),
+            engine_steps=total("gen_engine_steps"),
+            engine_running_seqs=total("gen_engine_running_seqs"),
+            engine_max_num_seqs=int(max_seqs or 0),
         )
+
+    def merged(self, other: EngineTotals) -> EngineTotals:
+        """Sums, except ``engine_max_num_seqs`` (the largest engine's)."""
+        values = {k: getattr(self, k) + getattr(other, k) for k in EngineTotals.model_fields}
+        values["engine_max_num_seqs"] = max(self.engine_max_num_seqs, other.engine_max_num_seqs)
+        return EngineTotals(**values)
+
+    @property
+    def occupancy(self) -> float | None:
+        """Mean running sequences / max_num_seqs over engine steps (None: no steps recorded)."""
+        if not self.engine_steps or not self.engine_max_num_seqs:
+            return None
+        return self.engine_running_seqs / (self.engine_steps * self.engine_max_num_seqs)
 
 
 class ShardSummary(BaseModel):
@@ -411,10 +443,7 @@ class SummaryAccumulator:
         if summary.engine is None:
             self._engine_known = False
         elif self._engine_known:
-            e = self.engine or EngineTotals()
-            self.engine = EngineTotals(
-                **{k: getattr(e, k) + getattr(summary.engine, k) for k in EngineTotals.model_fields}
-            )
+            self.engine = (self.engine or EngineTotals()).merged(summary.engine)
 
     def finish_shard(self) -> ShardSummary:
         """The summary of the raw batches added as ONE shard."""
