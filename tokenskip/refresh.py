@@ -27,12 +27,9 @@ its hash and ``extra.generation_hash``, which the next refresh compares).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import math
-import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -41,7 +38,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenskip import dedup as dedup_stage
@@ -51,7 +47,6 @@ from tokenskip.pipeline import INPUT_SHARD, Plan, RunRefused, make_plan, run_pip
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.storage import (
     FileRecord,
-    IntegrityError,
     Lock,
     LockHeartbeat,
     LockHeld,
@@ -60,10 +55,12 @@ from tokenskip.storage import (
     NotLockOwner,
     RunStore,
     apply_retention,
+    delete_dataset_file,
     latest_run_id,
     list_committed_runs,
-    open_filesystem,
+    read_dataset_file,
     read_manifest,
+    write_dataset_file,
 )
 from tokenskip.summary import ShardSummary, SummaryAccumulator
 
@@ -242,43 +239,20 @@ def _generated_mask(table: pa.Table) -> pa.Array:
 
 
 def done_problem_ids(pipeline: PipelineConfig, manifest: Manifest) -> set[str]:
-    """Problem ids with generated rows (kept, graded reject, generation/compression error) in a run.
-
-    Reads only the ``problem_id``/``stage`` column chunks of each file (ranged reads on S3).
-    """
-    fs, root = open_filesystem(pipeline.output)
-    run_dir = posixpath.join(root, pipeline.dataset, "runs", manifest.run_id)
+    """Problem ids with generated rows (kept, graded reject, generation/compression error) in a run,
+    from its parts (each checked against the manifest), reading only ``problem_id``/``stage``."""
+    store = RunStore(pipeline.output, pipeline.dataset, manifest.run_id)
     done: set[str] = set()
-    for records in manifest.files.values():
+    for kind, records in manifest.files.items():
+        schema = manifest.schemas[kind].to_arrow()
+        columns = [c for c in ("problem_id", "stage") if c in schema.names]
         for record in records:
             if record.rows == 0:
                 continue
-            with fs.open(posixpath.join(run_dir, record.path), "rb") as f:
-                parquet = pq.ParquetFile(f)
-                names = parquet.schema_arrow.names
-                table = parquet.read(columns=[c for c in ("problem_id", "stage") if c in names])
+            table = store.read_part(record, schema, columns)
             table = table.filter(_generated_mask(table))
             done.update(p for p in table.column("problem_id").to_pylist() if p is not None)
     return done
-
-
-def _read_part(pipeline: PipelineConfig, run_dir: str, record: FileRecord, schema: pa.Schema) -> pa.Table:
-    """One committed part, checked against its manifest record (size, sha256, rows) as storage's
-    readers do: a damaged previous version must stop the refresh, not be copied forward."""
-    fs, _ = open_filesystem(pipeline.output)
-    path = posixpath.join(run_dir, record.path)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: listed in the previous version's manifest but missing") from None
-    if len(data) != record.size:
-        raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
-    if pipeline.output.verify_sha256 and hashlib.sha256(data).hexdigest() != record.sha256:
-        raise IntegrityError(f"{path}: sha256 differs from the manifest")
-    table = pq.read_table(io.BytesIO(data))
-    if table.num_rows != record.rows:
-        raise IntegrityError(f"{path}: {table.num_rows} rows, the manifest says {record.rows}")
-    return table.cast(schema)
 
 
 def carried_shards(
@@ -288,8 +262,7 @@ def carried_shards(
     at one shard): same shard ids, input-stage rows left out (each version recomputes them from its
     sources) and rows of ``drop_problem_ids`` (problems the current input stage rejects, e.g. newly
     contaminated) left out. Shards left empty are skipped."""
-    fs_root = open_filesystem(pipeline.output)[1]
-    run_dir = posixpath.join(fs_root, pipeline.dataset, "runs", manifest.run_id)
+    store = RunStore(pipeline.output, pipeline.dataset, manifest.run_id)
     by_shard: dict[str, dict[str, FileRecord]] = {}
     for kind, records in manifest.files.items():
         for record in records:
@@ -300,7 +273,8 @@ def carried_shards(
             continue  # input-stage rows only; the new run writes its own input shard
         tables = {}
         for kind, record in sorted(by_shard[shard_id].items()):
-            table = _read_part(pipeline, run_dir, record, CANONICAL_SCHEMAS[kind])
+            # Checked against the manifest: a damaged previous version stops the refresh.
+            table = store.read_part(record, manifest.schemas[kind].to_arrow()).cast(CANONICAL_SCHEMAS[kind])
             mask = _generated_mask(table)
             if len(drop):
                 mask = pc.and_(
@@ -366,46 +340,35 @@ class RefreshPlan:
         return "\n".join(lines + self.notes)
 
 
-def _pointer_path(pipeline: PipelineConfig) -> tuple[Any, str]:
-    fs, root = open_filesystem(pipeline.output)
-    return fs, posixpath.join(root, pipeline.dataset, "_refresh", "in_progress.json")
+IN_PROGRESS = "_refresh/in_progress.json"  # below the dataset folder: the unfinished refresh
 
 
 def read_in_progress(pipeline: PipelineConfig) -> dict[str, Any] | None:
     """The record of an unfinished refresh, or None (also when unreadable: then nothing resumes)."""
-    fs, path = _pointer_path(pipeline)
     try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
+        data = read_dataset_file(pipeline.output, pipeline.dataset, IN_PROGRESS)
+        return None if data is None else json.loads(data)
     except (ValueError, OSError) as exc:
-        log.warning("ignoring unreadable refresh record %s: %s", path, exc)
+        log.warning("ignoring unreadable refresh record %s: %s", IN_PROGRESS, exc)
         return None
 
 
 def _write_in_progress(pipeline: PipelineConfig, record: dict[str, Any]) -> None:
-    fs, path = _pointer_path(pipeline)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, json.dumps(record, indent=1).encode())
+    write_dataset_file(pipeline.output, pipeline.dataset, IN_PROGRESS, json.dumps(record, indent=1).encode())
 
 
 def _clear_in_progress(pipeline: PipelineConfig) -> None:
-    fs, path = _pointer_path(pipeline)
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
+    delete_dataset_file(pipeline.output, pipeline.dataset, IN_PROGRESS)
 
 
 def _free_version(pipeline: PipelineConfig, now: datetime, committed: set[str]) -> str:
     """The version name for ``now``, moved on by seconds while that name is taken (committed, or a
     folder left by an abandoned attempt within the same second), so a new version never inherits
     another attempt's shards and names stay unique and in time order."""
-    fs, root = open_filesystem(pipeline.output)
-    runs_dir = posixpath.join(root, pipeline.dataset, "runs")
-    fs.invalidate_cache(runs_dir)  # s3fs caches listings; another attempt may have written since
     moment = now
-    while (name := version_name(moment)) in committed or fs.exists(posixpath.join(runs_dir, name)):
+    while (name := version_name(moment)) in committed or RunStore(
+        pipeline.output, pipeline.dataset, name
+    ).folder_exists():
         moment += timedelta(seconds=1)
     return name
 

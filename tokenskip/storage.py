@@ -852,6 +852,21 @@ class RunStore:
         """A side file written with :meth:`write_file` (FileNotFoundError if absent)."""
         return self._backend.read(posixpath.join(self.run_dir, _check_run_file(name)))
 
+    def read_part(self, file: FileRecord, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """One committed part of this run (listed by its manifest or a marker), checked against its
+        record (size, sha256, rows), with ``schema`` (only ``columns`` if given)."""
+        batches = list(
+            _iter_file_batches(
+                self._backend, posixpath.join(self.run_dir, file.path), file, schema, columns, 1 << 20
+            )
+        )
+        target = _project(schema, columns, "file")
+        return pa.Table.from_batches(batches, schema=target) if batches else target.empty_table()
+
+    def folder_exists(self) -> bool:
+        """Whether anything was written for this run (committed or not): an attempt's folder."""
+        return self._backend.exists(self.run_dir)
+
     def shard_problem_ids(self, record: ShardRecord) -> set[str]:
         """The problems a committed shard holds: from its marker, or (markers written before markers
         recorded them) from the ``problem_id`` column of its parts."""
@@ -1202,6 +1217,44 @@ def read_dataset(
         **read_parquet_args,
     )
     return ds if columns is None else ds.select_columns(columns)
+
+
+def _dataset_file_path(config: StorageConfig, dataset: str, name: str) -> tuple[_Backend, str]:
+    """A dataset-level state file, e.g. ``_refresh/in_progress.json``: components of
+    [A-Za-z0-9._=+-], the first starting with '_' so it never meets ``runs/`` or ``LATEST``."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (
+        not parts
+        or not parts[0].startswith("_")
+        or any(not _RUN_FILE_RE.match(p) or p in (".", "..") for p in parts)
+    ):
+        raise ValueError(f"invalid dataset file name {name!r}: e.g. '_refresh/in_progress.json'")
+    backend, root_path = _backend(config)
+    return backend, posixpath.join(_DatasetPaths(root_path, dataset).dataset_dir, *parts)
+
+
+def read_dataset_file(config: StorageConfig, dataset: str, name: str) -> bytes | None:
+    """A dataset-level state file's bytes, or None when it does not exist."""
+    backend, path = _dataset_file_path(config, dataset, name)
+    try:
+        return backend.read(path)
+    except FileNotFoundError:
+        return None
+
+
+def write_dataset_file(config: StorageConfig, dataset: str, name: str, data: bytes) -> None:
+    """Write (replace atomically, retried) a dataset-level state file."""
+    backend, path = _dataset_file_path(config, dataset, name)
+    if isinstance(backend, _LocalBackend):
+        backend._retry(f"write {path}", lambda: backend.write(path, data))
+    else:
+        backend.write(path, data)
+
+
+def delete_dataset_file(config: StorageConfig, dataset: str, name: str) -> None:
+    """Delete a dataset-level state file (nothing if absent)."""
+    backend, path = _dataset_file_path(config, dataset, name)
+    backend.delete(path)
 
 
 def read_run_file(config: StorageConfig, dataset: str, name: str, run_id: str | None = None) -> bytes:
