@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -99,7 +100,7 @@ def shard_tables(shard: int, kept_rows: int, cots: list[dict], rng: random.Rando
     data, rejects, errors, samples = [], [], [], []
     p = 0
     while len(data) < kept_rows:
-        pid = f"p{shard:05d}-{p:04d}"
+        pid = hashlib.sha256(f"p{shard:05d}-{p:04d}".encode()).hexdigest()[:32]  # ids are digests
         gen_seconds = rng.uniform(2, 20)
         for i in range(SAMPLES_PER_PROBLEM):
             if len(data) >= kept_rows:
@@ -160,7 +161,10 @@ def build_run(root: Path, kept: int, shard_rows: int) -> dict:
     for shard in range(0, kept, shard_rows):
         tables, samples, n_problems = shard_tables(shards, min(shard_rows, kept - shard), cots, rng)
         store.write_shard(
-            f"s-{shards:05d}", tables, summary=ShardSummary.from_tables(tables, samples=samples)
+            f"s-{shards:05d}",
+            tables,
+            summary=ShardSummary.from_tables(tables, samples=samples),
+            problem_ids=set(samples.column("problem_id").to_pylist()),  # the commit checks these
         )
         problems += n_problems
         shards += 1
