@@ -112,3 +112,26 @@ def test_dry_run_names_the_load_errors(tmp_path, tiny_causal_lm, capsys):
     assert f"first: {path}:1" in out
     assert "decontamination: off" in out
     assert not Path(tmp_path / "out").exists()
+
+
+def test_every_subcommand_is_listed_and_a_broken_one_fails_the_cli(monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "tokenskip.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0
+    for command in ("run", "compress", "storage", "train", "evaluate"):
+        assert command in listed.stdout
+    broken = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['tokenskip.evaluate'] = None; from tokenskip import cli; cli.main(['--help'])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert broken.returncode != 0 and "tokenskip.evaluate" in broken.stderr

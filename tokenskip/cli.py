@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -219,13 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     st.set_defaults(func=cmd_storage)
 
+    # A subcommand whose module fails to import fails the whole CLI with that error: skipping it
+    # would silently remove a command (and hide a broken install).
     for module in ("tokenskip.train.job", "tokenskip.evaluate"):
-        try:
-            mod = __import__(module, fromlist=["register_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "register_cli"):
-            mod.register_cli(sub)
+        importlib.import_module(module).register_cli(sub)
     return parser
 
 
