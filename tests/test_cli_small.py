@@ -135,3 +135,49 @@ def test_every_subcommand_is_listed_and_a_broken_one_fails_the_cli(monkeypatch, 
         timeout=120,
     )
     assert broken.returncode != 0 and "tokenskip.evaluate" in broken.stderr
+
+
+def test_show_prints_the_summary_and_examples_with_dropped_words_marked(tmp_path, capsys):
+    from tokenskip.show import mark_dropped
+
+    assert (
+        mark_dropped("First add 3 and 4 to get 7", "add 3 4 get 7")
+        == "[-First-] add 3 [-and-] 4 [-to-] get 7"
+    )
+    output = StorageConfig(root=str(tmp_path))
+    tail = "The answer is 7."
+    row = {
+        "key": "k1",
+        "problem_id": "p1",
+        "question": "What is 3 + 4?",
+        "answer": "7",
+        "cot": f"First add 3 and 4 to get 7. {tail}",
+        "reasoning": "First add 3 and 4 to get 7.",
+        "answer_tail": tail,
+        "original_tokens": 14,
+        "compressions": [
+            {
+                "target_ratio": 0.9,
+                "text": f"First add 3 and 4 get 7. {tail}",
+                "tokens": 13,
+                "achieved_ratio": 0.93,
+            },
+            {"target_ratio": 0.5, "text": f"add 3 4 7. {tail}", "tokens": 9, "achieved_ratio": 0.64},
+        ],
+    }
+    store = RunStore(output, DATASET, "run-a")
+    store.write_shard("s-1", {"data": to_table([row], COMPRESSED_SCHEMA)}, problem_ids=["p1"])
+    store.commit(
+        {"counts": {"kept_samples": 1, "kept_problems": 1, "acceptance_rate": 0.5, "graded_samples": 2}}
+    )
+
+    assert cli.main(["show", "--root", str(tmp_path), "--dataset", DATASET, "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "run run-a of dataset tiny-arith" in out and "kept 1 samples from 1 problems" in out
+    assert "What is 3 + 4?" in out and "original CoT (14 tokens):" in out
+    assert "ratio 0.9 (achieved 0.93, 13 tokens" in out and "First add 3 and 4 [-to-] get 7." in out
+    assert (
+        "ratio 0.5 (achieved 0.64, 9 tokens" in out and "[-First-] add 3 [-and-] 4 [-to-] [-get-] 7." in out
+    )
+    assert out.count(tail) >= 3  # original and both ratios keep the answer tail
+    assert cli.main(["show", "--root", str(tmp_path), "--dataset", "nope"]) == cli.EXIT_USER_ERROR

@@ -1,4 +1,4 @@
-"""``tokenskip`` command line: run (build a dataset), compress, train, evaluate, storage."""
+"""``tokenskip`` command line: run (build a dataset), compress, show, train, evaluate, storage."""
 
 from __future__ import annotations
 
@@ -96,6 +96,16 @@ def cmd_storage(args: argparse.Namespace) -> int:
             raise UserError(f"run {args.run_id!r} of {args.dataset!r} is not pinned")
         storage.unpin(config, args.dataset, args.run_id)
         print(f"unpinned {args.run_id} of {args.dataset}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from tokenskip import storage
+    from tokenskip.show import show_run
+
+    config = storage.StorageConfig(root=args.root, storage_options=json.loads(args.storage_options or "{}"))
+    storage.require_dataset(config, args.dataset)
+    print(show_run(config, args.dataset, args.run_id, examples=args.examples, width=args.width))
     return 0
 
 
@@ -219,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--run-id", help="the run to act on (set-latest, pin, unpin)")
     st.add_argument("--storage-options", default=None, help="fsspec options as JSON")
     st.set_defaults(func=cmd_storage)
+
+    show = sub.add_parser(
+        "show",
+        parents=[verbose],
+        help="a committed run's summary and examples: question, original CoT, each ratio (dropped words marked)",
+    )
+    show.add_argument("--root", required=True, help="output root: a local folder or s3://bucket/prefix")
+    show.add_argument("--dataset", required=True, help="dataset name (a folder below the root)")
+    show.add_argument("--run-id", default=None, help="the run to show (default: the run LATEST points to)")
+    show.add_argument("-k", "--examples", type=int, default=3, help="kept samples to show (default: 3)")
+    show.add_argument("--width", type=_positive_int, default=100, help="text width (default: 100)")
+    show.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    show.set_defaults(func=cmd_show)
 
     # A subcommand whose module fails to import fails the whole CLI with that error: skipping it
     # would silently remove a command (and hide a broken install).
