@@ -63,3 +63,15 @@ def test_every_job_loads_through_the_same_loader(tmp_path):
 
     train = load_train_config("tokenskip/configs/train_example.yaml", {"optim.max_steps": 3})
     assert train.optim.max_steps == 3
+
+
+def test_every_shipped_pipeline_config_validates():
+    from pathlib import Path
+
+    from tokenskip.config import load_pipeline_config
+
+    configs = Path(__file__).resolve().parents[1] / "tokenskip" / "configs"
+    gpu = load_pipeline_config(configs / "gsm8k_qwen2_5_7b_gpu.yaml")
+    assert gpu.dataset != load_pipeline_config(configs / "demo.yaml").dataset
+    assert gpu.compression.scorer.kind == "llmlingua2" and gpu.resources.generation_gpus == 1
+    assert len(gpu.dedup.eval_sets) == 2 and gpu.resources.generation_batch_size % gpu.resources.shard_size == 0
