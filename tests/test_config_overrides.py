@@ -74,4 +74,6 @@ def test_every_shipped_pipeline_config_validates():
     gpu = load_pipeline_config(configs / "gsm8k_qwen2_5_7b_gpu.yaml")
     assert gpu.dataset != load_pipeline_config(configs / "demo.yaml").dataset
     assert gpu.compression.scorer.kind == "llmlingua2" and gpu.resources.generation_gpus == 1
-    assert len(gpu.dedup.eval_sets) == 2 and gpu.resources.generation_batch_size % gpu.resources.shard_size == 0
+    assert (
+        len(gpu.dedup.eval_sets) == 2 and gpu.resources.generation_batch_size % gpu.resources.shard_size == 0
+    )

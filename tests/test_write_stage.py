@@ -54,7 +54,9 @@ def test_whole_shards_are_written_and_partial_ones_passed_on(tmp_path):
     assert results["s-whole"]["rows"] is None
     assert record.problem_ids == ["p1", "p2"] and record.files["rejects"].rows == 4
     assert record.summary["engine"]["tokens_generated"] == 28
-    assert set(store.committed_shard_ids()) == {"s-whole"}  # the marker is there; none for s-split
+    assert store.committed_shard_ids() == []  # parts only: the driver commits from the record
+    assert store.commit_shard(record) == record and store.committed_shard_ids() == ["s-whole"]
+    assert store.commit_shard(record).shard_id == "s-whole"  # idempotent: same parts
 
     passed = decode_rows(results["s-split"]["rows"])
     assert results["s-split"]["record"] is None

@@ -433,14 +433,25 @@ def _build_dataset(
     return ds
 
 
+def _shard_outcomes(rows: pa.Table, problem_ids: list[str] | None):
+    tables = split_outcomes(rows)
+    if problem_ids is None:
+        problem_ids = sorted(set(rows.column("problem_id").to_pylist()))
+    return tables, ShardSummary.from_tables(tables, samples=rows), problem_ids
+
+
+def write_shard_parts(store: RunStore, shard_id: str, rows: pa.Table) -> ShardRecord:
+    """One complete shard's sample rows -> its three parts, written; the record (with the shard's
+    summary and problem ids) for the driver to commit. Runs in the write stage's workers."""
+    tables, summary, problem_ids = _shard_outcomes(rows, None)
+    return store.write_parts(shard_id, tables, summary=summary, problem_ids=problem_ids)
+
+
 def write_shard_rows(store: RunStore, shard_id: str, rows: pa.Table, problem_ids: list[str] | None = None):
     """Split one complete shard's sample rows into its three tables and commit them with their
     summary (so end-of-run statistics read the marker, not the parts) and the problems they hold.
     Returns the ShardRecord."""
-    tables = split_outcomes(rows)
-    if problem_ids is None:
-        problem_ids = sorted(set(rows.column("problem_id").to_pylist()))
-    summary = ShardSummary.from_tables(tables, samples=rows)
+    tables, summary, problem_ids = _shard_outcomes(rows, problem_ids)
     return store.write_shard(shard_id, tables, summary=summary, problem_ids=problem_ids)
 
 
@@ -613,7 +624,8 @@ def _run_leased(
             for result in batch.to_pylist():
                 shard_id = result["shard_id"]
                 if result["record"] is not None:
-                    record = ShardRecord.model_validate_json(result["record"])
+                    # A worker wrote the parts; the driver alone commits shards (the marker).
+                    record = store.commit_shard(ShardRecord.model_validate_json(result["record"]))
                 else:
                     partial[shard_id].append(decode_rows(result["rows"]))
                     if sum(t.num_rows for t in partial[shard_id]) < expected[shard_id]:

@@ -708,7 +708,8 @@ class RunStore:
         summary: dict[str, Any] | BaseModel | None = None,
         problem_ids: Iterable[str] | None = None,
     ) -> ShardRecord:
-        """Write one parquet part per kind, then the shard's commit marker.
+        """Write one parquet part per kind, then the shard's commit marker: :meth:`write_parts` then
+        :meth:`commit_shard` in one call.
 
         ``summary`` (a JSON-able dict or a pydantic model, e.g. :class:`tokenskip.summary.ShardSummary`)
         goes into the marker, so end-of-run statistics need the markers only. ``problem_ids``: the
@@ -717,6 +718,36 @@ class RunStore:
         nothing (the committed marker keeps its summary); different content raises
         :class:`ShardConflict` (and leaves the committed parts untouched).
         """
+        record, encoded = self._write_parts(shard_id, tables, summary, problem_ids)
+        return self._commit_shard(record, tables, encoded)
+
+    def write_parts(
+        self,
+        shard_id: str,
+        tables: dict[str, pa.Table],
+        *,
+        summary: dict[str, Any] | BaseModel | None = None,
+        problem_ids: Iterable[str] | None = None,
+    ) -> ShardRecord:
+        """Write the shard's parts only and return the record that :meth:`commit_shard` turns into
+        its marker: workers write the data, the driver commits. Parts without a marker are invisible
+        (readers and the manifest follow markers) and are overwritten by a retry (same names). For a
+        shard already committed with the same content, nothing is written and its marker's record
+        comes back; different content raises :class:`ShardConflict`."""
+        return self._write_parts(shard_id, tables, summary, problem_ids)[0]
+
+    def commit_shard(self, record: ShardRecord) -> ShardRecord:
+        """Create the shard's commit marker from ``record`` (conditional create). Another attempt's
+        marker with the same parts (sha256) is success; with other parts, :class:`ShardConflict`."""
+        return self._commit_shard(record, None, None)
+
+    def _write_parts(
+        self,
+        shard_id: str,
+        tables: dict[str, pa.Table],
+        summary: dict[str, Any] | BaseModel | None,
+        problem_ids: Iterable[str] | None,
+    ) -> tuple[ShardRecord, dict[str, bytes]]:
         if isinstance(summary, BaseModel):
             summary = summary.model_dump(mode="json")
         if summary is not None and not isinstance(summary, dict):
@@ -731,11 +762,10 @@ class RunStore:
         self._refuse_if_committed()
 
         encoded = {kind: self._encode(table) for kind, table in sorted(tables.items())}
-        marker_path = self._marker_path(shard_id)
-        existing = self._read_marker(marker_path)
+        existing = self._read_marker(self._marker_path(shard_id))
         if existing is not None:
             # Checked before touching the parts, so a conflicting rewrite cannot clobber committed data.
-            return self._same_shard_or_raise(existing, tables, encoded)
+            return self._same_shard_or_raise(existing, tables, encoded), encoded
 
         files = {}
         for kind, data in encoded.items():
@@ -753,16 +783,33 @@ class RunStore:
             summary=summary,
             problem_ids=None if problem_ids is None else sorted(set(problem_ids)),
         )
+        return record, encoded
+
+    def _commit_shard(
+        self, record: ShardRecord, tables: dict[str, pa.Table] | None, encoded: dict[str, bytes] | None
+    ) -> ShardRecord:
+        marker_path = self._marker_path(_check_name(record.shard_id, "shard id"))
         try:
             self._backend.create_exclusive(marker_path, record.model_dump_json(indent=1).encode())
         except CommitConflict:
-            # Another attempt of this shard committed first. Deterministic part names mean concurrent
-            # attempts must write the same content; the sha256 in the marker (checked by readers)
-            # catches the case where they did not.
+            # Another attempt of this shard committed first (or this record came from its marker).
+            # Deterministic part names mean concurrent attempts must write the same content; the
+            # sha256 in the marker (checked by readers) catches the case where they did not.
             existing = self._read_marker(marker_path)
             if existing is None:  # only retention deletes markers, and only of committed runs
-                raise ShardConflict(f"shard {shard_id!r} of run {self.run_id!r}: marker vanished") from None
-            return self._same_shard_or_raise(existing, tables, encoded)
+                raise ShardConflict(
+                    f"shard {record.shard_id!r} of run {self.run_id!r}: marker vanished"
+                ) from None
+            if tables is not None and encoded is not None:
+                return self._same_shard_or_raise(existing, tables, encoded)
+            same = set(existing.files) == set(record.files) and all(
+                existing.files[k].sha256 == record.files[k].sha256 for k in record.files
+            )
+            if not same:
+                raise ShardConflict(
+                    f"shard {record.shard_id!r} of run {self.run_id!r} is already committed with other parts"
+                ) from None
+            return existing
         return record
 
     def _same_shard_or_raise(

@@ -3,17 +3,18 @@
 Each batch that reaches it holds the sample rows of one or more shards (a shard stays whole through
 the pipeline when ``generation_batch_size`` is a multiple of ``shard_size``, see
 :func:`shards_stay_whole`). For every shard the batch holds completely, the worker writes its parts
-and then its commit marker (:func:`tokenskip.pipeline.write_shard_rows`: parts first, marker by
-conditional create, deterministic names) and emits one small row: the shard's record, summary
-included. Rows of a shard the batch holds only part of (a block Ray split) go on to the driver
+(:func:`tokenskip.pipeline.write_shard_parts`: deterministic names) and emits one small row: the
+shard's record, summary and problem ids included. The driver commits the shard by creating its
+marker from that record (conditional create): parts first, then the marker, and one committer, so a
+driver that stops after a shard has committed exactly the shards it acknowledged. Rows of a shard the batch holds only part of (a block Ray split) go on to the driver
 unwritten, and the driver assembles and writes that shard itself: correct either way, cheap in the
 usual case.
 
 Output rows (:data:`WRITE_RESULT_SCHEMA`): ``shard_id``, ``record`` (the ShardRecord as JSON, or
 null) and ``rows`` (the partial shard's rows as Arrow IPC, or null).
 
-A worker that dies after a shard's parts but before its marker leaves parts that no marker lists:
-invisible to readers, overwritten (same names) when Ray retries the task.
+A worker that dies after a shard's parts leaves parts that no marker lists: invisible to readers,
+overwritten (same names) when Ray retries the task.
 """
 
 from __future__ import annotations
@@ -54,18 +55,19 @@ def decode_rows(data: bytes) -> pa.Table:
 
 
 def write_complete_shards(batch: pa.Table, *, store: RunStore, expected_rows: dict[str, int]) -> pa.Table:
-    """``map_batches`` function: write each shard ``batch`` holds completely; pass the rest on.
+    """``map_batches`` function: write the parts of each shard ``batch`` holds completely (the driver
+    commits them from the records); pass the rest on.
 
     ``expected_rows``: shard id -> its sample rows (problems x n), for this attempt's shards.
     """
-    from tokenskip.pipeline import write_shard_rows
+    from tokenskip.pipeline import write_shard_parts
 
     results = []
     shard_ids = batch.column("shard_id")
     for shard_id in pc.unique(shard_ids).to_pylist():
         rows = batch.filter(pc.equal(shard_ids, shard_id))
         if rows.num_rows == expected_rows[shard_id]:
-            record = write_shard_rows(store, shard_id, rows)
+            record = write_shard_parts(store, shard_id, rows)
             results.append({"shard_id": shard_id, "record": record.model_dump_json(), "rows": None})
         else:
             results.append({"shard_id": shard_id, "record": None, "rows": _encode(rows)})
