@@ -419,9 +419,6 @@ def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path
     path = _write_problems(tmp_path / "problems.jsonl", problems)
     output = StorageConfig(root=str(tmp_path / "out"))
     data = _config_data(tiny_solver, path, output)
-    # Workers commit shards on their own; one generation batch (= one shard) at a time keeps the next
-    # shard a whole generation away when the driver dies after the first, so the boundary is exact.
-    data["resources"]["generation_max_concurrent_batches"] = 1
     config = PipelineConfig.model_validate(data)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(data))
