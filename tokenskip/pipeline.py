@@ -351,14 +351,10 @@ class AttemptStats:
     """What this attempt did (a resumed run's earlier attempts are counted from committed files)."""
 
     shards_committed: int = 0
-    problems_generated: int = 0
-    samples_generated: int = 0
-    tokens_generated: int = 0
-    generation_seconds: float = 0.0
-    compression_seconds: float = 0.0
     wall_seconds: float = 0.0
     progress: list[dict[str, float]] = field(default_factory=list)
-    engine: EngineTotals = field(default_factory=EngineTotals)  # occupancy terms of this attempt
+    # Engine work of this attempt's shards (problems, samples, tokens, seconds, occupancy terms).
+    engine: EngineTotals = field(default_factory=EngineTotals)
 
 
 def _build_dataset(
@@ -635,7 +631,7 @@ def _run_leased(
                 _account(stats, record)
                 stats.shards_committed += 1
                 stats.progress.append(
-                    {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.tokens_generated}
+                    {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.engine.tokens_generated}
                 )
                 bar.update(1)
                 log_stage_event(
@@ -644,7 +640,7 @@ def _run_leased(
                     rows=sum(f.rows for f in record.files.values()),
                     shards_committed=stats.shards_committed,
                     shards_pending=len(pending),
-                    tokens=stats.tokens_generated,
+                    tokens=stats.engine.tokens_generated,
                     t=round(time.perf_counter() - wall_start, 3),
                 )
                 note_shard_committed(shard_id, record)
@@ -665,15 +661,17 @@ def _run_leased(
     attempt = {
         "shards_committed": stats.shards_committed,
         "shards_resumed": len(plan.committed & {s.shard_id for s in plan.shards}),
-        "problems_generated": stats.problems_generated,
-        "samples_generated": stats.samples_generated,
-        "tokens_generated": stats.tokens_generated,
-        "tokens_per_second": stats.tokens_generated / pipeline_seconds if pipeline_seconds > 0 else 0.0,
+        "problems_generated": stats.engine.problems_generated,
+        "samples_generated": stats.engine.samples_generated,
+        "tokens_generated": stats.engine.tokens_generated,
+        "tokens_per_second": stats.engine.tokens_generated / pipeline_seconds
+        if pipeline_seconds > 0
+        else 0.0,
         "load_seconds": plan.load_seconds,
         "dedup_seconds": plan.dedup_seconds,
         "pipeline_seconds": pipeline_seconds,
-        "generation_seconds": stats.generation_seconds,
-        "compression_seconds": stats.compression_seconds,
+        "generation_seconds": stats.engine.generation_seconds,
+        "compression_seconds": stats.engine.compression_seconds,
         # Mean running sequences / max_num_seqs over the generation engines' steps (None: no steps).
         "engine_occupancy": None if stats.engine.occupancy is None else round(stats.engine.occupancy, 4),
         "engine_max_num_seqs": stats.engine.engine_max_num_seqs or None,
@@ -726,11 +724,6 @@ def _account(stats: AttemptStats, record: ShardRecord) -> None:
     engine = ShardSummary.model_validate(record.summary).engine if record.summary else None
     if engine is None:
         return
-    stats.problems_generated += engine.problems_generated
-    stats.samples_generated += engine.samples_generated
-    stats.tokens_generated += engine.tokens_generated
-    stats.generation_seconds += engine.generation_seconds
-    stats.compression_seconds += engine.compression_seconds
     stats.engine = stats.engine.merged(engine)
 
 
