@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -30,9 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     parser.add_argument("--dry-run", action="store_true", help="print what the refresh would do and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="stream every log line to the console")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tokenskip.console import console_logging
 
+    with console_logging("refresh", verbose=args.verbose) as run_log:
+        if run_log is not None:
+            print(f"log: {run_log.path}", file=sys.stderr, flush=True)
+        return _refresh(args)
+
+
+def _refresh(args: argparse.Namespace) -> int:
     from tokenskip.config import parse_overrides
     from tokenskip.refresh import IncompatibleBase, LockHeld, load_refresh_config, plan_refresh, refresh
 

@@ -15,12 +15,16 @@ import yaml
 EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
 EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
 EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): try again later
+# Commands that start engines or Ray: their log file's path is printed when they start (``run``
+# prints it once the run's folder is known, where the log moves).
+LONG_COMMANDS = ("evaluate", "train")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenskip.config import load_pipeline_config, parse_overrides
     from tokenskip.pipeline import RunRefused, make_plan, run_pipeline
     from tokenskip.preflight import UserError, check_run
+    from tokenskip.storage import RunStore
 
     try:
         config = load_pipeline_config(args.config, parse_overrides(args.set))
@@ -31,6 +35,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(plan.describe(), flush=True)
     if args.dry_run:
         return 0
+    store = RunStore(config.output, config.dataset, plan.run_id)
+    run_log = args.run_log
+    if run_log is not None and not plan.already_committed_run:
+        local = store.local_dir()
+        if local is not None:  # the log lives with the run; a remote run gets a copy at the end
+            run_log.move_to(local / "logs")
+        print(f"log: {run_log.path} (engine and Ray output; --verbose shows it here)", flush=True)
     try:
         report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
     except RunRefused as refused:
@@ -40,14 +51,40 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
+    finally:
+        if run_log is not None and store.local_dir() is None:
+            _upload_log(store, run_log)
     if report.get("committed") and "attempt" in report:
         from tokenskip.pipeline import _summary_text
 
         print(_summary_text(report))
-        print(f"report: {config.output.root}/{config.dataset}/runs/{report['run_id']}/report.json")
+        print(_where_the_data_is(config, store))
     else:
         print(json.dumps(report, indent=2, default=str))
     return 0
+
+
+def _where_the_data_is(config, store) -> str:
+    """The end of a run's console: the data, three lines of Python to read it, the reports."""
+    from tokenskip.dataset_card import loading_snippet
+
+    folder = store.run_dir if store.local_dir() is None else str(store.local_dir())
+    lines = [
+        f"data: {folder} (dataset card: README.md, report: report.html)",
+        "read it:",
+        *(f"  {line}" for line in loading_snippet(config.output.root, config.dataset, store.run_id)),
+        f"examples: tokenskip show --root {config.output.root} --dataset {config.dataset}",
+    ]
+    return "\n".join(lines)
+
+
+def _upload_log(store, run_log) -> None:
+    """A remote run folder gets the driver's log once the attempt ends (best effort: the local file
+    stays where it was printed)."""
+    try:
+        store.write_file(f"logs/{run_log.name}", run_log.text())
+    except Exception:
+        logging.getLogger(__name__).warning("could not copy the log to the run folder", exc_info=True)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -283,10 +320,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from tokenskip.console import console_logging
+
+    with console_logging(args.command, verbose=args.verbose) as run_log:
+        args.run_log = run_log
+        if run_log is not None and args.command in LONG_COMMANDS:
+            print(f"log: {run_log.path}", file=sys.stderr, flush=True)
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from tokenskip.storage import LockHeld
 
     try:

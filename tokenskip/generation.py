@@ -54,6 +54,8 @@ from tokenskip.engine import (
 )
 from tokenskip.metrics import StageMetrics
 from tokenskip.models import resolve_model
+from tokenskip.progress import ProgressBoard
+from tokenskip.progress import post as post_progress
 from tokenskip.prompts import render_prompt
 
 __all__ = ["GENERATED_FIELDS", "SAMPLE_STRUCT", "GenerateStage", "engine_occupancy"]
@@ -112,6 +114,7 @@ class GenerateStage:
         cpus: float = 1.0,
         omp_threads: int | None = None,
         max_concurrent_batches: int = 4,
+        progress: ProgressBoard | None = None,
     ):
         if max_concurrent_batches < 1:
             raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
@@ -122,7 +125,12 @@ class GenerateStage:
         self.prompt = prompt
         self.max_concurrent_batches = max_concurrent_batches
         self.occupancy = EngineOccupancy()
+        self.progress = progress
+        engine_start = time.perf_counter()
         self.llm = create_async_llm(self.engine_config, stat_loggers=[self.occupancy.stat_logger])
+        engine_seconds = time.perf_counter() - engine_start
+        log.info("vLLM engine ready in %.1f s", engine_seconds)
+        post_progress(progress, "engine_ready", seconds=round(engine_seconds, 1))
         self.tokenizer = self.llm.get_tokenizer()
         self.metrics = StageMetrics()
         self._batch_slots: asyncio.Semaphore | None = None  # made on the loop that calls us
@@ -210,8 +218,12 @@ class GenerateStage:
         steps, running = now[0] - self._accounted[0], now[1] - self._accounted[1]
         self._accounted = now
         rows = batch.num_rows
+        tokens = sum(g.token_count for r in results for g in r.generations)
+        post_progress(
+            self.progress, "generated", problems=rows, samples=sum(len(r.generations) for r in results), tokens=tokens
+        )
         self.metrics.record_rows("generate", rows)
-        self.metrics.record_tokens(sum(g.token_count for r in results for g in r.generations))
+        self.metrics.record_tokens(tokens)
         self.metrics.record_stage_seconds("generate", elapsed)
         self.metrics.record_engine_steps("generate", steps, running, self.occupancy.max_num_seqs)
         for reason in errors:

@@ -33,9 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tokenskip.config import PipelineConfig
+from tokenskip.console import RunDisplay
+from tokenskip.dataset_card import dataset_card
 from tokenskip.dedup import dedup_and_decontaminate
 from tokenskip.generation import GenerateStage
 from tokenskip.metrics import StageMetrics, log_stage_event
+from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
 from tokenskip.schema import (
     COMPRESSED_SCHEMA,
@@ -358,7 +361,11 @@ class AttemptStats:
 
 
 def _build_dataset(
-    config: PipelineConfig, shards: list[Shard], store: RunStore, expected_rows: dict[str, int]
+    config: PipelineConfig,
+    shards: list[Shard],
+    store: RunStore,
+    expected_rows: dict[str, int],
+    progress: ProgressBoard | None = None,
 ):
     import ray
 
@@ -376,6 +383,7 @@ def _build_dataset(
             "cpus": r.generation_cpus,
             "omp_threads": r.omp_threads,
             "max_concurrent_batches": r.generation_max_concurrent_batches,
+            "progress": progress,
         },
         batch_size=r.generation_batch_size,
         # Batches in flight per actor; actors restart after a dead engine and retry their batches.
@@ -503,13 +511,16 @@ def _occupancy_text(attempt: dict[str, Any]) -> str:
 def _write_report(
     config: PipelineConfig, store: RunStore, report: dict[str, Any], summary: ShardSummary | None = None
 ) -> None:
-    """report.json, report.txt and report.html next to the manifest, through the store. ``summary``:
-    the run's merged shard summary when the caller has it (else the report reads the markers)."""
+    """report.json, report.txt and report.html next to the manifest, through the store, and for a
+    committed run its dataset card (README.md). ``summary``: the run's merged shard summary when the
+    caller has it (else the report reads the markers)."""
     from tokenskip.report import write_html_report
 
     store.write_file("report.json", json.dumps(report, indent=2, default=str).encode())
     store.write_file("report.txt", (_summary_text(report) + "\n").encode())
     write_html_report(config, store, report, summary)
+    if report.get("committed"):
+        store.write_file("README.md", dataset_card(config, report).encode())
 
 
 def run_pipeline(
@@ -611,46 +622,16 @@ def _run_leased(
     if pending:
         init_ray()
         expected = {s.shard_id: s.size * config.sampling.n for s in pending}
-        ds = _build_dataset(config, pending, store, expected)
-        # Shards a worker could not write whole (a split block): their rows, until complete.
-        partial: dict[str, list[pa.Table]] = defaultdict(list)
-        done: set[str] = set()
-        bar = _progress_bar(len(pending), progress)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for result in batch.to_pylist():
-                shard_id = result["shard_id"]
-                if result["record"] is not None:
-                    # A worker wrote the parts; the driver alone commits shards (the marker).
-                    record = store.commit_shard(ShardRecord.model_validate_json(result["record"]))
-                else:
-                    partial[shard_id].append(decode_rows(result["rows"]))
-                    if sum(t.num_rows for t in partial[shard_id]) < expected[shard_id]:
-                        continue
-                    record = write_shard_rows(store, shard_id, pa.concat_tables(partial.pop(shard_id)))
-                done.add(shard_id)
-                _account(stats, record)
-                stats.shards_committed += 1
-                stats.progress.append(
-                    {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.engine.tokens_generated}
-                )
-                bar.update(1)
-                log_stage_event(
-                    "commit_shard",
-                    shard_id=shard_id,
-                    rows=sum(f.rows for f in record.files.values()),
-                    shards_committed=stats.shards_committed,
-                    shards_pending=len(pending),
-                    tokens=stats.engine.tokens_generated,
-                    t=round(time.perf_counter() - wall_start, 3),
-                )
-                note_shard_committed(shard_id, record)
-        bar.close()
-        missing = sorted(set(expected) - done)
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} shards finished with missing rows: {missing[:5]}; re-run to resume"
-            )
+        display = _start_display(config, pending, expected) if progress else None
+        try:
+            _generate_and_commit(config, store, pending, expected, stats, wall_start, display)
+        finally:
+            if display is not None:
+                display.close()
+                if display.board is not None:
+                    display.board.close()
     pipeline_seconds = time.perf_counter() - pipeline_start
+
 
     remaining = [s for s in plan.pending if s not in pending]
     commit_start = time.perf_counter()
@@ -732,17 +713,61 @@ def note_shard_committed(shard_id: str, record: ShardRecord | None) -> None:
     with no record). A hook point: fault tests stop the driver at these exact boundaries."""
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
+def _generate_and_commit(
+    config: PipelineConfig,
+    store: RunStore,
+    pending: list[Shard],
+    expected: dict[str, int],
+    stats: AttemptStats,
+    wall_start: float,
+    display: RunDisplay | None,
+) -> None:
+    """Run the stages over the pending shards and commit each shard as its record arrives."""
+    ds = _build_dataset(config, pending, store, expected, display.board if display else None)
+    # Shards a worker could not write whole (a split block): their rows, until complete.
+    partial: dict[str, list[pa.Table]] = defaultdict(list)
+    done: set[str] = set()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for result in batch.to_pylist():
+            shard_id = result["shard_id"]
+            if result["record"] is not None:
+                # A worker wrote the parts; the driver alone commits shards (the marker).
+                record = store.commit_shard(ShardRecord.model_validate_json(result["record"]))
+            else:
+                partial[shard_id].append(decode_rows(result["rows"]))
+                if sum(t.num_rows for t in partial[shard_id]) < expected[shard_id]:
+                    continue
+                record = write_shard_rows(store, shard_id, pa.concat_tables(partial.pop(shard_id)))
+            done.add(shard_id)
+            _account(stats, record)
+            stats.shards_committed += 1
+            stats.progress.append(
+                {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.engine.tokens_generated}
+            )
+            if display is not None:
+                display.shard_committed(ShardSummary.model_validate(record.summary) if record.summary else None)
+            log_stage_event(
+                "commit_shard",
+                shard_id=shard_id,
+                rows=sum(f.rows for f in record.files.values()),
+                shards_committed=stats.shards_committed,
+                shards_pending=len(pending),
+                tokens=stats.engine.tokens_generated,
+                t=round(time.perf_counter() - wall_start, 3),
+            )
+            note_shard_committed(shard_id, record)
+    missing = sorted(set(expected) - done)
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards finished with missing rows: {missing[:5]}; re-run to resume")
 
-    def close(self) -> None:
-        pass
 
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="shards committed", unit="shard")
+def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[str, int]) -> RunDisplay:
+    """The live console of this attempt, fed by a progress board the generation stage posts to."""
+    display = RunDisplay(
+        total_shards=len(pending), total_samples=sum(expected.values()), board=ProgressBoard.start()
+    )
+    display.start()
+    display.engine_starting(
+        model=config.engine.model, device=config.engine.resolved_device(), eager=config.engine.enforce_eager
+    )
+    return display

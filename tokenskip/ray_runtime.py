@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ WORKER_NICENESS_ENV = "RAY_worker_niceness"
 RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def init_ray(log_to_driver: bool = True) -> None:
+def init_ray(log_to_driver: bool | None = None) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (``ray job submit``, KubeRay), else start a local Ray.
 
     A local Ray started here listens on 127.0.0.1 only: Ray's job API and GCS run code for whoever
@@ -25,17 +26,35 @@ def init_ray(log_to_driver: bool = True) -> None:
     pipeline reached 0.80-0.87x of raw vLLM tokens/s at nice 15 and 0.95-0.97x at nice 0
     (``benchmarks/pipeline_throughput.py``). An explicit ``RAY_worker_niceness`` is left as set; a
     cluster's workers keep whatever the cluster was started with.
+
+    Under the CLI's quiet console (:func:`tokenskip.console.console_logging`) Ray keeps its own
+    start-up lines and the workers' output off the console (``log_to_driver`` defaults to False),
+    and a local Ray's workers write their output to the job's log file. ``log_to_driver``: force it.
     """
     import ray
 
+    from tokenskip.console import VLLM_LOGGING_ENV, WORKER_LOG_ENV
+
     if ray.is_initialized():
         return
+    worker_log = os.environ.get(WORKER_LOG_ENV)
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": worker_log is None}
+    if log_to_driver is not None:
+        kwargs["log_to_driver"] = log_to_driver
+    if worker_log:
+        kwargs["logging_level"] = logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(**kwargs)
         return
+    if worker_log:
+        kwargs["runtime_env"] = {
+            "worker_process_setup_hook": "tokenskip.console.redirect_worker_output",
+            # vLLM's own handler in workers: their stdout is the log file (see tokenskip.console).
+            "env_vars": {WORKER_LOG_ENV: worker_log, VLLM_LOGGING_ENV: "1"},
+        }
     os.environ.setdefault(WORKER_NICENESS_ENV, "0")  # read by the Ray processes started below
     with _loopback_only():
-        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(**kwargs)
 
 
 @contextlib.contextmanager

@@ -151,7 +151,11 @@ class RefreshConfig(BaseModel):
         "source or a new eval set that matches half the data needs a person. 0 turns the check off; "
         "an empty version is never published unless pipeline.output.allow_empty.",
     )
-    progress: bool = Field(default=False, description="Show the pipeline's progress bar (interactive use).")
+    progress: bool = Field(
+        default=True,
+        description="Show the run's progress: a live line on a TTY, else one line per committed shard (what "
+        "`ray job logs` shows). False: nothing but the final result.",
+    )
 
     @field_validator("pipeline")
     @classmethod

@@ -40,6 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -686,6 +687,11 @@ class RunStore:
 
     def _marker_path(self, shard_id: str) -> str:
         return posixpath.join(self.run_dir, "_shards", f"{shard_id}.json")
+
+    def local_dir(self) -> Path | None:
+        """The run folder as a local path when the output root is on this machine's filesystem (a log
+        file can then be appended to in place), else None."""
+        return Path(self.run_dir) if isinstance(self._backend, _LocalBackend) else None
 
     def is_committed(self) -> bool:
         return self._backend.exists(self._manifest_path)
