@@ -179,6 +179,7 @@ class PipelineConfig(BaseModel):
         content = self.model_dump(mode="json", exclude={"resources", "output", "run_id"})
         for source in content["sources"] + content["dedup"]["eval_sets"]:
             source.pop("storage_options", None)  # credentials/endpoints do not change the content
+            source.pop("license", None)  # a statement about the data, not the data
         return config_hash(content)
 
     def resolved_run_id(self) -> str:

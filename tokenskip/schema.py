@@ -36,7 +36,7 @@ PROBLEM_SCHEMA = pa.schema(
 
 COMPRESSION_STRUCT = pa.struct(
     [
-        pa.field("target_ratio", pa.float64()),
+        pa.field("target_ratio", pa.float64(), metadata={"doc": "the ratio asked of the pruner, e.g. 0.7"}),
         pa.field("text", pa.string(), metadata={"doc": "pruned reasoning + untouched answer tail"}),
         pa.field("tokens", pa.int64(), metadata={"doc": "tokens of text in the target model's tokenizer"}),
         pa.field("achieved_ratio", pa.float64(), metadata={"doc": "tokens / original_tokens"}),
@@ -48,38 +48,38 @@ COMPRESSED_SCHEMA = pa.schema(
         pa.field(
             "key", pa.string(), nullable=False, metadata={"doc": "sample key: problem, gen config, index"}
         ),
-        pa.field("problem_id", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("question", pa.string()),
+        pa.field("problem_id", pa.string(), nullable=False, metadata={"doc": "problem key (see PROBLEM_SCHEMA id)"}),
+        pa.field("source", pa.string(), metadata={"doc": "data set name, e.g. gsm8k"}),
+        pa.field("split", pa.string(), metadata={"doc": "split label of the source"}),
+        pa.field("question", pa.string(), metadata={"doc": "the problem as given to the model"}),
         pa.field("answer", pa.string(), metadata={"doc": "gold answer"}),
-        pa.field("sample_index", pa.int64()),
+        pa.field("sample_index", pa.int64(), metadata={"doc": "which of the n samples of the problem (0-based)"}),
         pa.field("model", pa.string(), metadata={"doc": "model that generated the CoT"}),
         pa.field("cot", pa.string(), metadata={"doc": "the full generated CoT"}),
         pa.field("reasoning", pa.string(), metadata={"doc": "the prunable part of the CoT"}),
         pa.field("answer_tail", pa.string(), metadata={"doc": "the final-answer tail, never pruned"}),
-        pa.field("extracted_answer", pa.string()),
-        pa.field("verdict", pa.string()),
-        pa.field("original_tokens", pa.int64()),
-        pa.field("compressions", pa.list_(COMPRESSION_STRUCT)),
+        pa.field("extracted_answer", pa.string(), metadata={"doc": "the answer read from the CoT"}),
+        pa.field("verdict", pa.string(), metadata={"doc": "grader's verdict (correct for every kept row)"}),
+        pa.field("original_tokens", pa.int64(), metadata={"doc": "tokens of cot in the target model's tokenizer"}),
+        pa.field("compressions", pa.list_(COMPRESSION_STRUCT), metadata={"doc": "one entry per target ratio"}),
     ]
 )
 
 REJECT_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("problem_id", pa.string()),
+        pa.field("key", pa.string(), nullable=False, metadata={"doc": "sample key, or problem key for dedup"}),
+        pa.field("problem_id", pa.string(), metadata={"doc": "problem key"}),
         pa.field("stage", pa.string(), metadata={"doc": "stage that rejected the row"}),
         pa.field(
             "reason",
             pa.string(),
             metadata={"doc": "incorrect|unparsable|timeout|duplicate|contaminated|policy"},
         ),
-        pa.field("detail", pa.string()),
-        pa.field("sample_index", pa.int64()),
-        pa.field("cot", pa.string()),
-        pa.field("extracted_answer", pa.string()),
-        pa.field("answer", pa.string()),
+        pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),
+        pa.field("sample_index", pa.int64(), metadata={"doc": "which sample (null for problem-level rejects)"}),
+        pa.field("cot", pa.string(), metadata={"doc": "the generated CoT, kept for inspection"}),
+        pa.field("extracted_answer", pa.string(), metadata={"doc": "the answer read from the CoT"}),
+        pa.field("answer", pa.string(), metadata={"doc": "gold answer"}),
     ]
 )
 
@@ -89,10 +89,10 @@ ERROR_SCHEMA = pa.schema(
         pa.field(
             "problem_id", pa.string(), metadata={"doc": "problem key, null when the input was unusable"}
         ),
-        pa.field("stage", pa.string()),
+        pa.field("stage", pa.string(), metadata={"doc": "stage where it failed: load, generate, grade, compress"}),
         pa.field("reason", pa.string(), metadata={"doc": "short machine-readable reason"}),
         pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),
-        pa.field("source", pa.string()),
+        pa.field("source", pa.string(), metadata={"doc": "data set name"}),
         pa.field("raw", pa.string(), metadata={"doc": "the offending input, JSON-encoded, nothing dropped"}),
     ]
 )

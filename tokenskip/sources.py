@@ -136,6 +136,12 @@ class SourceConfig(BaseModel):
         "give two sets of the same kind different names or their identical questions share one id.",
     )
     split: str = Field(default="train", description="Split label written to every row (not part of the id).")
+    license: str | None = Field(
+        default=None,
+        description="Licence of the source data, stated in the run's dataset card (README.md). None: the "
+        "kind's published licence where it is known (gsm8k, math: MIT; the bundled demo: Apache-2.0), else "
+        "the card says it is not stated. Not part of the run id.",
+    )
     field_map: FieldMap | None = Field(
         default=None, description="Field layout; overrides the kind's default layout. Required for `custom`."
     )
