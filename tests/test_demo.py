@@ -33,11 +33,18 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
         "sources.0.limit=12",
         "--set",
         "sampling.max_tokens=128",
-        "--no-progress",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "tokenskip run report" in result.stdout
+    # The quiet console: the plan, the engine wait, a line per shard, the summary, where the data is.
+    console = (result.stdout + result.stderr).splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    assert any(line.startswith("starting vLLM engine (model smollm2-135m-instruct, device cpu)") for line in console)
+    assert any(line.startswith("vLLM engine ready in ") for line in console)
+    assert any(line.startswith("shard 1/1 committed | samples 48/48 | kept ") for line in console)
+    assert "read it:" in console
+    assert not [line for line in console if " INFO " in line or "(pid=" in line]  # no engine/Ray log lines
 
     storage = StorageConfig(root=str(out))
     manifest = read_manifest(storage, "demo-arithmetic")
@@ -50,6 +57,13 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
         assert [c["target_ratio"] for c in row["compressions"]] == [0.9, 0.8, 0.7, 0.6, 0.5]
 
     run_dir = out / "demo-arithmetic" / "runs" / manifest.run_id
+    # ... and they went to the run's log file, whose path the console printed
+    (log_file,) = (run_dir / "logs").glob("run-*.log")
+    assert f"log: {log_file}" in result.stdout
+    log_text = log_file.read_text()
+    assert "vLLM engine ready in" in log_text and "Initializing a V1 LLM engine" in log_text
+    card = (run_dir / "README.md").read_text()
+    assert f"# demo-arithmetic / {manifest.run_id}" in card and "| `compressions[].text` |" in card
     report = json.loads((run_dir / "report.json").read_text())
     assert report["counts"]["kept_samples"] == data.num_rows
     page = (run_dir / "report.html").read_text()
