@@ -32,7 +32,6 @@ _BLUE = "#0072B2"
 _PX = 1 / 72
 _RC = {
     "svg.fonttype": "none",  # text stays <text> in the page's font, not glyph paths
-    "svg.hashsalt": "tokenskip-report",  # same chart, same bytes
     "text.parse_math": False,  # a "$" in a label (a reason, a model name) is text, not mathtext
     "font.family": "sans-serif",
     "font.size": 11,
