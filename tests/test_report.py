@@ -319,6 +319,50 @@ def test_write_html_report_s3(s3_bucket, report, data):
     assert _chart_count(page) == 11
 
 
+def test_report_shows_examples_with_pruned_words_marked(tmp_path, report):
+    """A committed run's page shows its first kept samples: the question, the original CoT and every
+    ratio's CoT with the words pruning dropped marked, all of it escaped."""
+    tail = "The answer is \\boxed{7}."
+    question = 'What is 3 + 4? <b>"bold" & sure</b>'
+    rows = []
+    for i in range(4):
+        rows.append(
+            {
+                "key": f"k{i}", "problem_id": f"p{i}", "source": "gsm8k", "split": "test",
+                "question": question if i == 0 else f"Question number {i}?", "answer": "7", "sample_index": 0,
+                "model": "tiny", "cot": f"First add 3 and 4 <to> get 7. {tail}",
+                "reasoning": "First add 3 and 4 <to> get 7. ", "answer_tail": tail, "extracted_answer": "7",
+                "verdict": "correct", "original_tokens": 14,
+                "compressions": [
+                    {"target_ratio": 0.9, "text": f"First add 3 and 4 get 7. {tail}", "tokens": 13,
+                     "achieved_ratio": 0.93},
+                    {"target_ratio": 0.5, "text": f"add 3 4 7. {tail}", "tokens": 9, "achieved_ratio": 0.64},
+                ],
+            }
+        )  # fmt: skip
+    config, store = _committed_run(str(tmp_path), None, pa.Table.from_pylist(rows, schema=COMPRESSED_SCHEMA))
+    write_html_report(config, store, report | {"run_id": "r1"})
+    page = (Path(store.run_dir) / "report.html").read_text()
+    examples = page[page.index("<h2>Examples</h2>") : page.index("<h2>Raw report</h2>")]
+    # the first 3 kept samples, in the run's order; the question is text, not markup
+    assert examples.count('<div class="example">') == 3
+    assert html.escape(question, quote=True) in examples
+    assert "<b>" not in examples.replace("<b>Question</b>", "")
+    assert "Question number 2?" in examples and "Question number 3?" not in examples
+    assert "First add 3 and 4 &lt;to&gt; get 7." in examples  # the original CoT, whole
+    # ratio 0.9 dropped "<to>"; ratio 0.5 dropped "First", "and", "<to>" and "get"
+    assert "ratio 0.9, achieved 0.93, 13 tokens" in examples
+    assert "ratio 0.5, achieved 0.64, 9 tokens" in examples
+    assert 'First add 3 and 4 <del class="dropped">&lt;to&gt;</del> get 7.' in examples
+    assert (
+        '<del class="dropped">First</del> add 3 <del class="dropped">and</del> 4 '
+        '<del class="dropped">&lt;to&gt;</del> <del class="dropped">get</del> 7.'
+    ) in examples
+    assert examples.count(f'<span class="tail">{html.escape(tail)}</span>') == 3 * 2  # never pruned
+    # no examples section when the caller has no examples to show
+    assert "<h2>Examples</h2>" not in render_html(report, None)
+
+
 # --------------------------------------------------------------------------------------------------
 # A real headless browser
 

@@ -1,33 +1,27 @@
 """``tokenskip show``: a committed run's summary and a few examples, readable in a terminal.
 
-For each example: the question, the original CoT, and its version at every ratio with the words that
-pruning dropped marked ``[-like this-]``, so what compression did is visible without writing
-pyarrow code. Rows are streamed (:func:`tokenskip.storage.iter_batches`): showing the first examples
-of a huge run reads its first part only.
+For each example (:mod:`tokenskip.examples`, which the HTML report draws too): the question, the
+original CoT, and its version at every ratio with the words that pruning dropped marked
+``[-like this-]``, so what compression did is visible without writing pyarrow code.
 """
 
 from __future__ import annotations
 
 import textwrap
-from typing import Any
 
-from tokenskip.storage import StorageConfig, iter_batches, read_manifest
+from tokenskip.examples import Example, dropped_words, read_examples
+from tokenskip.storage import StorageConfig, read_manifest
 
 DROPPED = "[-{}-]"
 
 
 def mark_dropped(original: str, kept: str) -> str:
-    """``original``'s words with those missing from ``kept`` marked. Pruning keeps words in order, so
-    a left-to-right match of whitespace-separated words finds what was dropped."""
-    kept_words = kept.split()
-    out, j = [], 0
-    for word in original.split():
-        if j < len(kept_words) and kept_words[j] == word:
-            out.append(word)
-            j += 1
-        else:
-            out.append(DROPPED.format(word))
-    return " ".join(out)
+    """``original``'s words with those missing from ``kept`` marked ``[-like this-]``."""
+    return " ".join(_marked(dropped_words(original, kept)))
+
+
+def _marked(words: list[tuple[str, bool]]) -> list[str]:
+    return [DROPPED.format(word) if dropped else word for word, dropped in words]
 
 
 def _block(label: str, text: str, width: int) -> list[str]:
@@ -35,22 +29,19 @@ def _block(label: str, text: str, width: int) -> list[str]:
     return [label] + ["    " + line for line in body]
 
 
-def render_examples(rows: list[dict[str, Any]], width: int = 100) -> list[str]:
+def render_examples(examples: list[Example], width: int = 100) -> list[str]:
     lines: list[str] = []
-    for n, row in enumerate(rows, 1):
-        lines.append(f"--- example {n}/{len(rows)}  key {row['key']}  problem {row['problem_id']}")
-        lines += _block(f"question (gold answer {row.get('answer')}):", row.get("question") or "", width)
-        lines += _block(f"original CoT ({row.get('original_tokens')} tokens):", row.get("cot") or "", width)
-        reasoning, tail = row.get("reasoning") or "", row.get("answer_tail") or ""
-        for c in row.get("compressions") or []:
-            pruned = (
-                c["text"][: len(c["text"]) - len(tail)] if tail and c["text"].endswith(tail) else c["text"]
-            )
+    for n, example in enumerate(examples, 1):
+        lines.append(f"--- example {n}/{len(examples)}  key {example.key}  problem {example.problem_id}")
+        lines += _block(f"question (gold answer {example.answer}):", example.question, width)
+        lines += _block(f"original CoT ({example.original_tokens} tokens):", example.cot, width)
+        for c in example.compressions:
             label = (
-                f"ratio {c['target_ratio']:g} (achieved {c['achieved_ratio']:.2f}, {c['tokens']} tokens; "
+                f"ratio {c.target_ratio:g} (achieved {c.achieved_ratio:.2f}, {c.tokens} tokens; "
                 f"dropped words {DROPPED.format('marked')}):"
             )
-            lines += _block(label, f"{mark_dropped(reasoning, pruned)} {tail}".strip(), width)
+            text = " ".join(_marked(c.reasoning) + [c.answer_tail]).strip()
+            lines += _block(label, text, width)
     return lines
 
 
@@ -73,14 +64,9 @@ def show_run(
             f"  rejects by reason {counts.get('rejects_by_reason')}; errors by reason {counts.get('errors_by_reason')}",
             f"  achieved ratio by target {counts.get('achieved_ratio')}",
         ]
-    rows: list[dict[str, Any]] = []
-    if examples > 0:
-        for batch in iter_batches(config, dataset, "data", manifest.run_id, batch_size=examples):
-            rows += batch.to_pylist()[: examples - len(rows)]
-            if len(rows) >= examples:
-                break
-    if rows:
-        lines += render_examples(rows, width)
+    shown = read_examples(config, dataset, manifest.run_id, examples)
+    if shown:
+        lines += render_examples(shown, width)
     else:
         lines.append("no kept samples to show")
     return "\n".join(lines)

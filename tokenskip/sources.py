@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenskip.grading.extract import find_last_boxed
 from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, problem_id, to_table
 
 STAGE = "sources"
@@ -195,27 +195,11 @@ def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, nested braces included.
 
     Also accepts the brace-less ``\\boxed 5`` form. None when there is none or its braces never close.
+    The parser is grading's (:func:`tokenskip.grading.find_last_boxed`), so a MATH gold answer is read
+    out of its solution exactly as a response's boxed answer is read out of the response.
     """
-    for match in reversed(list(_BOXED.finditer(text))):
-        if match.group(2) is not None:  # "\boxed 5": the next token, up to a "$"
-            return match.group(2).split("$")[0] or None
-        depth, pos = 0, match.end() - 1
-        while pos < len(text):
-            char = text[pos]
-            if char == "\\":  # an escaped character ("\{", "\}", "\\") never opens or closes a group
-                pos += 2
-                continue
-            if char == "{":
-                depth += 1
-            elif char == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[match.end() : pos].strip()
-            pos += 1
-    return None
-
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*(\{|\s+([^\s{][^\s]*))")
+    found = find_last_boxed(text)
+    return None if found is None else found[1]
 
 
 def split_gsm8k_answer(text: str) -> tuple[str, str] | None:
