@@ -109,6 +109,11 @@ class _Backend:
         """Overwrite (or create) ``path``; readers see the old or the new bytes, never a mix."""
         self._retry(f"write {path}", lambda: self.fs.pipe_file(path, data))
 
+    def write_retried(self, path: str, data: bytes) -> None:
+        """:meth:`write`, retried as a whole on transient errors (side and state files). Here
+        :meth:`write` already retries."""
+        self.write(path, data)
+
     def exists(self, path: str) -> bool:
         self.fs.invalidate_cache(posixpath.dirname(path))
         return self._retry(f"exists {path}", lambda: self.fs.exists(path))
@@ -220,6 +225,10 @@ class _LocalBackend(_Backend):
             _unlink_quiet(tmp)
             raise
 
+    def write_retried(self, path: str, data: bytes) -> None:
+        # The local write is atomic (temp + rename) but not retried on its own.
+        self._retry(f"write {path}", lambda: self.write(path, data))
+
     def _create(self, path: str, data: bytes) -> str | None:
         tmp = self._write_tmp(path, data)
         try:
@@ -319,12 +328,13 @@ class _S3Backend(_Backend):
         except FileNotFoundError:
             return None
 
-    def replace_if_version(self, path: str, data: bytes, version: str) -> str:
+    def _call_if_version(self, what: str, path: str, method: str, **kwargs: Any) -> dict[str, Any]:
+        """One S3 call conditional on ``IfMatch`` in ``kwargs``: a 412 (another version) or a missing
+        object is :class:`_VersionMismatch`."""
         bucket, key = self._split(path)
         try:
-            out = self._retry(
-                f"replace {path}",
-                lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version),
+            return self._retry(
+                f"{what} {path}", lambda: self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
             )
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) or _is_precondition_failed(exc):
@@ -332,21 +342,12 @@ class _S3Backend(_Backend):
             raise
         finally:
             self.fs.invalidate_cache(path)
-        return out["ETag"]
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> str:
+        return self._call_if_version("replace", path, "put_object", Body=data, IfMatch=version)["ETag"]
 
     def delete_if_version(self, path: str, version: str) -> None:
-        bucket, key = self._split(path)
-        try:
-            self._retry(
-                f"delete {path}",
-                lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version),
-            )
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError) or _is_precondition_failed(exc):
-                raise _VersionMismatch(path) from exc
-            raise
-        finally:
-            self.fs.invalidate_cache(path)
+        self._call_if_version("delete", path, "delete_object", IfMatch=version)
 
 
 def _backend(config: StorageConfig) -> tuple[_Backend, str]:

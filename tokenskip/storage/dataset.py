@@ -41,10 +41,7 @@ def read_dataset_file(config: StorageConfig, dataset: str, name: str) -> bytes |
 def write_dataset_file(config: StorageConfig, dataset: str, name: str, data: bytes) -> None:
     """Write (replace atomically, retried) a dataset-level state file."""
     backend, path = _dataset_file_path(config, dataset, name)
-    if isinstance(backend, _LocalBackend):
-        backend._retry(f"write {path}", lambda: backend.write(path, data))
-    else:
-        backend.write(path, data)
+    backend.write_retried(path, data)
 
 
 def delete_dataset_file(config: StorageConfig, dataset: str, name: str) -> None:

@@ -39,6 +39,14 @@ def _read_manifest(backend: _Backend, paths: _DatasetPaths, dataset: str, run_id
     return Manifest.model_validate_json(data)
 
 
+def _open_run(config: StorageConfig, dataset: str, run_id: str | None) -> tuple[_Backend, Manifest, str]:
+    """The backend, manifest and run folder of a committed run (LATEST's when ``run_id`` is None)."""
+    backend, root_path = _backend(config)
+    paths = _DatasetPaths(root_path, dataset)
+    manifest = _read_manifest(backend, paths, dataset, run_id)
+    return backend, manifest, paths.run_dir(manifest.run_id)
+
+
 def read_manifest(config: StorageConfig, dataset: str, run_id: str | None = None) -> Manifest:
     """The manifest of ``run_id``, or of the run LATEST points to when None."""
     backend, root_path = _backend(config)
@@ -54,6 +62,48 @@ def _kind_schema(manifest: Manifest, kind: str) -> pa.Schema:
     return manifest.schemas[kind].to_arrow()
 
 
+def _project(schema: pa.Schema, columns: list[str] | None, kind: str) -> pa.Schema:
+    if columns is None:
+        return schema
+    unknown = sorted(set(columns) - set(schema.names))
+    if unknown:
+        raise ValueError(f"unknown columns {unknown} for {kind!r}; the schema has {schema.names}")
+    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+
+
+def _check_bytes(config: StorageConfig, path: str, data: bytes, record: FileRecord) -> bytes:
+    """``data`` (the bytes read from ``path``), refused unless size (and sha256 when configured) match
+    its record."""
+    if len(data) != record.size:
+        raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
+    if config.verify_sha256 and _sha256(data) != record.sha256:
+        raise IntegrityError(f"{path}: sha256 differs from the manifest")
+    return data
+
+
+def _read_checked(backend: _Backend, path: str, record: FileRecord) -> bytes:
+    """One file's bytes, refused unless size (and sha256 when configured) match its record."""
+    try:
+        data = backend.read(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: listed in the manifest (or shard marker) but missing") from None
+    return _check_bytes(backend.config, path, data, record)
+
+
+def _size_mismatch(
+    backend: _Backend, folder: str, records: list[FileRecord]
+) -> tuple[FileRecord, int | None] | None:
+    """The first of ``records`` (files of one kind, all in ``folder``) whose listed size differs from
+    its record, with the size found (None: missing); None when all match. One listing for the lot
+    instead of one HEAD per file: the listing only confirms, never decides what is read."""
+    sizes = backend.sizes(folder) if records else {}
+    for record in records:
+        size = sizes.get(posixpath.basename(record.path))
+        if size != record.size:
+            return record, size
+    return None
+
+
 def read_table(
     config: StorageConfig,
     dataset: str,
@@ -65,11 +115,8 @@ def read_table(
     files its manifest lists, each checked against its recorded size (and sha256), with the schema the
     manifest records (only ``columns`` if given)."""
     _check_kind(kind)
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    manifest = _read_manifest(backend, paths, dataset, run_id)
+    backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _project(_kind_schema(manifest, kind), columns, kind)
-    run_dir = paths.run_dir(manifest.run_id)
     records = {posixpath.join(run_dir, f.path): f for f in manifest.files.get(kind, [])}
     try:
         blobs = backend.read_many(list(records))
@@ -79,11 +126,7 @@ def read_table(
         ) from exc
     tables = []
     for path, record in records.items():
-        data = blobs[path]
-        if len(data) != record.size:
-            raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
-        if config.verify_sha256 and _sha256(data) != record.sha256:
-            raise IntegrityError(f"{path}: sha256 differs from the manifest")
+        data = _check_bytes(config, path, blobs[path], record)
         table = pq.read_table(io.BytesIO(data), columns=columns)
         if table.num_rows != record.rows:
             raise IntegrityError(f"{path}: {table.num_rows} rows, the manifest says {record.rows}")
@@ -91,28 +134,6 @@ def read_table(
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
-
-
-def _project(schema: pa.Schema, columns: list[str] | None, kind: str) -> pa.Schema:
-    if columns is None:
-        return schema
-    unknown = sorted(set(columns) - set(schema.names))
-    if unknown:
-        raise ValueError(f"unknown columns {unknown} for {kind!r}; the schema has {schema.names}")
-    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-
-
-def _read_checked(backend: _Backend, path: str, record: FileRecord) -> bytes:
-    """One file's bytes, refused unless size (and sha256 when configured) match its record."""
-    try:
-        data = backend.read(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: listed in the manifest (or shard marker) but missing") from None
-    if len(data) != record.size:
-        raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
-    if backend.config.verify_sha256 and _sha256(data) != record.sha256:
-        raise IntegrityError(f"{path}: sha256 differs from the manifest")
-    return data
 
 
 def _iter_file_batches(
@@ -150,12 +171,9 @@ def iter_batches(
     others, each checked against its size/sha256/rows before any of its rows are yielded, with the
     manifest's schema (only ``columns`` if given). Memory stays at about one file, not the run."""
     _check_kind(kind)
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    manifest = _read_manifest(backend, paths, dataset, run_id)
+    backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _kind_schema(manifest, kind)
     _project(schema, columns, kind)  # unknown columns fail before the first read
-    run_dir = paths.run_dir(manifest.run_id)
     for record in manifest.files.get(kind, []):
         yield from _iter_file_batches(
             backend, posixpath.join(run_dir, record.path), record, schema, columns, batch_size
@@ -181,23 +199,19 @@ def read_dataset(
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     _check_kind(kind)
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    manifest = _read_manifest(backend, paths, dataset, run_id)
+    backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _kind_schema(manifest, kind)
     _project(schema, columns, kind)  # unknown columns fail here, not on a worker
-    run_dir = paths.run_dir(manifest.run_id)
     records = [r for r in manifest.files.get(kind, []) if r.rows]
     if not records:
         return ray.data.from_arrow(_project(schema, columns, kind).empty_table())
-    sizes = backend.sizes(posixpath.join(run_dir, kind))
-    for record in records:
-        size = sizes.get(posixpath.basename(record.path))
-        if size != record.size:
-            raise IntegrityError(
-                f"{posixpath.join(run_dir, record.path)}: "
-                f"{'missing' if size is None else f'{size} bytes'}, the manifest says {record.size}"
-            )
+    mismatch = _size_mismatch(backend, posixpath.join(run_dir, kind), records)
+    if mismatch is not None:
+        record, size = mismatch
+        raise IntegrityError(
+            f"{posixpath.join(run_dir, record.path)}: "
+            f"{'missing' if size is None else f'{size} bytes'}, the manifest says {record.size}"
+        )
     ds = ray.data.read_parquet(
         [posixpath.join(run_dir, r.path) for r in records],
         filesystem=PyFileSystem(FSSpecHandler(backend.fs)),
@@ -210,10 +224,8 @@ def read_dataset(
 def read_run_file(config: StorageConfig, dataset: str, name: str, run_id: str | None = None) -> bytes:
     """A side file of a committed run (``report.json``, ``report.txt``, ``report.html``, ...; LATEST's
     run when ``run_id`` is None), written with :meth:`RunStore.write_file`."""
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    manifest = _read_manifest(backend, paths, dataset, run_id)
-    return backend.read(posixpath.join(paths.run_dir(manifest.run_id), _check_run_file(name)))
+    backend, _, run_dir = _open_run(config, dataset, run_id)
+    return backend.read(posixpath.join(run_dir, _check_run_file(name)))
 
 
 def committed_files(
@@ -224,11 +236,8 @@ def committed_files(
     fs)), schema=schema)``). They read exactly the manifest's files but skip the size/sha256 checks that
     :func:`read_table` does."""
     _check_kind(kind)
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    manifest = _read_manifest(backend, paths, dataset, run_id)
+    backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _kind_schema(manifest, kind)
-    run_dir = paths.run_dir(manifest.run_id)
     return backend.fs, [posixpath.join(run_dir, f.path) for f in manifest.files.get(kind, [])], schema
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from tokenskip.failpoints import failpoint
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.schema import config_hash as compute_config_hash
-from tokenskip.storage.backends import _backend, _LocalBackend, _sha256
+from tokenskip.storage.backends import _backend, _sha256
 from tokenskip.storage.config import StorageConfig
 from tokenskip.storage.errors import (
     AlreadyCommitted,
@@ -36,7 +36,7 @@ from tokenskip.storage.layout import (
     _write_latest,
 )
 from tokenskip.storage.lease import Lock
-from tokenskip.storage.readers import _iter_file_batches, _project
+from tokenskip.storage.readers import _iter_file_batches, _project, _size_mismatch
 from tokenskip.storage.records import FileRecord, Manifest, SchemaRecord, ShardRecord, _now, code_version
 
 # Canonical schemas for kinds that no shard wrote, so a reader always gets a (possibly empty) table.
@@ -264,12 +264,7 @@ class RunStore:
         path = posixpath.join(self.run_dir, _check_run_file(name))
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if isinstance(self._backend, _LocalBackend):
-            # The local write is atomic (temp + rename) but not retried on its own.
-            self._backend._retry(f"write {path}", lambda: self._backend.write(path, data))
-        else:
-            self._backend.write(path, data)
+        self._backend.write_retried(path, bytes(data))
         return path
 
     def read_file(self, name: str) -> bytes:
@@ -388,15 +383,13 @@ class RunStore:
         """Every part the manifest will list must exist with its recorded size (catches a part lost or
         clobbered after its shard committed) - before the commit, not at the first read."""
         for kind, records in files.items():
-            # One listing per kind instead of one HEAD per file; the listing only confirms, never decides.
-            sizes = self._backend.sizes(posixpath.join(self.run_dir, kind)) if records else {}
-            for record in records:
-                size = sizes.get(posixpath.basename(record.path))
-                if size != record.size:
-                    raise IntegrityError(
-                        f"run {self.run_id!r}: {record.path} is {'missing' if size is None else f'{size} bytes'}"
-                        f", its shard marker says {record.size} bytes; rewrite that shard in a new run"
-                    )
+            mismatch = _size_mismatch(self._backend, posixpath.join(self.run_dir, kind), records)
+            if mismatch is not None:
+                record, size = mismatch
+                raise IntegrityError(
+                    f"run {self.run_id!r}: {record.path} is {'missing' if size is None else f'{size} bytes'}"
+                    f", its shard marker says {record.size} bytes; rewrite that shard in a new run"
+                )
 
 
 class _ProblemOwners:
