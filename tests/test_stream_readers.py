@@ -132,7 +132,7 @@ def test_read_run_file_and_write_file(config):
 
 
 def test_markers_are_walked_a_chunk_at_a_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "_MARKER_CHUNK", 2)
+    monkeypatch.setattr(storage.runs, "_MARKER_CHUNK", 2)  # RunStore reads it from its module
     config = StorageConfig(root=str(tmp_path))
     store = commit_run(config, shards=(1, 2, 3, 4, 5))
     assert store.committed_shard_ids() == [f"s-{i:02d}" for i in range(5)]

@@ -1,0 +1,77 @@
+"""Names and paths of the storage layout (see :mod:`tokenskip.storage`), and the LATEST pointer.
+
+Dataset, run, shard and lock names become path components, so they are checked here before any path
+is built from them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from typing import TYPE_CHECKING
+
+from tokenskip.storage.errors import NotCommitted
+from tokenskip.storage.records import _now
+
+if TYPE_CHECKING:
+    from tokenskip.storage.backends import _Backend
+
+KINDS = ("data", "rejects", "errors")
+MANIFEST_NAME = "_MANIFEST.json"
+# Dataset, run, shard and lock names become path components: keep them boring.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
+# Side files of a run (report.json, _refresh.json, ...): one path component, never a name the layout uses.
+_RUN_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]{0,199}$")
+_RESERVED_RUN_NAMES = frozenset({*KINDS, "_shards", MANIFEST_NAME})
+
+
+def _check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value) or value in (".", ".."):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-200 characters from [A-Za-z0-9._=+-], starting with a "
+            "letter or digit (it becomes a path component)"
+        )
+    return value
+
+
+def _check_run_file(name: str) -> str:
+    if not isinstance(name, str) or not _RUN_FILE_RE.match(name) or name in _RESERVED_RUN_NAMES:
+        raise ValueError(
+            f"invalid run file name {name!r}: one path component of [A-Za-z0-9._=+-] (may start with '_'), "
+            f"not one of {sorted(_RESERVED_RUN_NAMES)}"
+        )
+    return name
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return kind
+
+
+class _DatasetPaths:
+    def __init__(self, root_path: str, dataset: str):
+        self.dataset_dir = posixpath.join(root_path, _check_name(dataset, "dataset name"))
+        self.runs_dir = posixpath.join(self.dataset_dir, "runs")
+        self.latest = posixpath.join(self.dataset_dir, "LATEST")
+        self.pins_dir = posixpath.join(self.dataset_dir, "_pins")
+        self.locks_dir = posixpath.join(self.dataset_dir, "_locks")
+
+    def run_dir(self, run_id: str) -> str:
+        return posixpath.join(self.runs_dir, _check_name(run_id, "run id"))
+
+    def manifest(self, run_id: str) -> str:
+        return posixpath.join(self.run_dir(run_id), MANIFEST_NAME)
+
+
+def _write_latest(backend: _Backend, paths: _DatasetPaths, run_id: str) -> None:
+    backend.write(paths.latest, json.dumps({"run_id": run_id, "updated_at": _now()}).encode())
+
+
+def _latest_run_id(backend: _Backend, paths: _DatasetPaths, dataset: str) -> str:
+    try:
+        pointer = json.loads(backend.read(paths.latest))
+    except FileNotFoundError:
+        raise NotCommitted(f"dataset {dataset!r} has no LATEST pointer: no run was committed yet") from None
+    return pointer["run_id"]
