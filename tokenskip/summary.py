@@ -171,7 +171,7 @@ class EngineTotals(BaseModel):
     tokens_generated: int = 0
     generation_seconds: float = 0.0
     compression_seconds: float = 0.0
-    # Engine occupancy terms (tokenskip.generation): steps and running sequences are the rows' shares
+    # Engine occupancy terms (tokenskip.stages.generate): steps and running sequences are the rows' shares
     # of their batches' scheduler stats, so they add up; occupancy = running / (steps x max_num_seqs).
     engine_steps: float = 0.0
     engine_running_seqs: float = 0.0
