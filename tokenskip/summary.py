@@ -240,7 +240,7 @@ class ShardSummary(BaseModel):
 
     @classmethod
     def from_tables(cls, tables: Mapping[str, pa.Table], samples: pa.Table | None = None) -> ShardSummary:
-        """Summary of ONE shard's tables as :func:`tokenskip.pipeline.split_outcomes` makes them
+        """Summary of ONE shard's tables as :func:`tokenskip.stages.write.split_outcomes` makes them
         (``data``/``rejects``/``errors``, any may be absent); ``samples``: the shard's sample rows
         before the split, for the engine totals."""
         acc = SummaryAccumulator()
