@@ -1,7 +1,7 @@
 """Engine occupancy and tokens/s of the generation stage: continuous feeding vs one batch in flight.
 
 One run, the same GSM8K test prompts, model and machine, through the pipeline's generation stage
-(Ray Data ``map_batches`` with :class:`tokenskip.generation.GenerateStage` and the options the
+(Ray Data ``map_batches`` with :class:`tokenskip.stages.generate.GenerateStage` and the options the
 pipeline uses), twice:
 
 * ``one_batch``: ``max_concurrent_batches=1`` -- the engine drains to each batch's longest sample
@@ -58,7 +58,7 @@ def _timed_stage_class():
     """The real stage, plus the wall-clock start/end of each call as columns (benchmark only)."""
     import pyarrow as pa
 
-    from tokenskip.generation import GenerateStage
+    from tokenskip.stages.generate import GenerateStage
 
     class TimedGenerateStage(GenerateStage):
         async def __call__(self, batch: pa.Table) -> pa.Table:
@@ -79,8 +79,8 @@ def run_mode(args, engine, sampling, questions: list[str], max_concurrent_batche
     import pyarrow as pa
     import ray
 
-    from tokenskip.generation import GenerateStage, engine_occupancy
     from tokenskip.prompts import INSTRUCTION
+    from tokenskip.stages.generate import GenerateStage, engine_occupancy
 
     # Blocks of shard_size problems, as the pipeline feeds the stage (one table per shard).
     tables = [

@@ -45,10 +45,10 @@ def main() -> None:
     import torch
 
     from tokenskip.engine import EngineConfig, SamplingConfig, create_llm
-    from tokenskip.generation import GenerateStage
     from tokenskip.models import resolve_model
     from tokenskip.prompts import INSTRUCTION, render_prompt
     from tokenskip.ray_runtime import init_ray
+    from tokenskip.stages.generate import GenerateStage
     from tokenskip.testing.tiny_models import arithmetic_problems
 
     model = resolve_model(args.model)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from tokenskip.engine import EngineConfig, EngineDead, SamplingConfig
-from tokenskip.generation import GENERATED_FIELDS, GenerateStage, engine_occupancy
+from tokenskip.stages.generate import OUTPUT_FIELDS, GenerateStage, engine_occupancy
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_rows_schema_n_samples_and_a_too_long_prompt_isolated(continuous, loop):
     batch = pa.table({"id": ["a", "long", "b"], "question": ["What is 2 + 3?", TOO_LONG, "What is 7 + 1?"]})
     out = loop.run(continuous(batch))
 
-    assert out.schema == pa.schema(list(batch.schema) + GENERATED_FIELDS)
+    assert out.schema == pa.schema(list(batch.schema) + OUTPUT_FIELDS)
     rows = out.to_pylist()
     assert [r["id"] for r in rows] == ["a", "long", "b"]  # input order, one row per problem
     for r in (rows[0], rows[2]):

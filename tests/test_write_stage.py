@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from tokenskip.schema import COMPRESSED_SCHEMA, sample_key
-from tokenskip.selection import SAMPLE_ROW_SCHEMA
+from tokenskip.stages.grade import SAMPLE_ROW_SCHEMA
+from tokenskip.stages.write import decode_rows, shards_stay_whole, write_complete_shards
 from tokenskip.storage import RunStore, ShardRecord, StorageConfig
-from tokenskip.write_stage import decode_rows, shards_stay_whole, write_complete_shards
 
 
 def _rows(shard_id: str, problems: list[str], n: int = 2) -> list[dict]:

@@ -35,6 +35,7 @@ from tokenskip.grading import split_answer_tail
 from tokenskip.pruning import validate_ratios
 from tokenskip.schema import COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig, build_scorer
+from tokenskip.stages.fallback import batch_then_rows, error_text
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +125,14 @@ class Compressor:
         ]
 
     def _prune_rows(self, reasonings: list[str]) -> list[dict[float, str] | Exception]:
-        """Scorer output per row; one failing row must not fail the others, so retry row by row."""
-        try:
-            return list(self.scorer.prune(reasonings, self.config.ratios))
-        except Exception as batch_error:  # isolate the failing row below
-            log.warning(
-                "scoring failed for a batch of %d (%r); retrying row by row", len(reasonings), batch_error
-            )
-        out: list[dict[float, str] | Exception] = []
-        for text in reasonings:
-            try:
-                out.append(self.scorer.prune([text], self.config.ratios)[0])
-            except Exception as e:  # becomes the row's error
-                out.append(e)
-        return out
+        """Scorer output per row, or the exception that row failed with: one failing row must not
+        fail the others (:func:`tokenskip.stages.fallback.batch_then_rows`)."""
+        return batch_then_rows(
+            lambda texts: self.scorer.prune(texts, self.config.ratios),
+            reasonings,
+            lambda _text, exc: exc,
+            what="scoring",
+        )
 
     def __call__(self, batch: dict[str, Any] | pa.Table) -> dict[str, list]:
         if isinstance(batch, pa.Table):  # Ray's batch_format="pyarrow"
@@ -170,10 +165,7 @@ class Compressor:
         texts: dict[int, list[str]] = {}
         for i, result in zip(todo, self._prune_rows([splits[i][0] for i in todo]), strict=True):
             if isinstance(result, Exception):
-                new["error"][i], new["error_detail"][i] = (
-                    "scoring_error",
-                    f"{type(result).__name__}: {result}",
-                )
+                new["error"][i], new["error_detail"][i] = "scoring_error", error_text(result)
             else:
                 texts[i] = [_join(result[r], *splits[i]) for r in self.config.ratios]
         done = list(texts)

@@ -11,7 +11,7 @@ Two engines are built here from the same :class:`EngineConfig` -> :func:`engine_
 * :func:`create_llm` -- the blocking ``vllm.LLM`` (one ``generate`` call serves a list of prompts);
   evaluation and the TL;DR dev runs use it.
 * :func:`create_async_llm` -- vLLM v1's ``AsyncLLM``, which the dataset's generation stage uses to
-  keep the engine's running set full across Ray Data batches (:mod:`tokenskip.generation`). Its
+  keep the engine's running set full across Ray Data batches (:mod:`tokenskip.stages.generate`). Its
   engine core always runs in a child process (``AsyncLLM`` only has a multiprocess core client;
   ``VLLM_ENABLE_V1_MULTIPROCESSING`` does not apply), so the model's torch/OpenMP work happens on
   that process's main thread, whichever thread or event loop submits the requests. If that process
@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tokenskip.stages.fallback import batch_then_rows, error_text
 
 log = logging.getLogger(__name__)
 
@@ -336,26 +338,21 @@ def generate_safe(
     """
     max_len = llm.llm_engine.model_config.max_model_len
     results, servable = _screen_prompts(prompts, llm.get_tokenizer(), max_len)
-    if servable:
-        params = sampling.to_vllm()
-        lora = _lora_request(lora_path)
-        batch = [prompts[i] for i in servable]
-        try:
-            outputs = llm.generate(batch, params, lora_request=lora, use_tqdm=use_tqdm)
-            for i, out in zip(servable, outputs, strict=True):
-                results[i] = _to_result(out)
-        except Exception as batch_error:  # isolate the offending prompt(s)
-            log.warning(
-                "batch generation failed (%s); retrying %d prompts one by one", batch_error, len(batch)
-            )
-            for i in servable:
-                try:
-                    (out,) = llm.generate([prompts[i]], params, lora_request=lora, use_tqdm=False)
-                    results[i] = _to_result(out)
-                except Exception as row_error:
-                    results[i] = PromptResult(
-                        error="engine_error", error_detail=f"{type(row_error).__name__}: {row_error}"
-                    )
+    params = sampling.to_vllm() if servable else None
+    lora = _lora_request(lora_path) if servable else None
+
+    def generate(batch: list[str]) -> list[PromptResult]:
+        outputs = llm.generate(batch, params, lora_request=lora, use_tqdm=use_tqdm and len(batch) > 1)
+        return [_to_result(out) for out in outputs]
+
+    served = batch_then_rows(
+        generate,
+        [prompts[i] for i in servable],
+        lambda _prompt, exc: PromptResult(error="engine_error", error_detail=error_text(exc)),
+        what="generation",
+    )
+    for i, result in zip(servable, served, strict=True):
+        results[i] = result
     return [
         r if r is not None else PromptResult(error="engine_error", error_detail="no output") for r in results
     ]

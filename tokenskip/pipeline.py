@@ -2,10 +2,11 @@
 
     problems (load, validate) -> dedup + decontaminate            [driver; rejects/errors kept]
     -> shards of problems (deterministic ids)                     [resume unit]
-    -> GenerateStage      (vLLM actors, n samples per problem)    [Ray Data map_batches]
-    -> GradeSelectStage   (verdict + selection policy)            [Ray Data map_batches]
-    -> CompressKeptStage  (score once, prune at every ratio)      [Ray Data map_batches]
-    -> driver groups rows by shard; a complete shard is committed (parts + marker)
+    -> GenerateStage      (vLLM actors, n samples per problem)    [tokenskip.stages.generate]
+    -> GradeSelectStage   (verdict + selection policy)            [tokenskip.stages.grade]
+    -> CompressKeptStage  (score once, prune at every ratio)      [tokenskip.stages.compress]
+    -> write_complete_shards (workers write a whole shard's parts) [tokenskip.stages.write]
+    -> the driver commits each shard from its record (marker); it assembles split shards itself
     -> all shards committed -> manifest (conditional write) -> LATEST -> report
 
 Resume: shard ids are content hashes of their problem ids, and a shard is committed atomically
@@ -36,28 +37,15 @@ from tokenskip.config import PipelineConfig
 from tokenskip.console import RunDisplay
 from tokenskip.dataset_card import dataset_card
 from tokenskip.dedup import dedup_and_decontaminate
-from tokenskip.generation import GenerateStage
 from tokenskip.metrics import StageMetrics, log_stage_event
 from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
-from tokenskip.schema import (
-    COMPRESSED_SCHEMA,
-    ERROR_SCHEMA,
-    PROBLEM_SCHEMA,
-    REJECT_SCHEMA,
-    config_hash,
-)
-from tokenskip.selection import SAMPLE_ROW_SCHEMA, GradeSelectStage
+from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.sources import load_problems
-from tokenskip.storage import (
-    LockHeartbeat,
-    NotLockOwner,
-    RunStore,
-    ShardRecord,
-    read_manifest,
-)
+from tokenskip.stages import compress, generate, grade, write
+from tokenskip.stages.write import decode_rows, shards_stay_whole, write_shard_rows
+from tokenskip.storage import LockHeartbeat, NotLockOwner, RunStore, ShardRecord, holding, read_manifest
 from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summary
-from tokenskip.write_stage import decode_rows, shards_stay_whole, write_complete_shards
 
 log = logging.getLogger(__name__)
 
@@ -238,117 +226,6 @@ def make_plan(config: PipelineConfig) -> Plan:
     )
 
 
-class CompressKeptStage:
-    """Compress the ``kept`` rows (score once, prune at every ratio); pass the others through."""
-
-    OUT_FIELDS = [
-        pa.field("reasoning", pa.string()),
-        pa.field("answer_tail", pa.string()),
-        pa.field("original_tokens", pa.int64()),
-        COMPRESSED_SCHEMA.field("compressions"),
-        pa.field("compress_seconds", pa.float64()),
-    ]
-
-    def __init__(
-        self, compression, *, cpus: float = 0.5, omp_threads: int | None = None, batch_size: int = 32
-    ):
-        # Ray Data hands over whole shards (so the write stage gets them whole); score in chunks.
-        self.batch_size = batch_size
-        from tokenskip.compress import Compressor
-        from tokenskip.models import resolve_model
-        from tokenskip.torch_thread import TorchThread
-
-        # The scoring model is loaded and run on one thread of ours (see tokenskip.torch_thread).
-        self.torch_thread = TorchThread(omp_threads, cpus, name="scorer")
-        scorer = compression.scorer.model_copy(update={"model": resolve_model(compression.scorer.model)})
-        compression = compression.model_copy(
-            update={"scorer": scorer, "target_tokenizer": resolve_model(compression.target_tokenizer)}
-            if compression.target_tokenizer
-            else {"scorer": scorer}
-        )
-        self.compressor = self.torch_thread.run(Compressor, compression)
-        self.metrics = StageMetrics()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        kept_idx = [i for i, r in enumerate(rows) if r["status"] == "kept"]
-        extra: dict[int, dict[str, Any]] = {}
-        started = time.perf_counter()
-        for start in range(0, len(kept_idx), self.batch_size):
-            chunk = kept_idx[start : start + self.batch_size]
-            sub = {"cot": [rows[i]["cot"] for i in chunk]}
-            try:
-                out = self.torch_thread.run(self.compressor, sub)
-                per_row = [{k: out[k][j] for k in out} for j in range(len(chunk))]
-            except Exception as batch_error:
-                log.warning("compression failed on a batch (%s); retrying row by row", batch_error)
-                per_row = []
-                for i in chunk:
-                    try:
-                        one = self.torch_thread.run(self.compressor, {"cot": [rows[i]["cot"]]})
-                        per_row.append({k: one[k][0] for k in one})
-                    except Exception as e:
-                        per_row.append(
-                            {"error": "compression_error", "error_detail": f"{type(e).__name__}: {e}"}
-                        )
-            for i, values in zip(chunk, per_row, strict=True):
-                extra[i] = values
-        seconds = (time.perf_counter() - started) / max(1, len(kept_idx))
-        for i, values in extra.items():
-            error = values.get("error") or values.get("compress_error")
-            if error:
-                rows[i]["status"] = "error"
-                rows[i]["reason"] = str(error)
-                rows[i]["detail"] = values.get("error_detail") or values.get("detail")
-        columns = {
-            "reasoning": [extra.get(i, {}).get("reasoning") for i in range(len(rows))],
-            "answer_tail": [extra.get(i, {}).get("answer_tail") for i in range(len(rows))],
-            "original_tokens": [extra.get(i, {}).get("original_tokens") for i in range(len(rows))],
-            "compressions": [
-                extra.get(i, {}).get("compressions") if rows[i]["status"] == "kept" else None
-                for i in range(len(rows))
-            ],
-            "compress_seconds": [seconds if i in extra else None for i in range(len(rows))],
-        }
-        self.metrics.record_rows("compress", len(kept_idx))
-        self.metrics.record_stage_seconds("compress", seconds * len(kept_idx))
-        for i in extra:
-            if rows[i]["status"] == "error":
-                self.metrics.record_errors("compress", rows[i]["reason"])
-        out = pa.Table.from_pylist(rows, schema=SAMPLE_ROW_SCHEMA)
-        for f in self.OUT_FIELDS:
-            out = out.append_column(f, pa.array(columns[f.name], type=f.type))
-        return out
-
-
-def split_outcomes(rows: pa.Table) -> dict[str, pa.Table]:
-    """Sample rows -> the run's three tables (data, rejects, errors) with their schemas."""
-    status = rows.column("status").to_pylist()
-    pylist = rows.to_pylist()
-    data = [r for r, s in zip(pylist, status, strict=True) if s == "kept"]
-    rejects = [r | {"stage": "grade"} for r, s in zip(pylist, status, strict=True) if s == "reject"]
-    errors = [
-        r
-        | {
-            "stage": "compress" if r.get("cot") else "generate",
-            "raw": json.dumps({"question": r["question"]}),
-        }
-        for r, s in zip(pylist, status, strict=True)
-        if s == "error"
-    ]
-    return {
-        "data": pa.Table.from_pylist(
-            [{f.name: r.get(f.name) for f in COMPRESSED_SCHEMA} for r in data], schema=COMPRESSED_SCHEMA
-        ),
-        "rejects": pa.Table.from_pylist(
-            [{f.name: r.get(f.name) for f in REJECT_SCHEMA} for r in rejects], schema=REJECT_SCHEMA
-        ),
-        "errors": pa.Table.from_pylist(
-            [{f.name: r.get(f.name) for f in ERROR_SCHEMA} for r in errors], schema=ERROR_SCHEMA
-        ),
-    }
-
-
 @dataclass
 class AttemptStats:
     """What this attempt did (a resumed run's earlier attempts are counted from committed files)."""
@@ -367,96 +244,18 @@ def _build_dataset(
     expected_rows: dict[str, int],
     progress: ProgressBoard | None = None,
 ):
+    """The attempt's Ray Data flow: problems of the pending shards through the four stages."""
     import ray
 
-    r = config.resources
     tables = [
         s.problems.append_column("shard_id", pa.array([s.shard_id] * s.size, pa.string())) for s in shards
     ]
     ds = ray.data.from_arrow(tables)
-    ds = ds.map_batches(
-        GenerateStage,
-        fn_constructor_kwargs={
-            "engine": config.engine,
-            "sampling": config.sampling,
-            "prompt": config.prompt.model_dump(),
-            "cpus": r.generation_cpus,
-            "omp_threads": r.omp_threads,
-            "max_concurrent_batches": r.generation_max_concurrent_batches,
-            "progress": progress,
-        },
-        batch_size=r.generation_batch_size,
-        # Batches in flight per actor; actors restart after a dead engine and retry their batches.
-        **GenerateStage.map_batches_options(
-            actors=r.generation_actors,
-            cpus=r.generation_cpus,
-            gpus=r.generation_gpus,
-            max_concurrent_batches=r.generation_max_concurrent_batches,
-        ),
-    )
-    ds = ds.map_batches(
-        GradeSelectStage,
-        fn_constructor_kwargs={
-            "grading": config.grading,
-            "policy": config.selection.policy,
-            "model": config.engine.model,
-            "generation_hash": config.generation_hash(),
-            "n_samples": config.sampling.n,
-        },
-        batch_format="pyarrow",
-        concurrency=1,
-        num_cpus=r.grading_cpus,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
-    ds = ds.map_batches(
-        CompressKeptStage,
-        fn_constructor_kwargs={
-            "compression": config.compression,
-            "cpus": r.compression_cpus,
-            "omp_threads": r.omp_threads,
-            "batch_size": r.compression_batch_size,
-        },
-        batch_size=None,  # whole blocks: shards stay whole for the write stage
-        batch_format="pyarrow",
-        concurrency=r.compression_actors,
-        num_cpus=r.compression_cpus,
-        num_gpus=r.compression_gpus,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
-    # Workers write each whole shard (parts, then marker) and pass on only its record.
-    ds = ds.map_batches(
-        write_complete_shards,
-        fn_kwargs={"store": store, "expected_rows": expected_rows},
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=r.write_cpus,
-        max_retries=-1,  # a worker that died mid-write: the task runs again (same part names)
-    )
-    return ds
-
-
-def _shard_outcomes(rows: pa.Table, problem_ids: list[str] | None):
-    tables = split_outcomes(rows)
-    if problem_ids is None:
-        problem_ids = sorted(set(rows.column("problem_id").to_pylist()))
-    return tables, ShardSummary.from_tables(tables, samples=rows), problem_ids
-
-
-def write_shard_parts(store: RunStore, shard_id: str, rows: pa.Table) -> ShardRecord:
-    """One complete shard's sample rows -> its three parts, written; the record (with the shard's
-    summary and problem ids) for the driver to commit. Runs in the write stage's workers."""
-    tables, summary, problem_ids = _shard_outcomes(rows, None)
-    return store.write_parts(shard_id, tables, summary=summary, problem_ids=problem_ids)
-
-
-def write_shard_rows(store: RunStore, shard_id: str, rows: pa.Table, problem_ids: list[str] | None = None):
-    """Split one complete shard's sample rows into its three tables and commit them with their
-    summary (so end-of-run statistics read the marker, not the parts) and the problems they hold.
-    Returns the ShardRecord."""
-    tables, summary, problem_ids = _shard_outcomes(rows, problem_ids)
-    return store.write_shard(shard_id, tables, summary=summary, problem_ids=problem_ids)
+    ds = ds.map_batches(**generate.map_batches_args(config, progress))
+    ds = ds.map_batches(**grade.map_batches_args(config))
+    ds = ds.map_batches(**compress.map_batches_args(config))
+    # Workers write each whole shard's parts and pass on only its record (the driver commits).
+    return ds.map_batches(**write.map_batches_args(config, store, expected_rows))
 
 
 def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = None) -> dict[str, Any]:
@@ -546,22 +345,14 @@ def run_pipeline(
     if plan.already_committed_run:
         return _already_committed(config, plan)
     lease = store.lease()
-    lease.acquire()  # LockHeld propagates: another writer of this run is at work
-    heartbeat = LockHeartbeat(lease, lease.ttl_s / 3)
-    try:
-        with heartbeat:
-            if store.is_committed():  # committed by another writer after this plan was made
-                return _already_committed(config, plan)
-            # Shards another writer committed since planning are not generated again.
-            planned = {s.shard_id for s in plan.shards}
-            plan.committed |= set(store.committed_shards()) & planned
-            return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress)
-    finally:
-        if not heartbeat.lost:
-            try:
-                lease.release()
-            except NotLockOwner:
-                log.warning("run lease was lost before release", exc_info=True)
+    # LockHeld propagates: another writer of this run is at work.
+    with holding(lease, lease.ttl_s / 3, what="run lease") as heartbeat:
+        if store.is_committed():  # committed by another writer after this plan was made
+            return _already_committed(config, plan)
+        # Shards another writer committed since planning are not generated again.
+        planned = {s.shard_id for s in plan.shards}
+        plan.committed |= set(store.committed_shards()) & planned
+        return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress)
 
 
 def _already_committed(config: PipelineConfig, plan: Plan) -> dict[str, Any]:

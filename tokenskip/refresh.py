@@ -56,6 +56,7 @@ from tokenskip.storage import (
     RunStore,
     apply_retention,
     delete_dataset_file,
+    holding,
     latest_run_id,
     list_committed_runs,
     read_dataset_file,
@@ -486,21 +487,15 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     pipeline = config.pipeline
     started = time.perf_counter()
     lock = Lock(pipeline.output, pipeline.dataset, config.lock_name, ttl_s=config.lock_ttl_s)
-    lock.acquire()  # LockHeld propagates: another refresh is running
-    heartbeat = LockHeartbeat(lock, config.heartbeat_interval, thread_name="refresh-heartbeat")
     result: dict[str, Any] = {"dataset": pipeline.dataset, "lock": {"owner": lock.owner}}
-    try:
-        with heartbeat:
-            result.update(_refresh_locked(config, now, heartbeat))
-        result["lock"]["heartbeats"] = heartbeat.beats
-        if heartbeat.lost:
-            result["lock"]["lost"] = heartbeat.lost
-    finally:
-        if not heartbeat.lost:
-            try:
-                lock.release()
-            except NotLockOwner:
-                log.warning("refresh lock was lost before release", exc_info=True)
+    # LockHeld propagates: another refresh is running.
+    with holding(
+        lock, config.heartbeat_interval, what="refresh lock", thread_name="refresh-heartbeat"
+    ) as heartbeat:
+        result.update(_refresh_locked(config, now, heartbeat))
+    result["lock"]["heartbeats"] = heartbeat.beats
+    if heartbeat.lost:
+        result["lock"]["lost"] = heartbeat.lost
     result["wall_seconds"] = time.perf_counter() - started
     return result
 

@@ -171,7 +171,7 @@ class EngineTotals(BaseModel):
     tokens_generated: int = 0
     generation_seconds: float = 0.0
     compression_seconds: float = 0.0
-    # Engine occupancy terms (tokenskip.generation): steps and running sequences are the rows' shares
+    # Engine occupancy terms (tokenskip.stages.generate): steps and running sequences are the rows' shares
     # of their batches' scheduler stats, so they add up; occupancy = running / (steps x max_num_seqs).
     engine_steps: float = 0.0
     engine_running_seqs: float = 0.0
@@ -240,7 +240,7 @@ class ShardSummary(BaseModel):
 
     @classmethod
     def from_tables(cls, tables: Mapping[str, pa.Table], samples: pa.Table | None = None) -> ShardSummary:
-        """Summary of ONE shard's tables as :func:`tokenskip.pipeline.split_outcomes` makes them
+        """Summary of ONE shard's tables as :func:`tokenskip.stages.write.split_outcomes` makes them
         (``data``/``rejects``/``errors``, any may be absent); ``samples``: the shard's sample rows
         before the split, for the engine totals."""
         acc = SummaryAccumulator()

@@ -30,7 +30,8 @@ The package, one job a module:
 - :mod:`~tokenskip.storage.readers`: the readers of committed runs.
 - :mod:`~tokenskip.storage.dataset`: LATEST moves, dataset state files, root and dataset checks.
 - :mod:`~tokenskip.storage.retention`: pins and :func:`apply_retention`.
-- :mod:`~tokenskip.storage.lease`: :class:`Lock` and :class:`LockHeartbeat`.
+- :mod:`~tokenskip.storage.lease`: :class:`Lock`, :class:`LockHeartbeat` and :func:`holding` (a lock held
+  for the length of a piece of work).
 
 Import from ``tokenskip.storage``; the modules are the code's layout, not its interface.
 """
@@ -58,7 +59,7 @@ from tokenskip.storage.errors import (
     StorageError,
 )
 from tokenskip.storage.layout import KINDS, MANIFEST_NAME
-from tokenskip.storage.lease import Lock, LockHeartbeat, LockInfo, default_owner
+from tokenskip.storage.lease import Lock, LockHeartbeat, LockInfo, default_owner, holding
 from tokenskip.storage.readers import (
     committed_files,
     iter_batches,
@@ -93,6 +94,7 @@ __all__ = [
     "IntegrityError",
     "Lock",
     "LockHeartbeat",
+    "holding",
     "LockHeld",
     "LockInfo",
     "Manifest",

@@ -10,6 +10,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
@@ -213,3 +215,28 @@ class LockHeartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@contextmanager
+def holding(
+    lock: Lock, interval: float, *, what: str, thread_name: str = "lease-heartbeat"
+) -> Iterator[LockHeartbeat]:
+    """Hold ``lock`` for the length of a piece of work (a pipeline run's lease, a refresh's lock):
+    acquire it (``LockHeld`` propagates: someone else is at work), renew it every ``interval`` seconds while the body runs, release it after.
+
+    Yields the heartbeat: the body checks ``heartbeat.lost`` before it commits anything, and the
+    caller may read ``beats``/``lost`` afterwards. ``what`` names the lock in the log ("run lease").
+    A lost lock is not released: it is the new holder's, and releasing it would pull it from under
+    them.
+    """
+    lock.acquire()
+    heartbeat = LockHeartbeat(lock, interval, thread_name=thread_name)
+    try:
+        with heartbeat:
+            yield heartbeat
+    finally:
+        if not heartbeat.lost:
+            try:
+                lock.release()
+            except NotLockOwner:
+                log.warning("%s was lost before release", what, exc_info=True)

@@ -1,5 +1,11 @@
 """Generation stage: problems -> chat-template prompts -> vLLM samples.
 
+Input: problem rows with at least :data:`INPUT_FIELDS` (every column is passed through). Output: the
+input columns + :data:`OUTPUT_FIELDS` (:func:`output_schema`). Config: the pipeline's
+:class:`~tokenskip.engine.EngineConfig`, :class:`~tokenskip.engine.SamplingConfig` and
+:class:`~tokenskip.config.PromptConfig`, with :class:`~tokenskip.config.ResourcesConfig`'s generation
+fields (:func:`map_batches_args` maps a :class:`~tokenskip.config.PipelineConfig` onto them).
+
 A callable class for Ray Data's ``map_batches`` (one engine per actor, built once). It keeps the
 problem grouping: each output row is one problem with a list of its ``n`` samples, so the grading
 stage can apply a per-problem selection policy. A problem the engine cannot serve (prompt too long,
@@ -40,7 +46,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -57,8 +63,20 @@ from tokenskip.models import resolve_model
 from tokenskip.progress import ProgressBoard
 from tokenskip.progress import post as post_progress
 from tokenskip.prompts import render_prompt
+from tokenskip.stages.contract import check_fields
 
-__all__ = ["GENERATED_FIELDS", "SAMPLE_STRUCT", "GenerateStage", "engine_occupancy"]
+if TYPE_CHECKING:
+    from tokenskip.config import PipelineConfig
+
+__all__ = [
+    "INPUT_FIELDS",
+    "OUTPUT_FIELDS",
+    "SAMPLE_STRUCT",
+    "GenerateStage",
+    "engine_occupancy",
+    "map_batches_args",
+    "output_schema",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +88,11 @@ SAMPLE_STRUCT = pa.struct(
     ]
 )
 
-GENERATED_FIELDS = [
+# What the stage reads; every other input column is passed through untouched.
+INPUT_FIELDS = [pa.field("question", pa.string())]
+
+# What the stage appends to each problem row.
+OUTPUT_FIELDS = [
     pa.field("samples", pa.list_(SAMPLE_STRUCT)),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("gen_error", pa.string()),
@@ -83,6 +105,11 @@ GENERATED_FIELDS = [
     pa.field("gen_engine_running_seqs", pa.float64()),
     pa.field("gen_engine_max_num_seqs", pa.int64()),
 ]
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    """The stage's output schema for a batch of ``input_schema``: the input columns, then :data:`OUTPUT_FIELDS`."""
+    return pa.schema(list(input_schema) + OUTPUT_FIELDS)
 
 
 def engine_occupancy(table: pa.Table) -> float | None:
@@ -179,6 +206,7 @@ class GenerateStage:
             return await self._generate(batch)
 
     async def _generate(self, batch: pa.Table) -> pa.Table:
+        check_fields(batch.schema, INPUT_FIELDS, "generate")
         started = time.perf_counter()
         prompts = []
         render_errors: dict[int, str] = {}
@@ -242,10 +270,8 @@ class GenerateStage:
             [running / max(1, rows)] * rows,
             [self.occupancy.max_num_seqs] * rows,
         ]
-        out = batch
-        for field, values in zip(GENERATED_FIELDS, columns, strict=True):
-            out = out.append_column(field, pa.array(values, type=field.type))
-        return out
+        new = [pa.array(values, type=f.type) for f, values in zip(OUTPUT_FIELDS, columns, strict=True)]
+        return pa.Table.from_arrays(batch.columns + new, schema=output_schema(batch.schema))
 
     def _die(self) -> None:
         """The engine core is gone. In a Ray actor, end the process so Ray restarts the actor (a new
@@ -259,3 +285,29 @@ class GenerateStage:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def map_batches_args(config: PipelineConfig, progress: ProgressBoard | None = None) -> dict[str, Any]:
+    """``Dataset.map_batches`` arguments that run this stage as ``config`` says; ``progress``: the
+    board its actors post engine starts and generated batches to (the driver's live display)."""
+    r = config.resources
+    return {
+        "fn": GenerateStage,
+        "fn_constructor_kwargs": {
+            "engine": config.engine,
+            "sampling": config.sampling,
+            "prompt": config.prompt.model_dump(),
+            "cpus": r.generation_cpus,
+            "omp_threads": r.omp_threads,
+            "max_concurrent_batches": r.generation_max_concurrent_batches,
+            "progress": progress,
+        },
+        "batch_size": r.generation_batch_size,
+        # Batches in flight per actor; actors restart after a dead engine and retry their batches.
+        **GenerateStage.map_batches_options(
+            actors=r.generation_actors,
+            cpus=r.generation_cpus,
+            gpus=r.generation_gpus,
+            max_concurrent_batches=r.generation_max_concurrent_batches,
+        ),
+    }

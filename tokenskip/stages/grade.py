@@ -7,17 +7,39 @@ Every sample gets a verdict from :mod:`tokenskip.grading` and a ``status``:
   ``policy``); it lands in the rejects table with its verdict;
 * ``error``  - the problem produced no sample (prompt too long, engine error); one error row per
   expected sample, so every (problem, sample index) key appears exactly once in the run.
+
+Input: the generation stage's rows (:data:`INPUT_FIELDS`). Output: :data:`OUTPUT_SCHEMA`, exactly
+``n`` rows per problem: a shard is committed once it has ``problems x n`` rows, so a problem with
+another number of samples would leave its shard waiting forever. The stage refuses such a batch
+with :class:`~tokenskip.stages.contract.RowCountMismatch` instead. Config:
+:class:`~tokenskip.grading.GradingConfig` and the policy of :class:`~tokenskip.config.SelectionConfig`,
+with the run's model, generation hash and ``n`` (:func:`map_batches_args`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.metrics import StageMetrics
-from tokenskip.schema import sample_key
+from tokenskip.schema import PROBLEM_SCHEMA, sample_key
+from tokenskip.stages import generate
+from tokenskip.stages.contract import RowCountMismatch, check_fields
 
-SAMPLE_ROW_SCHEMA = pa.schema(
+if TYPE_CHECKING:
+    from tokenskip.config import PipelineConfig
+
+# The problem fields the sample rows copy, the shard a problem belongs to, what generation added.
+INPUT_FIELDS = [
+    *(PROBLEM_SCHEMA.field(name) for name in ("id", "question", "answer", "source", "split")),
+    pa.field("shard_id", pa.string()),
+    *generate.OUTPUT_FIELDS,
+]
+
+# One row per (problem, sample index): the rows every later stage works on.
+OUTPUT_SCHEMA = SAMPLE_ROW_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string()),
         pa.field("problem_id", pa.string()),
@@ -33,7 +55,7 @@ SAMPLE_ROW_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int64()),
         pa.field("finish_reason", pa.string()),
         pa.field("gen_seconds", pa.float64()),
-        # The problem's shares of its batch's engine steps (tokenskip.generation), for occupancy.
+        # The problem's shares of its batch's engine steps (tokenskip.stages.generate), for occupancy.
         pa.field("gen_engine_steps", pa.float64()),
         pa.field("gen_engine_running_seqs", pa.float64()),
         pa.field("gen_engine_max_num_seqs", pa.int64()),
@@ -62,6 +84,8 @@ class GradeSelectStage:
     """``map_batches`` callable (pyarrow in, pyarrow out)."""
 
     def __init__(self, grading: GradingConfig, policy: str, model: str, generation_hash: str, n_samples: int):
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self.grading = grading
         self.policy = policy
         self.model = model
@@ -70,7 +94,15 @@ class GradeSelectStage:
         self.metrics = StageMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        check_fields(batch.schema, INPUT_FIELDS, "grade")
         problems = batch.to_pylist()
+        for p in problems:
+            samples = p["samples"] or []
+            if samples and not p["gen_error"] and len(samples) != self.n_samples:
+                raise RowCountMismatch(
+                    f"grade stage: problem {p['id']!r} (shard {p['shard_id']!r}) has {len(samples)} samples, "
+                    f"expected n={self.n_samples}: its shard would never reach problems x n rows"
+                )
         flat_texts, flat_golds, owners = [], [], []
         for p_index, p in enumerate(problems):
             for s in p["samples"] or []:
@@ -132,8 +164,31 @@ class GradeSelectStage:
                 else:
                     row |= {"status": "reject", "reason": g.verdict.value, "detail": g.detail}
                 rows.append(row)
+        if len(rows) != batch.num_rows * self.n_samples:  # every branch above yields n rows a problem
+            raise RowCountMismatch(
+                f"grade stage: {len(rows)} sample rows for {batch.num_rows} problems x n={self.n_samples}"
+            )
         self.metrics.record_rows("grade", len(rows))
         for r in rows:
             if r["status"] == "reject":  # generation errors are counted by the generation stage
                 self.metrics.record_rejects("grade", r["reason"])
-        return pa.Table.from_pylist(rows, schema=SAMPLE_ROW_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
+    """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
+    return {
+        "fn": GradeSelectStage,
+        "fn_constructor_kwargs": {
+            "grading": config.grading,
+            "policy": config.selection.policy,
+            "model": config.engine.model,
+            "generation_hash": config.generation_hash(),
+            "n_samples": config.sampling.n,
+        },
+        "batch_format": "pyarrow",
+        "concurrency": 1,
+        "num_cpus": config.resources.grading_cpus,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }

@@ -1,0 +1,13 @@
+"""The dataset build's Ray Data stages, one module each, in pipeline order.
+
+    generate  (:mod:`.generate`)  problem rows -> problem rows + their n samples (vLLM)
+    grade     (:mod:`.grade`)     problem rows -> n sample rows each, with verdict and status
+    compress  (:mod:`.compress`)  sample rows -> sample rows + compressions of the kept ones
+    write     (:mod:`.write`)     sample rows -> one write result per shard (parts written)
+
+Each module declares the Arrow fields its stage requires (``INPUT_FIELDS``) and the ones it
+produces (``OUTPUT_FIELDS`` appended to its input, or a whole ``OUTPUT_SCHEMA``), and the stage
+checks a batch against them (:mod:`.contract`), so a stage fed the wrong rows fails with the missing
+field's name instead of a ``KeyError`` deep inside. :mod:`tokenskip.pipeline` only wires them.
+Nothing is imported here: a write worker should not load the generation stage's dependencies.
+"""

@@ -1,0 +1,121 @@
+"""Compression stage: the ``kept`` sample rows get their compressions; every other row passes through.
+
+Input: the grade stage's sample rows (:data:`INPUT_SCHEMA`). Output: :data:`OUTPUT_SCHEMA`, the same
+rows with :data:`OUTPUT_FIELDS` appended, filled for the kept rows the stage compressed. Config:
+:class:`~tokenskip.compress.CompressConfig` and the compression fields of
+:class:`~tokenskip.config.ResourcesConfig` (:func:`map_batches_args`).
+
+The scoring itself is :class:`tokenskip.compress.Compressor` (score once, prune at every ratio),
+which already isolates a row its scorer fails on (:mod:`tokenskip.stages.fallback`) and reports it
+as that row's ``error``/``error_detail``. Such a row becomes an error row here (status ``error``, its
+``reason``/``detail`` from the compressor, ``compress_seconds`` set), and the write stage puts it in
+the run's errors with stage ``compress``; the other rows of its batch keep their compressions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from tokenskip.metrics import StageMetrics
+from tokenskip.schema import COMPRESSED_SCHEMA
+from tokenskip.stages import grade
+from tokenskip.stages.contract import check_fields
+
+if TYPE_CHECKING:
+    from tokenskip.compress import CompressConfig
+    from tokenskip.config import PipelineConfig
+
+INPUT_SCHEMA = grade.OUTPUT_SCHEMA
+
+# Appended to every row; null on the rows the stage did not compress (rejects, earlier errors).
+OUTPUT_FIELDS = [
+    pa.field("reasoning", pa.string()),
+    pa.field("answer_tail", pa.string()),
+    pa.field("original_tokens", pa.int64()),
+    COMPRESSED_SCHEMA.field("compressions"),
+    # Set on every row the stage worked on (compressed or failed): the mark of a compression error.
+    pa.field("compress_seconds", pa.float64()),
+]
+
+OUTPUT_SCHEMA = pa.schema(list(INPUT_SCHEMA) + OUTPUT_FIELDS)
+
+# Compressor output columns that the output rows take over unchanged (on success).
+_COMPRESSED_COLUMNS = ("reasoning", "answer_tail", "original_tokens", "compressions")
+
+
+class CompressKeptStage:
+    """``map_batches`` callable: compress the ``kept`` rows (score once, prune at every ratio)."""
+
+    def __init__(
+        self,
+        compression: CompressConfig,
+        *,
+        cpus: float = 0.5,
+        omp_threads: int | None = None,
+        batch_size: int = 32,
+    ):
+        from tokenskip.compress import Compressor
+        from tokenskip.models import resolve_model
+        from tokenskip.torch_thread import TorchThread
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # Ray Data hands over whole shards (so the write stage gets them whole); score in chunks.
+        self.batch_size = batch_size
+        # The scoring model is loaded and run on one thread of ours (see tokenskip.torch_thread).
+        self.torch_thread = TorchThread(omp_threads, cpus, name="scorer")
+        scorer = compression.scorer.model_copy(update={"model": resolve_model(compression.scorer.model)})
+        compression = compression.model_copy(
+            update={"scorer": scorer, "target_tokenizer": resolve_model(compression.target_tokenizer)}
+            if compression.target_tokenizer
+            else {"scorer": scorer}
+        )
+        self.compressor = self.torch_thread.run(Compressor, compression)
+        self.metrics = StageMetrics()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_fields(batch.schema, INPUT_SCHEMA, "compress")
+        rows = batch.to_pylist()
+        kept = [i for i, r in enumerate(rows) if r["status"] == "kept"]
+        for row in rows:
+            row.update(dict.fromkeys(f.name for f in OUTPUT_FIELDS))
+        started = time.perf_counter()
+        for start in range(0, len(kept), self.batch_size):
+            chunk = kept[start : start + self.batch_size]
+            out = self.torch_thread.run(self.compressor, {"cot": [rows[i]["cot"] for i in chunk]})
+            for j, i in enumerate(chunk):
+                if out["error"][j]:
+                    rows[i].update(status="error", reason=out["error"][j], detail=out["error_detail"][j])
+                    self.metrics.record_errors("compress", out["error"][j])
+                else:
+                    rows[i].update({name: out[name][j] for name in _COMPRESSED_COLUMNS})
+        seconds = time.perf_counter() - started
+        for i in kept:
+            rows[i]["compress_seconds"] = seconds / len(kept)
+        self.metrics.record_rows("compress", len(kept))
+        self.metrics.record_stage_seconds("compress", seconds if kept else 0.0)
+        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
+    """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
+    r = config.resources
+    return {
+        "fn": CompressKeptStage,
+        "fn_constructor_kwargs": {
+            "compression": config.compression,
+            "cpus": r.compression_cpus,
+            "omp_threads": r.omp_threads,
+            "batch_size": r.compression_batch_size,
+        },
+        "batch_size": None,  # whole blocks: shards stay whole for the write stage
+        "batch_format": "pyarrow",
+        "concurrency": r.compression_actors,
+        "num_cpus": r.compression_cpus,
+        "num_gpus": r.compression_gpus,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+    }
