@@ -196,6 +196,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_help: str, dry_run_help: str) -> None:
+    """``--config FILE``, ``--set KEY=VALUE`` (repeatable) and ``--dry-run``: the options of every
+    command that runs from a YAML config (``args.set`` goes to :func:`tokenskip.config.parse_overrides`)."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field: a dotted key and a YAML value (a.b=1); repeatable",
+    )
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenskip", description=__doc__)
     parser.add_argument(
@@ -219,12 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", parents=[verbose], help="build a compressed CoT dataset (the Ray Data pipeline)"
     )
-    run.add_argument("--config", required=True, help="pipeline YAML (see tokenskip/configs/)")
-    run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    run.add_argument(
-        "--dry-run", action="store_true", help="print the plan (stages, resources, row counts) and exit"
+    add_config_arguments(
+        run,
+        config_help="pipeline YAML (see tokenskip/configs/)",
+        dry_run_help="print the plan (stages, resources, row counts) and exit",
     )
     run.add_argument(
         "--max-shards", type=_positive_int, default=None, help="commit at most N new shards, then stop"

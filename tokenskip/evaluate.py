@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tokenskip.cli import add_config_arguments
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
@@ -555,13 +556,11 @@ def _cli_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", required=True, help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)"
+    add_config_arguments(
+        parser,
+        config_help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)",
+        dry_run_help="validate and print the config, do not run",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (dotted key)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the config, do not run")
 
 
 def register_cli(subparsers) -> None:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from tokenskip.cli import add_config_arguments
 from tokenskip.train.config import CheckpointSettings, TrainConfig, load_train_config
 
 log = logging.getLogger(__name__)
@@ -145,17 +146,11 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", required=True, help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)."
+    add_config_arguments(
+        parser,
+        config_help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)",
+        dry_run_help="validate and print the config, do not train",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config field (dotted key).",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="Validate and print the config, do not train.")
 
 
 def register_cli(subparsers) -> None:
