@@ -18,6 +18,13 @@ EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): t
 # Commands that start engines or Ray: their log file's path is printed when they start (``run``
 # prints it once the run's folder is known, where the log moves).
 LONG_COMMANDS = ("evaluate", "train")
+# Commands that live in their own module (which also serves a Ray job entrypoint): (name, module,
+# help). The module documents the command in its docstring and has add_arguments(parser) and
+# run_command(args) -> exit code.
+MODULE_COMMANDS = (
+    ("train", "tokenskip.train.job", "Fine-tune on TokenSkip / TL;DR data with Ray Train (LoRA or full)."),
+    ("evaluate", "tokenskip.evaluate", "accuracy and CoT tokens per compression ratio (TokenSkip's table)"),
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -294,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # A subcommand whose module fails to import fails the whole CLI with that error: skipping it
     # would silently remove a command (and hide a broken install).
-    for module in ("tokenskip.train.job", "tokenskip.evaluate"):
-        importlib.import_module(module).register_cli(sub)
+    for name, module_name, help_text in MODULE_COMMANDS:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run_command)
     return parser
 
 

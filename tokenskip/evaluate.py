@@ -542,7 +542,8 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
 # Command line
 
 
-def _cli_evaluate(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``tokenskip evaluate``: the table on stdout, the outputs under ``output``."""
     from tokenskip.config import parse_overrides
 
     config = load_evaluate_config(args.config, parse_overrides(args.set))
@@ -561,14 +562,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         config_help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)",
         dry_run_help="validate and print the config, do not run",
     )
-
-
-def register_cli(subparsers) -> None:
-    """Add ``evaluate`` to the ``tokenskip`` command (called by tokenskip.cli)."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="accuracy and CoT tokens per compression ratio (TokenSkip's table)",
-        description=__doc__,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=_cli_evaluate)
