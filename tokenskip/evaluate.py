@@ -189,11 +189,9 @@ class EvaluateConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _resolve_builtin_source(cls, source: SourceConfig) -> SourceConfig:
-        from tokenskip.config import BUILTIN_PREFIX, resolve_builtin
+        from tokenskip.config import resolve_builtin_source
 
-        if source.path.startswith(BUILTIN_PREFIX):
-            return source.model_copy(update={"path": resolve_builtin(source.path)})
-        return source
+        return resolve_builtin_source(source)
 
     def max_tokens_at(self, ratio: float) -> int:
         """The completion cap at ``ratio`` (TokenSkip truncates max_new_tokens x ratio to an int)."""
