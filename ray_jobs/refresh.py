@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from tokenskip.cli import add_config_arguments
+
 EXIT_LOCKED = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_REFUSED = 5
@@ -24,11 +26,11 @@ EXIT_REFUSED = 5
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.refresh", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", required=True, help="refresh YAML (see tokenskip/configs/refresh_example.yaml)"
+    add_config_arguments(
+        parser,
+        config_help="refresh YAML (see tokenskip/configs/refresh_example.yaml)",
+        dry_run_help="print what the refresh would do and exit",
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    parser.add_argument("--dry-run", action="store_true", help="print what the refresh would do and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="stream every log line to the console")
     args = parser.parse_args(argv)
     from tokenskip.console import console_logging

@@ -4,7 +4,6 @@ lowers the loss."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -195,7 +194,7 @@ def test_data_sources_all_formats(tmp_path, tokenizer):
 
 
 def test_shipped_configs_validate_and_cli_dry_run(capsys):
-    from tokenskip.train.job import register_cli
+    from tokenskip.cli import build_parser
 
     example = load_train_config(CONFIGS / "train_example.yaml")
     recipe = load_train_config(CONFIGS / "train_qwen2_5_7b_gsm8k.yaml")
@@ -213,9 +212,7 @@ def test_shipped_configs_validate_and_cli_dry_run(capsys):
         0.1,
         2048,
     )
-    parser = argparse.ArgumentParser(prog="tokenskip")
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", "--config", str(CONFIGS / "train_example.yaml"), "--dry-run"])
+    args = build_parser().parse_args(["train", "--config", str(CONFIGS / "train_example.yaml"), "--dry-run"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["model"] == example.model
     with pytest.raises(ValueError, match="needs `data`"):

@@ -18,6 +18,13 @@ EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): t
 # Commands that start engines or Ray: their log file's path is printed when they start (``run``
 # prints it once the run's folder is known, where the log moves).
 LONG_COMMANDS = ("evaluate", "train")
+# Commands that live in their own module (which also serves a Ray job entrypoint): (name, module,
+# help). The module documents the command in its docstring and has add_arguments(parser) and
+# run_command(args) -> exit code.
+MODULE_COMMANDS = (
+    ("train", "tokenskip.train.job", "Fine-tune on TokenSkip / TL;DR data with Ray Train (LoRA or full)."),
+    ("evaluate", "tokenskip.evaluate", "accuracy and CoT tokens per compression ratio (TokenSkip's table)"),
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -196,6 +203,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_help: str, dry_run_help: str) -> None:
+    """``--config FILE``, ``--set KEY=VALUE`` (repeatable) and ``--dry-run``: the options of every
+    command that runs from a YAML config (``args.set`` goes to :func:`tokenskip.config.parse_overrides`)."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field: a dotted key and a YAML value (a.b=1); repeatable",
+    )
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenskip", description=__doc__)
     parser.add_argument(
@@ -219,12 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", parents=[verbose], help="build a compressed CoT dataset (the Ray Data pipeline)"
     )
-    run.add_argument("--config", required=True, help="pipeline YAML (see tokenskip/configs/)")
-    run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
-    )
-    run.add_argument(
-        "--dry-run", action="store_true", help="print the plan (stages, resources, row counts) and exit"
+    add_config_arguments(
+        run,
+        config_help="pipeline YAML (see tokenskip/configs/)",
+        dry_run_help="print the plan (stages, resources, row counts) and exit",
     )
     run.add_argument(
         "--max-shards", type=_positive_int, default=None, help="commit at most N new shards, then stop"
@@ -282,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # A subcommand whose module fails to import fails the whole CLI with that error: skipping it
     # would silently remove a command (and hide a broken install).
-    for module in ("tokenskip.train.job", "tokenskip.evaluate"):
-        importlib.import_module(module).register_cli(sub)
+    for name, module_name, help_text in MODULE_COMMANDS:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run_command)
     return parser
 
 

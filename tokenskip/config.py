@@ -40,6 +40,13 @@ def resolve_builtin(path: str) -> str:
     return str(candidate)
 
 
+def resolve_builtin_source(source: SourceConfig) -> SourceConfig:
+    """``source`` reading the bundled file when its path is ``builtin:NAME``; any other unchanged."""
+    if not source.path.startswith(BUILTIN_PREFIX):
+        return source
+    return source.model_copy(update={"path": resolve_builtin(source.path)})
+
+
 class PromptConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -155,10 +162,7 @@ class PipelineConfig(BaseModel):
     @field_validator("sources")
     @classmethod
     def _resolve_builtin_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        return [
-            s.model_copy(update={"path": resolve_builtin(s.path)}) if s.path.startswith(BUILTIN_PREFIX) else s
-            for s in sources
-        ]
+        return [resolve_builtin_source(s) for s in sources]
 
     def generation_fingerprint(self) -> dict[str, Any]:
         """What determines a generated sample: model, prompt and sampling (the key's config part)."""

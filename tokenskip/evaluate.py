@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tokenskip.cli import add_config_arguments
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
@@ -188,11 +189,9 @@ class EvaluateConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _resolve_builtin_source(cls, source: SourceConfig) -> SourceConfig:
-        from tokenskip.config import BUILTIN_PREFIX, resolve_builtin
+        from tokenskip.config import resolve_builtin_source
 
-        if source.path.startswith(BUILTIN_PREFIX):
-            return source.model_copy(update={"path": resolve_builtin(source.path)})
-        return source
+        return resolve_builtin_source(source)
 
     def max_tokens_at(self, ratio: float) -> int:
         """The completion cap at ``ratio`` (TokenSkip truncates max_new_tokens x ratio to an int)."""
@@ -541,7 +540,8 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
 # Command line
 
 
-def _cli_evaluate(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``tokenskip evaluate``: the table on stdout, the outputs under ``output``."""
     from tokenskip.config import parse_overrides
 
     config = load_evaluate_config(args.config, parse_overrides(args.set))
@@ -555,21 +555,8 @@ def _cli_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", required=True, help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)"
+    add_config_arguments(
+        parser,
+        config_help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)",
+        dry_run_help="validate and print the config, do not run",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (dotted key)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the config, do not run")
-
-
-def register_cli(subparsers) -> None:
-    """Add ``evaluate`` to the ``tokenskip`` command (called by tokenskip.cli)."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="accuracy and CoT tokens per compression ratio (TokenSkip's table)",
-        description=__doc__,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=_cli_evaluate)

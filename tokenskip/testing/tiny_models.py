@@ -17,11 +17,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_CORPUS = [
+# Word problems, step-by-step arithmetic and boxed answers, then every printable ASCII character: the
+# training text of the tiny tokenizers here and in :mod:`tokenskip.testing.tiny_token_classifier`,
+# so their vocabularies have whole pieces for common words and digits and split rarer words.
+REASONING_SENTENCES = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
     "Step 1: 48 / 2 = 24 clips in May. Step 2: 48 + 24 = 72 clips in total.",
     "The final answer is: $\\boxed{72}$",
-    "Please reason step by step, and put your final answer within \\boxed{}.",
     "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
     "So, the answer is 10. Let's think: 12 / 60 = 0.2 per minute, 0.2 * 50 = 10 dollars.",
     "What is the value of x if 2x + 3 = 11? Subtract 3 from both sides, then divide by 2, x = 4.",
@@ -30,9 +32,20 @@ _CORPUS = [
 ]
 
 
+def tokenizer_corpus(sentences: list[str], *, numbers: int, per_line: int) -> list[str]:
+    """``sentences`` repeated, then the integers below ``numbers`` written out ``per_line`` to a
+    line, so a tokenizer trained on it learns pieces for numbers and words alike."""
+    return sentences * 20 + [
+        " ".join(str(i) for i in range(k, k + per_line)) for k in range(0, numbers, per_line)
+    ]
+
+
 def _corpus() -> list[str]:
-    # Repeat with digits spelled out so BPE learns merges for numbers and words alike.
-    return _CORPUS * 20 + [" ".join(str(i) for i in range(k, k + 50)) for k in range(0, 1000, 50)]
+    # The chat model's corpus also holds its prompt's instruction, so those words get whole pieces.
+    sentences = REASONING_SENTENCES + [
+        "Please reason step by step, and put your final answer within \\boxed{}."
+    ]
+    return tokenizer_corpus(sentences, numbers=1000, per_line=50)
 
 
 def build_tiny_causal_lm(path: str | os.PathLike, *, vocab_size: int = 512, seed: int = 0) -> Path:

@@ -24,28 +24,21 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from tokenskip.testing.tiny_models import REASONING_SENTENCES, tokenizer_corpus
+
 XLMR_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's ids 0..4, in its order
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-# Reasoning-flavoured sentences: the vocabulary then has whole pieces for common words and digits
-# and splits rarer words, so both word-merging paths of the scorers are exercised.
-_CORPUS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "Step 1: 48 / 2 = 24 clips in May. Step 2: 48 + 24 = 72 clips in total.",
-    "The final answer is: $\\boxed{72}$",
-    "Let's break down the problem step by step. First, we calculate the weekly cost.",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
-    "So, the answer is 10. Let's think: 12 / 60 = 0.2 per minute, 0.2 * 50 = 10 dollars.",
-    "What is the value of x if 2x + 3 = 11? Subtract 3 from both sides, then divide by 2, x = 4.",
-    "Therefore the total cost is 3 * 4 + 5 = 17. Hence we need 17 apples and oranges.",
-    "Okay, so I need to find the number of ways. Hmm, wait, let me check that again.",
-    "\\frac{1}{2} + \\frac{3}{4} = \\frac{5}{4} \\times 2 \\sqrt{3} \\[ x^2 - 4 = 0 \\]",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 +-*/=()[]{}<>$%#.,;:!?'\"\\",
-]
-
 
 def _corpus() -> list[str]:
-    return _CORPUS * 20 + [" ".join(str(i) for i in range(k, k + 40)) for k in range(0, 400, 40)]
+    # Long-CoT hesitations and LaTeX besides the shared sentences: the scorers' word-merging rules
+    # then meet the pieces real reasoning traces are made of.
+    sentences = REASONING_SENTENCES + [
+        "Let's break down the problem step by step. First, we calculate the weekly cost.",
+        "Okay, so I need to find the number of ways. Hmm, wait, let me check that again.",
+        "\\frac{1}{2} + \\frac{3}{4} = \\frac{5}{4} \\times 2 \\sqrt{3} \\[ x^2 - 4 = 0 \\]",
+    ]
+    return tokenizer_corpus(sentences, numbers=400, per_line=40)
 
 
 def build_tiny_token_classifier(

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from tokenskip.cli import add_config_arguments
 from tokenskip.train.config import CheckpointSettings, TrainConfig, load_train_config
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     )
 
 
-def _cli_train(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``tokenskip train``: metrics and checkpoint as JSON on stdout; 1 when training failed."""
     from tokenskip.config import parse_overrides
 
     config = load_train_config(args.config, parse_overrides(getattr(args, "set", None)))
@@ -145,32 +147,15 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", required=True, help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)."
+    add_config_arguments(
+        parser,
+        config_help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)",
+        dry_run_help="validate and print the config, do not train",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config field (dotted key).",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="Validate and print the config, do not train.")
-
-
-def register_cli(subparsers) -> None:
-    """Add ``train`` to the ``tokenskip`` command (called by tokenskip.cli)."""
-    parser = subparsers.add_parser(
-        "train",
-        help="Fine-tune on TokenSkip / TL;DR data with Ray Train (LoRA or full).",
-        description=__doc__,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=_cli_train)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO)
     parser = argparse.ArgumentParser(prog="train_sft", description=__doc__)
     add_arguments(parser)
-    return _cli_train(parser.parse_args(argv))
+    return run_command(parser.parse_args(argv))
