@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from tokenskip.cli import add_config_arguments
+from tokenskip.config import add_config_arguments
 
 EXIT_LOCKED = 3
 EXIT_INCOMPATIBLE = 4

@@ -181,3 +181,24 @@ def test_show_prints_the_summary_and_examples_with_dropped_words_marked(tmp_path
     )
     assert out.count(tail) >= 3  # original and both ratios keep the answer tail
     assert cli.main(["show", "--root", str(tmp_path), "--dataset", "nope"]) == cli.EXIT_USER_ERROR
+
+
+def test_no_library_module_imports_the_cli():
+    """The CLI imports the library, never the other way round (a library import of the CLI is a cycle
+    waiting to happen, and hides which module owns what)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "tokenskip"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "cli.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(package)}: {n}" for n in names if n == "tokenskip.cli"]
+    assert offenders == []

@@ -12,6 +12,8 @@ import traceback
 
 import yaml
 
+from tokenskip.config import add_config_arguments
+
 EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
 EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
 EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): try again later
@@ -201,20 +203,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, *, config_help: str, dry_run_help: str) -> None:
-    """``--config FILE``, ``--set KEY=VALUE`` (repeatable) and ``--dry-run``: the options of every
-    command that runs from a YAML config (``args.set`` goes to :func:`tokenskip.config.parse_overrides`)."""
-    parser.add_argument("--config", required=True, help=config_help)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field: a dotted key and a YAML value (a.b=1); repeatable",
-    )
-    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
 
 
 def build_parser() -> argparse.ArgumentParser:

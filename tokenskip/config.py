@@ -8,6 +8,7 @@ resources or the output location can change freely between attempts.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -212,6 +213,20 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 class OverrideError(ValueError):
     """A ``--set key=value`` that does not fit the config (bad syntax, a path through a scalar, a list
     index out of range)."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_help: str, dry_run_help: str) -> None:
+    """``--config FILE``, ``--set KEY=VALUE`` (repeatable) and ``--dry-run``: the options of every
+    command that runs from a YAML config (``args.set`` goes to :func:`tokenskip.config.parse_overrides`)."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field: a dotted key and a YAML value (a.b=1); repeatable",
+    )
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:

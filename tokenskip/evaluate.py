@@ -31,6 +31,7 @@ import logging
 import os
 import posixpath
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tokenskip.cli import add_config_arguments
+from tokenskip.config import add_config_arguments
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
@@ -433,8 +434,12 @@ def generate_samples(config: EvaluateConfig, problems: pa.Table, llm, adapter_pa
     for cap, ratios in by_cap.items():
         batch = [prompt for ratio in ratios for prompt in prompts[ratio]]
         sampling = config.sampling.model_copy(update={"max_tokens": cap})
+        # What the console shows while it waits: vLLM's progress bar on a terminal, else one line.
+        live = sys.stderr.isatty()
         log.info("generating %d completions (ratios %s, max_tokens %d)", len(batch), ratios, cap)
-        out = generate_safe(llm, batch, sampling, lora_path=adapter_path)
+        if not live:
+            print(f"generating {len(batch)} completions (ratios {ratios}, max_tokens {cap})", flush=True)
+        out = generate_safe(llm, batch, sampling, lora_path=adapter_path, use_tqdm=live)
         for i, ratio in enumerate(ratios):
             results[ratio] = out[i * len(problem_rows) : (i + 1) * len(problem_rows)]
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tokenskip.cli import add_config_arguments
+from tokenskip.config import add_config_arguments
 from tokenskip.train.config import CheckpointSettings, TrainConfig, load_train_config
 
 log = logging.getLogger(__name__)
