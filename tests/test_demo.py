@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_report import _body_attrs, _chart_count, _dump_dom, chromium  # noqa: F401 (fixture)
 from tokenskip.storage import StorageConfig, read_manifest, read_table
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+DEMO_N = yaml.safe_load((REPO / "tokenskip" / "configs" / "demo.yaml").read_text())["sampling"]["n"]
 
 
 def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium):  # noqa: F811
@@ -42,7 +44,7 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     assert len(console) <= 40, "\n".join(console)
     assert any(line.startswith("starting vLLM engine (model smollm2-135m-instruct, device cpu)") for line in console)
     assert any(line.startswith("vLLM engine ready in ") for line in console)
-    assert any(line.startswith("shard 1/1 committed | samples 48/48 | kept ") for line in console)
+    assert any(line.startswith(f"shard 1/1 committed | samples {12 * DEMO_N}/{12 * DEMO_N} | kept ") for line in console)
     assert "read it:" in console
     assert not [line for line in console if " INFO " in line or "(pid=" in line]  # no engine/Ray log lines
 
@@ -50,7 +52,7 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     manifest = read_manifest(storage, "demo-arithmetic")
     counts = manifest.counts
     assert counts["input_rows"] == 12
-    assert counts["samples"] == counts["problems_to_generate"] * 4
+    assert counts["samples"] == counts["problems_to_generate"] * DEMO_N
     data = read_table(storage, "demo-arithmetic", "data")
     assert counts["kept_samples"] == data.num_rows
     for row in data.to_pylist():

@@ -42,7 +42,8 @@ def init_ray(log_to_driver: bool | None = None) -> None:
     if log_to_driver is not None:
         kwargs["log_to_driver"] = log_to_driver
     if worker_log:
-        kwargs["logging_level"] = logging.WARNING
+        # Ray's own start-up notices (token auth, deprecations) are for its operators, not the run's.
+        kwargs["logging_level"] = logging.ERROR
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return

@@ -102,6 +102,8 @@ class CompressKeptStage:
 
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
+    import ray
+
     r = config.resources
     return {
         "fn": CompressKeptStage,
@@ -113,7 +115,7 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
         },
         "batch_size": None,  # whole blocks: shards stay whole for the write stage
         "batch_format": "pyarrow",
-        "concurrency": r.compression_actors,
+        "compute": ray.data.ActorPoolStrategy(size=r.compression_actors),
         "num_cpus": r.compression_cpus,
         "num_gpus": r.compression_gpus,
         "max_restarts": -1,

@@ -177,6 +177,8 @@ class GradeSelectStage:
 
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
+    import ray
+
     return {
         "fn": GradeSelectStage,
         "fn_constructor_kwargs": {
@@ -187,7 +189,7 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
             "n_samples": config.sampling.n,
         },
         "batch_format": "pyarrow",
-        "concurrency": 1,
+        "compute": ray.data.ActorPoolStrategy(size=1),
         "num_cpus": config.resources.grading_cpus,
         "max_restarts": -1,
         "max_task_retries": -1,
