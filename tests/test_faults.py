@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3_fault_proxy import FaultProxy, FaultRule
 from tokenskip.config import PipelineConfig
 from tokenskip.engine import SamplingConfig, generate_safe
 from tokenskip.grading import Grader, GradingConfig, Verdict
 from tokenskip.pipeline import make_plan, run_pipeline
 from tokenskip.schema import ERROR_SCHEMA, problem_id, sample_key
 from tokenskip.storage import NotCommitted, RunStore, StorageConfig, read_manifest, read_table
-from tokenskip.testing.faults import FaultProxy, FaultRule
 from tokenskip.testing.tiny_models import arithmetic_problems
 
 DATASET = "tiny-arith"
