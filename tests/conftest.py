@@ -1,4 +1,4 @@
-"""Shared fixtures: reference data, tiny local models, a local S3 server.
+"""Shared fixtures: reference data (tests/data), tiny local models, a local S3 server.
 
 Nothing here reaches the network: models are built locally (tokenskip.testing.tiny_models) and S3
 is moto's ThreadedMotoServer bound to 127.0.0.1.
@@ -18,22 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TOKENSKIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The reference data sets beside the checkout (../shared/data).
+def fixture_data() -> Path:
+    """The reference data the tests read, vendored in tests/data (see its README.md for origins).
 
-    In CI (CI=true) their absence is a failure, not a skip, so the parity and grading checks can
-    never pass vacuously there.
+    Missing is a failure, never a skip: the parity, grading and manifest checks must not pass
+    vacuously on a checkout without them.
     """
-    if not SHARED_DATA.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"reference data not found at {SHARED_DATA}")
-        pytest.skip(f"reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    from tests.fixture_data import DATA_DIR
+
+    if not (DATA_DIR / "README.md").is_file():
+        pytest.fail(f"test fixtures not found at {DATA_DIR}")
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
 
+from tests.fixture_data import read_jsonl
 from tokenskip.pruning import keep_mask, reduce_rate_for
 from tokenskip.scoring import ScorerConfig, build_scorer
 
@@ -46,9 +46,9 @@ def plain_scorer(tiny_causal_lm):
 
 
 @pytest.fixture(scope="module")
-def cots(shared_data) -> list[str]:
-    with open(shared_data / "cot_samples" / "r1_distill_7b_gsm8k_test.jsonl") as f:
-        return [json.loads(line)["response"] for _, line in zip(range(12), f, strict=False)]
+def cots(fixture_data) -> list[str]:
+    rows = read_jsonl(fixture_data / "cot_samples" / "r1_distill_7b_gsm8k_test.jsonl.gz")
+    return [row["response"] for _, row in zip(range(12), rows, strict=False)]
 
 
 def test_keep_probability_is_one_minus_the_lm_probability(scorer, tiny_causal_lm):
