@@ -129,6 +129,39 @@ def s3_bucket(s3_server, request):
     yield s3_server, name
 
 
+@pytest.fixture(params=["local", "s3"])
+def local_or_s3_storage(request, tmp_path):
+    """A StorageConfig on a local folder, then on a fresh bucket of the moto server; fast retries."""
+    from tokenskip.storage import StorageConfig
+
+    if request.param == "local":
+        return StorageConfig(root=str(tmp_path / "store"), backoff_s=0.001)
+    # Own bucket rather than the s3_bucket fixture: its name comes from the test name, and the
+    # "[s3]" of a parametrized test is not a valid bucket name.
+    import uuid
+
+    import boto3
+
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = f"tokenskip-store-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return StorageConfig(
+        root=f"s3://{bucket}/ds", storage_options={"endpoint_url": endpoint}, backoff_s=0.001
+    )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: the tiny models gain nothing from two, and a busy 2-core box
+    makes them spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_solver(model_cache) -> Path:
     """A tiny LM trained in seconds to answer ``arithmetic_problems()``: greedy is always right,

@@ -20,15 +20,8 @@ RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 TOKENSKIP_OPTIONS = {"force_tokens": ["Step", ":"], "force_reserve_digit": True, "drop_consecutive": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Both implementations run the same tiny model; one thread avoids oversubscribing a busy 2-core box.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Both implementations run the same tiny model; one thread avoids oversubscribing a busy 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

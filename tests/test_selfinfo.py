@@ -14,15 +14,7 @@ from tokenskip.scoring import ScorerConfig, build_scorer
 RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # One thread: the tiny model gains nothing from two, and a busy 2-core box makes them spin.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
