@@ -72,6 +72,7 @@ PATHOLOGICAL = {
 }
 
 
+@pytest.mark.slow  # waits out grading timeouts
 def test_pathological_answers_finish_within_the_bound_as_timeouts():
     config = GradingConfig(timeout_s=1.0, wall_timeout_s=30.0, max_workers=2)
     responses = [*PATHOLOGICAL.values(), "\\boxed{\\frac{1}{3}}", "The answer is \\boxed{2}"]

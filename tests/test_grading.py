@@ -257,6 +257,7 @@ def math_verify_grader():
         yield g
 
 
+@pytest.mark.slow  # every case through math-verify as well
 def test_fast_path_agrees_with_math_verify(case_verdicts, math_verify_grader):
     graded = [(r, g, v) for (r, g, _), v in zip(GRADING_CASES, case_verdicts["default"], strict=True)]
     graded = [(r, g, v) for r, g, v in graded if v.verdict != Verdict.unparsable]
@@ -354,6 +355,7 @@ def test_adversarial_text_is_processed_in_linear_time(name):
         assert answer is None and fallback == text
 
 
+@pytest.mark.slow  # waits out grading timeouts
 def test_pathological_answers_get_a_verdict_off_the_main_thread():
     config = GradingConfig(timeout_s=0.5, max_workers=2)
     with Grader(config) as g:
@@ -442,6 +444,7 @@ def test_closed_grader_refuses_work():
         g.grade("\\boxed{x}", "y")
 
 
+@pytest.mark.slow  # grades 5,476 responses
 def test_gsm8k_golds_match_however_the_number_is_written(fixture_data, grader):
     """Thousands separators, currency, units and trailing zeros never cost a correct answer."""
     golds = [row["answer"] for row in read_jsonl(fixture_data / "gsm8k" / "test.jsonl.gz")]

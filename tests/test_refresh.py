@@ -107,6 +107,7 @@ def test_version_name_and_config_checks(tmp_path):
     assert example.pipeline.run_id is None and example.keep_last >= 1
 
 
+@pytest.mark.slow
 def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, monkeypatch, capsys):
     endpoint, bucket = s3_bucket
     output = StorageConfig(root=f"s3://{bucket}/datasets", storage_options={"endpoint_url": endpoint})

@@ -89,6 +89,7 @@ def test_tiny_classifier_splits_the_force_tokens(scorers):
     assert set(scorers[True].token_map) == {"Step", ":"}
 
 
+@pytest.mark.slow  # 220 CoTs through llmlingua itself, twice
 @pytest.mark.parametrize("with_options", [True, False], ids=["tokenskip_options", "no_options"])
 def test_parity_with_llmlingua(fixture_data, scorers, reference, with_options):
     texts = load_parity_cots(fixture_data)

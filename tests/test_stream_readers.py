@@ -155,6 +155,7 @@ def ray_one_cpu():
         ray.shutdown()
 
 
+@pytest.mark.slow  # starts Ray (Ray Data)
 def test_read_dataset_equals_read_table(tmp_path, ray_one_cpu):
     config = StorageConfig(root=str(tmp_path / "store"))
     commit_run(config)
