@@ -279,7 +279,10 @@ def _boxed_cot(gold: str) -> str:
     return "... so we get it.\n\nThe final answer is: $\\boxed{" + gold + "}$"
 
 
-@pytest.mark.parametrize("path", ["default", "math_verify"])
+@pytest.mark.parametrize(
+    "path",
+    ["default", pytest.param("math_verify", marks=pytest.mark.slow)],  # math-verify on 1,819 golds: ~9 s
+)
 def test_every_gold_answer_grades_correct_when_boxed(fixture_data, grader, math_verify_grader, path):
     golds = _load_golds(fixture_data)
     g = grader if path == "default" else math_verify_grader
