@@ -1,4 +1,4 @@
-"""Shared fixtures: reference data, tiny local models, a local S3 server.
+"""Shared fixtures: reference data (tests/data), tiny local models, a local S3 server.
 
 Nothing here reaches the network: models are built locally (tokenskip.testing.tiny_models) and S3
 is moto's ThreadedMotoServer bound to 127.0.0.1.
@@ -18,22 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TOKENSKIP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The reference data sets beside the checkout (../shared/data).
+def fixture_data() -> Path:
+    """The reference data the tests read, vendored in tests/data (see its README.md for origins).
 
-    In CI (CI=true) their absence is a failure, not a skip, so the parity and grading checks can
-    never pass vacuously there.
+    Missing is a failure, never a skip: the parity, grading and manifest checks must not pass
+    vacuously on a checkout without them.
     """
-    if not SHARED_DATA.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"reference data not found at {SHARED_DATA}")
-        pytest.skip(f"reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    from tests.fixture_data import DATA_DIR
+
+    if not (DATA_DIR / "README.md").is_file():
+        pytest.fail(f"test fixtures not found at {DATA_DIR}")
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +127,39 @@ def s3_bucket(s3_server, request):
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     yield s3_server, name
+
+
+@pytest.fixture(params=["local", "s3"])
+def local_or_s3_storage(request, tmp_path):
+    """A StorageConfig on a local folder, then on a fresh bucket of the moto server; fast retries."""
+    from tokenskip.storage import StorageConfig
+
+    if request.param == "local":
+        return StorageConfig(root=str(tmp_path / "store"), backoff_s=0.001)
+    # Own bucket rather than the s3_bucket fixture: its name comes from the test name, and the
+    # "[s3]" of a parametrized test is not a valid bucket name.
+    import uuid
+
+    import boto3
+
+    endpoint = request.getfixturevalue("s3_server")
+    bucket = f"tokenskip-store-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return StorageConfig(
+        root=f"s3://{bucket}/ds", storage_options={"endpoint_url": endpoint}, backoff_s=0.001
+    )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: the tiny models gain nothing from two, and a busy 2-core box
+    makes them spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

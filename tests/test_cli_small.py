@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import _config, _write_problems
+from tests.tiny_pipeline import tiny_pipeline_config, write_problems
 from tokenskip import cli
 from tokenskip.schema import COMPRESSED_SCHEMA, to_table
 from tokenskip.storage import RunStore, StorageConfig, pin
@@ -100,8 +100,8 @@ def test_compress_resolves_the_embedded_model_name(tmp_path, capsys):
 
 
 def test_dry_run_names_the_load_errors(tmp_path, tiny_causal_lm, capsys):
-    path = _write_problems(tmp_path / "p.jsonl", [{"id": "1", "answer": "2"}], [b"not json"])
-    config = _config(tmp_path, tiny_causal_lm, path, StorageConfig(root=str(tmp_path / "out")))
+    path = write_problems(tmp_path / "p.jsonl", [{"id": "1", "answer": "2"}], [b"not json"])
+    config = tiny_pipeline_config(tiny_causal_lm, path, StorageConfig(root=str(tmp_path / "out")))
     config_path = tmp_path / "run.yaml"
     import yaml
 

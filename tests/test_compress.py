@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from tests.fixture_data import read_jsonl
 from tokenskip.compress import ADDED_COLUMNS, CompressConfig, Compressor, _join, compress_file
 from tokenskip.grading import split_answer_tail
 from tokenskip.schema import COMPRESSION_STRUCT, ERROR_SCHEMA
@@ -41,12 +42,11 @@ def compressor(config) -> Compressor:
 
 
 @pytest.fixture(scope="module")
-def cots(shared_data) -> list[dict]:
+def cots(fixture_data) -> list[dict]:
     """Short real CoTs (gsm8k and math500) that state a final answer."""
     rows = []
-    for name in ("r1_distill_7b_gsm8k_test.jsonl", "r1_distill_7b_math500_test.jsonl"):
-        with open(shared_data / "cot_samples" / name) as f:
-            data = [json.loads(line) for line in f]
+    for name in ("r1_distill_7b_gsm8k_test.jsonl.gz", "r1_distill_7b_math500_test.jsonl.gz"):
+        data = read_jsonl(fixture_data / "cot_samples" / name)
         data = [r for r in data if split_answer_tail(r["response"])[1]]
         rows += sorted(data, key=lambda r: len(r["response"]))[:4]
     return rows
@@ -178,7 +178,8 @@ def test_compress_file_parquet_input_and_arrow_batches(config, compressor, cots,
 
 @pytest.mark.slow
 def test_compressor_in_ray_data_map_batches(config, compressor, cots):
-    ray = pytest.importorskip("ray")
+    import ray
+
     started_here = not ray.is_initialized()  # another module may have left its Ray session up
     if started_here:
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

@@ -36,12 +36,12 @@ def _problems(rows: list[tuple[str, str, str]]) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def eval_config(shared_data) -> DedupConfig:
+def eval_config(fixture_data) -> DedupConfig:
     return DedupConfig(
         eval_sets=[
-            SourceConfig(path=str(shared_data / "gsm8k/test.jsonl"), kind="gsm8k", split="test"),
-            SourceConfig(path=str(shared_data / "math500/test.jsonl"), kind="math", split="test"),
-            SourceConfig(path=str(shared_data / "aime/aime_1983_2023.jsonl"), kind="aime", split="test"),
+            SourceConfig(path=str(fixture_data / "gsm8k/test.jsonl.gz"), kind="gsm8k", split="test"),
+            SourceConfig(path=str(fixture_data / "math500/test.jsonl.gz"), kind="math", split="test"),
+            SourceConfig(path=str(fixture_data / "aime/aime_1983_2023.jsonl.gz"), kind="aime", split="test"),
         ]
     )
 
@@ -57,8 +57,8 @@ def gsm8k_test(eval_config) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def gsm8k_train(shared_data) -> pa.Table:
-    return load_problems(SourceConfig(path=str(shared_data / "gsm8k/train.jsonl"), kind="gsm8k"))[0]
+def gsm8k_train(fixture_data) -> pa.Table:
+    return load_problems(SourceConfig(path=str(fixture_data / "gsm8k/train.jsonl.gz"), kind="gsm8k"))[0]
 
 
 def test_index_covers_every_eval_problem(decontaminator):
@@ -120,11 +120,11 @@ def test_lightly_edited_gsm8k_test_question_is_contaminated(decontaminator, eval
     assert f"{found.overlap:.2f}" in reject["detail"]
 
 
-def test_math500_and_aime_copies_are_contaminated(decontaminator, eval_config, shared_data):
-    full_math = load_problems(SourceConfig(path=str(shared_data / "math500/test.jsonl"), kind="math"))[0]
+def test_math500_and_aime_copies_are_contaminated(decontaminator, eval_config, fixture_data):
+    full_math = load_problems(SourceConfig(path=str(fixture_data / "math500/test.jsonl.gz"), kind="math"))[0]
     math = full_math.slice(0, 40)
     aime = load_problems(
-        SourceConfig(path=str(shared_data / "aime/aime_1983_2023.jsonl"), kind="aime", limit=40)
+        SourceConfig(path=str(fixture_data / "aime/aime_1983_2023.jsonl.gz"), kind="aime", limit=40)
     )[0]
     # Loaded under another name (as a scraped training set would be): different ids, same questions.
     copies = _problems(
@@ -153,7 +153,8 @@ def test_gsm8k_train_is_kept_and_flag_rate_is_measured(decontaminator, eval_conf
 
 
 def test_threshold_decides_on_the_measured_overlap(decontaminator, eval_config, gsm8k_train):
-    """The full train set has two templated near-copies of one test problem (overlap 7/13 = 0.54)."""
+    """The full train set has two templated near-copies of one test problem (overlap 7/13 = 0.54);
+    tests/data keeps both (with the first 500 train problems), and no other train problem is flagged."""
     kept, rejects = dedup_and_decontaminate(gsm8k_train, eval_config, decontaminator=decontaminator)
     assert kept.num_rows + rejects.num_rows == gsm8k_train.num_rows
     assert rejects["reason"].to_pylist() == ["contaminated", "contaminated"]

@@ -15,67 +15,36 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3_fault_proxy import FaultProxy, FaultRule
+from tests.tiny_pipeline import (
+    DATASET,
+    SOURCE,
+    expected_keys,
+    tiny_compression,
+    tiny_pipeline_data,
+    tiny_problems,
+    tiny_resources,
+    write_problems,
+)
 from tokenskip.config import PipelineConfig
 from tokenskip.engine import SamplingConfig, generate_safe
 from tokenskip.grading import Grader, GradingConfig, Verdict
 from tokenskip.pipeline import make_plan, run_pipeline
 from tokenskip.schema import ERROR_SCHEMA, problem_id, sample_key
 from tokenskip.storage import NotCommitted, RunStore, StorageConfig, read_manifest, read_table
-from tokenskip.testing.faults import FaultProxy, FaultRule
-from tokenskip.testing.tiny_models import arithmetic_problems
-
-DATASET = "tiny-arith"
-SOURCE = "tiny"
-
-
-def _problems(count: int = 12) -> list[dict]:
-    return [{k: p[k] for k in ("id", "question", "answer")} for p in arithmetic_problems(count)]
-
-
-def _write_problems(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _config_data(model: Path, problems_path: Path, output: StorageConfig, **overrides) -> dict:
-    """A pipeline config as plain data (also written as YAML for the CLI): tiny model, 4-problem shards."""
-    data = {
-        "dataset": DATASET,
-        "sources": [
-            {
-                "path": str(problems_path),
-                "kind": "custom",
-                "name": SOURCE,
-                "field_map": {"question": "question", "answer": "answer", "id": "id", "metadata": []},
-            }
-        ],
-        "engine": {"model": str(model), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
-        "sampling": {"n": 1, "temperature": 0.0, "max_tokens": 48},
-        "compression": {
-            "ratios": [0.9, 0.5],
-            "scorer": {"kind": "selfinfo", "model": str(model), "batch_size": 8},
-            "target_tokenizer": str(model),
-        },
-        "output": output.model_dump(),
-        "resources": {
-            "generation_cpus": 0.5,
-            "compression_cpus": 0.25,
-            "grading_cpus": 0.25,
-            "shard_size": 4,
-            "generation_batch_size": 4,
-            "omp_threads": 1,
-        },
-    }
-    data.update(overrides)
-    return data
-
-
-def _expected_keys(config: PipelineConfig, problems: list[dict]) -> set[str]:
-    return {
-        sample_key(problem_id(SOURCE, p["question"]), config.generation_hash(), i)
-        for p in problems
-        for i in range(config.sampling.n)
-    }
+    """A pipeline config as plain data (also written as YAML for the CLI): greedy, one sample per problem."""
+    return tiny_pipeline_data(
+        model,
+        problems_path,
+        output,
+        sampling={"n": 1, "temperature": 0.0, "max_tokens": 48},
+        compression=tiny_compression(model, ratios=[0.9, 0.5]),
+        resources=tiny_resources(generation_batch_size=4),
+        **overrides,
+    )
 
 
 def _assert_every_key_once(output: StorageConfig, config: PipelineConfig, problems: list[dict]) -> dict:
@@ -83,7 +52,7 @@ def _assert_every_key_once(output: StorageConfig, config: PipelineConfig, proble
     tables = {kind: read_table(output, DATASET, kind) for kind in ("data", "rejects", "errors")}
     keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
     assert len(keys) == len(set(keys)), "a (problem, sample) key landed twice"
-    assert set(keys) == _expected_keys(config, problems), "a (problem, sample) key is missing or extra"
+    assert set(keys) == expected_keys(config, problems), "a (problem, sample) key is missing or extra"
     assert config.sampling.n == 1
     assert len(problems) == sum(t.num_rows for t in tables.values())  # input = kept + rejects + errors
     manifest = read_manifest(output, DATASET)
@@ -103,6 +72,7 @@ PATHOLOGICAL = {
 }
 
 
+@pytest.mark.slow  # waits out grading timeouts
 def test_pathological_answers_finish_within_the_bound_as_timeouts():
     config = GradingConfig(timeout_s=1.0, wall_timeout_s=30.0, max_workers=2)
     responses = [*PATHOLOGICAL.values(), "\\boxed{\\frac{1}{3}}", "The answer is \\boxed{2}"]
@@ -201,8 +171,8 @@ def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_not
     tmp_path, tiny_solver, ray_local, s3_bucket
 ):
     endpoint, bucket = s3_bucket
-    problems = _problems()
-    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    problems = tiny_problems()
+    path = write_problems(tmp_path / "problems.jsonl", problems)
     direct = StorageConfig(root=f"s3://{bucket}/datasets", storage_options={"endpoint_url": endpoint})
     # An earlier committed run: LATEST points at it, and a failed commit must leave it there.
     previous = RunStore(direct, DATASET, "run-previous")
@@ -307,11 +277,11 @@ class _ActorKiller(threading.Thread):
 
 @pytest.mark.slow
 def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_solver, ray_local):
-    problems = _problems()
+    problems = tiny_problems()
     # Under the source's max_question_chars (20k) but far over the engine's 256-token context.
     long_question = "What is 12 + 30? " + "Think about it carefully, step by step. " * 120
     problems.append({"id": "too-long", "question": long_question, "answer": "42"})
-    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    path = write_problems(tmp_path / "problems.jsonl", problems)
     output = StorageConfig(root=str(tmp_path / "out"))
     data = _config_data(tiny_solver, path, output)
     data["resources"] = {**data["resources"], "generation_batch_size": 2}  # several batches to interrupt
@@ -415,8 +385,8 @@ def _run_cli(config_path: Path, log_path: Path, kill_after: int = -1, timeout_s:
 def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path, tiny_solver):
     import yaml
 
-    problems = _problems(16)
-    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    problems = tiny_problems(16)
+    path = write_problems(tmp_path / "problems.jsonl", problems)
     output = StorageConfig(root=str(tmp_path / "out"))
     data = _config_data(tiny_solver, path, output)
     config = PipelineConfig.model_validate(data)

@@ -61,6 +61,18 @@ class _Loop:
         self.thread.join(timeout=10)
 
 
+def _stage_kwargs(model, max_concurrent_batches: int, **extra) -> dict:
+    """GenerateStage's constructor arguments as a Ray Data actor stage gets them (one CPU)."""
+    return {
+        "engine": _engine(model),
+        "sampling": SAMPLING,
+        "prompt": PROMPT,
+        "cpus": 1,
+        "max_concurrent_batches": max_concurrent_batches,
+        **extra,
+    }
+
+
 def _engine_core_pids() -> set[int]:
     import psutil
 
@@ -165,13 +177,7 @@ def test_ray_data_runs_batches_concurrently_in_one_actor(tiny_causal_lm, ray_loc
     problems = _batch(0, 8)
     ds = ray.data.from_arrow([problems]).map_batches(
         GenerateStage,
-        fn_constructor_kwargs={
-            "engine": _engine(tiny_causal_lm),
-            "sampling": SAMPLING,
-            "prompt": PROMPT,
-            "cpus": 1,
-            "max_concurrent_batches": 4,
-        },
+        fn_constructor_kwargs=_stage_kwargs(tiny_causal_lm, max_concurrent_batches=4),
         batch_size=2,
         **GenerateStage.map_batches_options(actors=1, cpus=1, gpus=0, max_concurrent_batches=4),
     )
@@ -211,14 +217,7 @@ def test_ray_restarts_the_actor_after_its_engine_dies(tiny_causal_lm, ray_local,
     problems = _batch(0, 4)
     ds = ray.data.from_arrow([problems]).map_batches(
         _KillsItsEngineOnce,
-        fn_constructor_kwargs={
-            "engine": _engine(tiny_causal_lm),
-            "sampling": SAMPLING,
-            "prompt": PROMPT,
-            "cpus": 1,
-            "max_concurrent_batches": 2,
-            "marker": marker,
-        },
+        fn_constructor_kwargs=_stage_kwargs(tiny_causal_lm, max_concurrent_batches=2, marker=marker),
         batch_size=2,
         **GenerateStage.map_batches_options(actors=1, cpus=1, gpus=0, max_concurrent_batches=2),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from pydantic import ValidationError
 
+from tests.fixture_data import read_jsonl
 from tokenskip.grading import (
     Grader,
     GradingConfig,
@@ -120,10 +120,8 @@ def test_split_answer_tail_bounds_a_long_lead_in():
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "math500"])
-def test_split_answer_tail_round_trip_on_real_cots(shared_data, name):
-    rows = [
-        json.loads(line) for line in (shared_data / "cot_samples" / f"r1_distill_7b_{name}_test.jsonl").open()
-    ]
+def test_split_answer_tail_round_trip_on_real_cots(fixture_data, name):
+    rows = read_jsonl(fixture_data / "cot_samples" / f"r1_distill_7b_{name}_test.jsonl.gz")
     with_tail = 0
     for row in rows:
         cot = row["response"]
@@ -259,6 +257,7 @@ def math_verify_grader():
         yield g
 
 
+@pytest.mark.slow  # every case through math-verify as well
 def test_fast_path_agrees_with_math_verify(case_verdicts, math_verify_grader):
     graded = [(r, g, v) for (r, g, _), v in zip(GRADING_CASES, case_verdicts["default"], strict=True)]
     graded = [(r, g, v) for r, g, v in graded if v.verdict != Verdict.unparsable]
@@ -269,9 +268,9 @@ def test_fast_path_agrees_with_math_verify(case_verdicts, math_verify_grader):
     assert [v.verdict for _, _, v in graded] == [s.verdict for s in slow]
 
 
-def _load_golds(shared_data):
-    gsm8k = [json.loads(line)["answer"] for line in (shared_data / "gsm8k" / "test.jsonl").open()]
-    math500 = [json.loads(line)["answer"] for line in (shared_data / "math500" / "test.jsonl").open()]
+def _load_golds(fixture_data):
+    gsm8k = [row["answer"] for row in read_jsonl(fixture_data / "gsm8k" / "test.jsonl.gz")]
+    math500 = [row["answer"] for row in read_jsonl(fixture_data / "math500" / "test.jsonl.gz")]
     assert (len(gsm8k), len(math500)) == (1319, 500)
     return gsm8k + math500
 
@@ -280,9 +279,12 @@ def _boxed_cot(gold: str) -> str:
     return "... so we get it.\n\nThe final answer is: $\\boxed{" + gold + "}$"
 
 
-@pytest.mark.parametrize("path", ["default", "math_verify"])
-def test_every_gold_answer_grades_correct_when_boxed(shared_data, grader, math_verify_grader, path):
-    golds = _load_golds(shared_data)
+@pytest.mark.parametrize(
+    "path",
+    ["default", pytest.param("math_verify", marks=pytest.mark.slow)],  # math-verify on 1,819 golds: ~9 s
+)
+def test_every_gold_answer_grades_correct_when_boxed(fixture_data, grader, math_verify_grader, path):
+    golds = _load_golds(fixture_data)
     g = grader if path == "default" else math_verify_grader
     results = g.grade_batch([_boxed_cot(gold) for gold in golds], golds)
     failures = [(gold, r) for gold, r in zip(golds, results, strict=True) if r.verdict != Verdict.correct]
@@ -290,9 +292,9 @@ def test_every_gold_answer_grades_correct_when_boxed(shared_data, grader, math_v
     assert [r.extracted_answer for r in results] == [gold.strip() for gold in golds]
 
 
-def test_gold_answers_are_not_all_equal(shared_data, math_verify_grader):
+def test_gold_answers_are_not_all_equal(fixture_data, math_verify_grader):
     """The gold check above must be able to fail: a rotated gold list grades mostly incorrect."""
-    golds = _load_golds(shared_data)[1319:1619]  # MATH-500: few repeated answers
+    golds = _load_golds(fixture_data)[1319:1619]  # MATH-500: few repeated answers
     rotated = golds[1:] + golds[:1]
     results = math_verify_grader.grade_batch([_boxed_cot(gold) for gold in golds], rotated)
     incorrect = sum(r.verdict == Verdict.incorrect for r in results)
@@ -356,6 +358,7 @@ def test_adversarial_text_is_processed_in_linear_time(name):
         assert answer is None and fallback == text
 
 
+@pytest.mark.slow  # waits out grading timeouts
 def test_pathological_answers_get_a_verdict_off_the_main_thread():
     config = GradingConfig(timeout_s=0.5, max_workers=2)
     with Grader(config) as g:
@@ -444,9 +447,10 @@ def test_closed_grader_refuses_work():
         g.grade("\\boxed{x}", "y")
 
 
-def test_gsm8k_golds_match_however_the_number_is_written(shared_data, grader):
+@pytest.mark.slow  # grades 5,476 responses
+def test_gsm8k_golds_match_however_the_number_is_written(fixture_data, grader):
     """Thousands separators, currency, units and trailing zeros never cost a correct answer."""
-    golds = [json.loads(line)["answer"] for line in (shared_data / "gsm8k" / "test.jsonl").open()]
+    golds = [row["answer"] for row in read_jsonl(fixture_data / "gsm8k" / "test.jsonl.gz")]
     responses, expected_golds = [], []
     for gold in golds:
         value = int(gold.replace(",", ""))

@@ -228,6 +228,7 @@ def _total(samples, name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
+@pytest.mark.slow  # starts Ray
 def test_metrics_inside_ray_task_and_actor_reach_prometheus(ray_with_metrics):
     ray = ray_with_metrics
     prefix = "tstest_" + uuid.uuid4().hex[:8]

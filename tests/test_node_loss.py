@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.test_ray_job_submit import _port
+from tests.tiny_pipeline import ANSWER_FIELD_MAP, tiny_compression, tiny_pipeline_data, tiny_source
 from tokenskip.schema import problem_id, sample_key
 from tokenskip.storage import StorageConfig, read_manifest, read_table
 from tokenskip.testing.tiny_models import arithmetic_problems
@@ -115,25 +116,15 @@ def _config(tmp_path: Path, model: Path) -> Path:
     problems.write_text(
         "".join(json.dumps({k: p[k] for k in ("id", "question", "answer")}) + "\n" for p in rows)
     )
-    config = {
-        "dataset": "two-nodes",
-        "sources": [
-            {
-                "path": str(problems),
-                "kind": "custom",
-                "name": "tiny",
-                "field_map": {"question": "question", "answer": "answer"},
-            }
-        ],
-        "engine": {"model": str(model), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
-        "sampling": {"n": N_SAMPLES, "temperature": 1.0, "max_tokens": 48},
-        "compression": {
-            "ratios": [0.7],
-            "scorer": {"kind": "selfinfo", "model": str(model), "batch_size": 8},
-            "target_tokenizer": str(model),
-        },
-        "output": {"root": str(tmp_path / "out")},
-        "resources": {
+    config = tiny_pipeline_data(
+        model,
+        problems,
+        {"root": str(tmp_path / "out")},
+        dataset="two-nodes",
+        sources=[tiny_source(problems, field_map=ANSWER_FIELD_MAP)],
+        sampling={"n": N_SAMPLES, "temperature": 1.0, "max_tokens": 48},
+        compression=tiny_compression(model, ratios=[0.7]),
+        resources={
             "generation_actors": 2,
             "generation_cpus": 3,  # no node holds two (head 5 CPUs, second node 4; logical only)
             "generation_batch_size": 2,
@@ -143,7 +134,7 @@ def _config(tmp_path: Path, model: Path) -> Path:
             "write_cpus": 0.5,
             "omp_threads": 1,
         },
-    }
+    )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -7,72 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from tokenskip.config import PipelineConfig
+from tests.tiny_pipeline import expected_keys, tiny_pipeline_config, tiny_problems, write_problems
 from tokenskip.pipeline import make_plan, run_pipeline
-from tokenskip.schema import problem_id, sample_key
+from tokenskip.schema import problem_id
 from tokenskip.storage import StorageConfig, read_manifest, read_table
-from tokenskip.testing.tiny_models import arithmetic_problems
 
 pytestmark = pytest.mark.slow
 
 
-def _write_problems(path: Path, rows: list, raw_lines: list[bytes] = ()) -> Path:
-    with open(path, "wb") as f:
-        for r in rows:
-            f.write((json.dumps(r) + "\n").encode())
-        for line in raw_lines:
-            f.write(line + b"\n")
-    return path
-
-
-def _config(
-    tmp_path: Path, model: Path, problems_path: Path, output: StorageConfig, **overrides
-) -> PipelineConfig:
-    data = {
-        "dataset": "tiny-arith",
-        "sources": [
-            {
-                "path": str(problems_path),
-                "kind": "custom",
-                "name": "tiny",
-                "field_map": {"question": "question", "answer": "answer", "id": "id", "metadata": []},
-            }
-        ],
-        "engine": {"model": str(model), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
-        "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 64},
-        "compression": {
-            "ratios": [0.9, 0.7, 0.5],
-            "scorer": {"kind": "selfinfo", "model": str(model), "batch_size": 8},
-            "target_tokenizer": str(model),
-        },
-        "output": output.model_dump(),
-        "resources": {
-            "generation_cpus": 0.5,
-            "compression_cpus": 0.25,
-            "grading_cpus": 0.25,
-            "shard_size": 4,
-            "generation_batch_size": 8,
-            "omp_threads": 1,
-        },
-    }
-    for k, v in overrides.items():
-        data[k] = v
-    return PipelineConfig.model_validate(data)
-
-
-def _all_keys(config: PipelineConfig, name: str = "tiny") -> set[str]:
-    return {
-        sample_key(problem_id(name, p["question"]), config.generation_hash(), i)
-        for p in arithmetic_problems()
-        for i in range(config.sampling.n)
-    }
-
-
 def test_local_run_resumes_without_regenerating(tmp_path, tiny_solver, ray_local):
-    problems = [{k: p[k] for k in ("id", "question", "answer")} for p in arithmetic_problems()]
-    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    problems = tiny_problems()
+    path = write_problems(tmp_path / "problems.jsonl", problems)
     output = StorageConfig(root=str(tmp_path / "out"))
-    config = _config(tmp_path, tiny_solver, path, output)
+    config = tiny_pipeline_config(tiny_solver, path, output)
 
     plan = make_plan(config)
     assert [s.size for s in plan.shards] == [4, 4, 4]
@@ -97,7 +44,7 @@ def test_local_run_resumes_without_regenerating(tmp_path, tiny_solver, ray_local
         data.column("key").to_pylist() + rejects.column("key").to_pylist() + errors.column("key").to_pylist()
     )
     assert len(keys) == len(set(keys)), "a (problem, sample) key landed twice"
-    assert set(keys) == _all_keys(config), "a (problem, sample) key is missing"
+    assert set(keys) == expected_keys(config), "a (problem, sample) key is missing"
     assert data.num_rows > 0 and rejects.num_rows > 0  # T=1 sampling: some right, some wrong
 
     # Every kept row is correct, carries all target ratios, and its tail is untouched.
@@ -150,13 +97,12 @@ def _malformed_lines() -> list[bytes]:
 
 def test_s3_run_bad_input_and_greedy_parity(tmp_path, tiny_solver, ray_local, s3_bucket):
     endpoint, bucket = s3_bucket
-    problems = [{k: p[k] for k in ("id", "question", "answer")} for p in arithmetic_problems()]
+    problems = tiny_problems()
     bad = _malformed_lines()
     assert len(bad) >= 100
-    path = _write_problems(tmp_path / "problems.jsonl", problems, bad)
+    path = write_problems(tmp_path / "problems.jsonl", problems, bad)
     output = StorageConfig(root=f"s3://{bucket}/datasets", storage_options={"endpoint_url": endpoint})
-    config = _config(
-        tmp_path,
+    config = tiny_pipeline_config(
         tiny_solver,
         path,
         output,

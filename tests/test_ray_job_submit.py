@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny_pipeline import ANSWER_FIELD_MAP, tiny_compression, tiny_pipeline_data, tiny_source
 from tokenskip.storage import StorageConfig, read_manifest, read_table
 from tokenskip.testing.tiny_models import arithmetic_problems
 
@@ -101,31 +102,17 @@ def test_build_dataset_job_through_ray_job_submit(tmp_path, tiny_solver, ray_hea
         )
     )
     out = tmp_path / "out"
-    config = {
-        "dataset": "submitted",
-        "sources": [
-            {
-                "path": str(problems),
-                "kind": "custom",
-                "name": "tiny",
-                "field_map": {"question": "question", "answer": "answer"},
-            }
-        ],
-        "engine": {"model": str(tiny_solver), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
-        "sampling": {"n": 1, "temperature": 0.0, "max_tokens": 64},
-        "compression": {
-            "ratios": [0.7],
-            "scorer": {"kind": "selfinfo", "model": str(tiny_solver)},
-            "target_tokenizer": str(tiny_solver),
-        },
-        "output": {"root": str(out)},
-        "resources": {
-            "generation_cpus": 0.5,
-            "compression_cpus": 0.25,
-            "grading_cpus": 0.25,
-            "omp_threads": 1,
-        },
-    }
+    config = tiny_pipeline_data(
+        tiny_solver,
+        problems,
+        {"root": str(out)},
+        dataset="submitted",
+        sources=[tiny_source(problems, field_map=ANSWER_FIELD_MAP)],
+        sampling={"n": 1, "temperature": 0.0, "max_tokens": 64},
+        compression=tiny_compression(tiny_solver, ratios=[0.7], batch_size=None),
+        # The job's own defaults for shards and batches: only the CPU shares fit the 2-CPU head.
+        resources={"generation_cpus": 0.5, "compression_cpus": 0.25, "grading_cpus": 0.25, "omp_threads": 1},
+    )
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
 

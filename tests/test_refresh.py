@@ -21,6 +21,7 @@ from pydantic import ValidationError
 import tokenskip.refresh as refresh_module
 from ray_jobs.refresh import EXIT_INCOMPATIBLE, EXIT_LOCKED
 from ray_jobs.refresh import main as refresh_job
+from tests.tiny_pipeline import DATASET, tiny_pipeline_data, tiny_source, write_problems
 from tokenskip.refresh import (
     IncompatibleBase,
     RefreshConfig,
@@ -46,45 +47,15 @@ from tokenskip.storage import (
 from tokenskip.testing.tiny_models import arithmetic_problems
 
 N_FIRST, M_ADDED = 8, 4
-DATASET = "tiny-arith"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_problems(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n" for r in rows))
-    return path
-
-
-def _source(path: Path) -> dict:
-    return {
-        "path": str(path),
-        "kind": "custom",
-        "name": "tiny",
-        "field_map": {"question": "question", "answer": "answer", "id": "id", "metadata": []},
-    }
+    return write_problems(path, [{k: r[k] for k in ("id", "question", "answer")} for r in rows])
 
 
 def _refresh_config(model: Path, problems_path: Path, output: StorageConfig, **fields) -> RefreshConfig:
-    pipeline = {
-        "dataset": DATASET,
-        "sources": [_source(problems_path)],
-        "engine": {"model": str(model), "max_model_len": 256, "kv_cache_memory_bytes": 128 << 20},
-        "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 64},
-        "compression": {
-            "ratios": [0.9, 0.7, 0.5],
-            "scorer": {"kind": "selfinfo", "model": str(model), "batch_size": 8},
-            "target_tokenizer": str(model),
-        },
-        "output": output.model_dump(),
-        "resources": {
-            "generation_cpus": 0.5,
-            "compression_cpus": 0.25,
-            "grading_cpus": 0.25,
-            "shard_size": 4,
-            "generation_batch_size": 8,
-            "omp_threads": 1,
-        },
-    }
+    pipeline = tiny_pipeline_data(model, problems_path, output)
     pipeline.update(fields.pop("pipeline", {}))
     return RefreshConfig.model_validate({"pipeline": pipeline, **fields})
 
@@ -136,6 +107,7 @@ def test_version_name_and_config_checks(tmp_path):
     assert example.pipeline.run_id is None and example.keep_last >= 1
 
 
+@pytest.mark.slow
 def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, monkeypatch, capsys):
     endpoint, bucket = s3_bucket
     output = StorageConfig(root=f"s3://{bucket}/datasets", storage_options={"endpoint_url": endpoint})
@@ -224,7 +196,7 @@ def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, mo
     #    generated (no engine start), and retention now deletes both older versions.
     contaminated = problems[0]
     eval_path = _write_problems(tmp_path / "eval.jsonl", [contaminated])
-    dedup = {"eval_sets": [_source(eval_path) | {"name": "tiny-eval"}]}
+    dedup = {"eval_sets": [tiny_source(eval_path) | {"name": "tiny-eval"}]}
     config3 = _refresh_config(tiny_solver, path, output, keep_last=1, pipeline={"dedup": dedup})
     third = refresh(config3, now=_at(5))
     v3 = "v-20260102-050000"

@@ -17,7 +17,7 @@ import yaml
 
 from ray_jobs.refresh import EXIT_REFUSED
 from ray_jobs.refresh import main as refresh_job
-from tests.test_pipeline import _all_keys, _config, _write_problems
+from tests.tiny_pipeline import expected_keys, tiny_pipeline_config, tiny_problems, write_problems
 from tokenskip import cli
 from tokenskip.config import PipelineConfig
 from tokenskip.pipeline import make_plan, run_pipeline
@@ -34,13 +34,8 @@ from tokenskip.storage import (
     read_manifest,
     read_table,
 )
-from tokenskip.testing.tiny_models import arithmetic_problems
 
 DATASET = "tiny-arith"
-
-
-def _problems() -> list[dict]:
-    return [{k: p[k] for k in ("id", "question", "answer")} for p in arithmetic_problems()]
 
 
 def _config_file(tmp_path: Path, config: PipelineConfig, name: str = "run.yaml") -> Path:
@@ -66,9 +61,9 @@ def _report(output: StorageConfig, run_id: str) -> dict:
 def test_resume_after_shard_size_change_then_an_all_wrong_run_is_not_published(
     tmp_path, tiny_solver, ray_local, capsys
 ):
-    path = _write_problems(tmp_path / "problems.jsonl", _problems())
+    path = write_problems(tmp_path / "problems.jsonl", tiny_problems())
     output = StorageConfig(root=str(tmp_path / "out"))
-    small = _config(tmp_path, tiny_solver, path, output)  # shard_size 4: shards of 4, 4, 4
+    small = tiny_pipeline_config(tiny_solver, path, output)  # shard_size 4: shards of 4, 4, 4
     first = run_pipeline(small, max_shards=1, progress=False)
     assert first["committed"] is False and first["attempt"]["problems_generated"] == 4
 
@@ -85,15 +80,14 @@ def test_resume_after_shard_size_change_then_an_all_wrong_run_is_not_published(
 
     tables = {k: read_table(output, DATASET, k) for k in ("data", "rejects", "errors")}
     keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
-    assert len(keys) == len(set(keys)) and set(keys) == _all_keys(large)
+    assert len(keys) == len(set(keys)) and set(keys) == expected_keys(large)
     good_run = latest_run_id(output, DATASET)
 
     # Every gold answer wrong: nothing is kept, so the run is refused and LATEST stays on the good run.
-    wrong = [p | {"answer": "-424242"} for p in _problems()]
-    wrong_config = _config(
-        tmp_path,
+    wrong = [p | {"answer": "-424242"} for p in tiny_problems()]
+    wrong_config = tiny_pipeline_config(
         tiny_solver,
-        _write_problems(tmp_path / "wrong.jsonl", wrong),
+        write_problems(tmp_path / "wrong.jsonl", wrong),
         output,
         sampling={"n": 1, "temperature": 0.0, "max_tokens": 64},
     )
@@ -141,9 +135,9 @@ def empty_inputs(tmp_path) -> dict[str, dict]:
     binary.write_bytes(bytes(range(256)) * 8)
     wrong_columns = tmp_path / "wrong.jsonl"
     wrong_columns.write_text(
-        "".join(json.dumps({"q": p["question"], "a": p["answer"]}) + "\n" for p in _problems())
+        "".join(json.dumps({"q": p["question"], "a": p["answer"]}) + "\n" for p in tiny_problems())
     )
-    limited = _write_problems(tmp_path / "limited.jsonl", _problems())
+    limited = write_problems(tmp_path / "limited.jsonl", tiny_problems())
     fields = {"question": "question", "answer": "answer", "id": "id", "metadata": []}
 
     def block(path, **kw):
@@ -166,7 +160,7 @@ def empty_inputs(tmp_path) -> dict[str, dict]:
 def test_a_run_with_no_problems_is_refused_and_leaves_latest(tmp_path, tiny_causal_lm, empty_inputs, capsys):
     output = StorageConfig(root=str(tmp_path / "out"))
     # A good-looking LATEST to protect: an earlier run committed with allow_empty.
-    base = _config(tmp_path, tiny_causal_lm, Path(empty_inputs["empty"]["path"]), output)
+    base = tiny_pipeline_config(tiny_causal_lm, Path(empty_inputs["empty"]["path"]), output)
     allowed = base.model_copy(
         update={"output": output.model_copy(update={"allow_empty": True}), "run_id": "kept"}
     )
@@ -193,10 +187,10 @@ def test_a_run_with_no_problems_is_refused_and_leaves_latest(tmp_path, tiny_caus
 def test_refresh_never_publishes_a_shrunken_version(tmp_path, tiny_causal_lm):
     """A base version of 8 kept problems; a new eval set contaminates 6 of them. Publishing would
     replace 8 kept samples by 2: refused (exit 5), LATEST unchanged; with the check off it publishes."""
-    problems = _problems()[:8]
-    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    problems = tiny_problems()[:8]
+    path = write_problems(tmp_path / "problems.jsonl", problems)
     output = StorageConfig(root=str(tmp_path / "out"))
-    pipeline = _config(tmp_path, tiny_causal_lm, path, output)
+    pipeline = tiny_pipeline_config(tiny_causal_lm, path, output)
     ids = [problem_id("tiny", p["question"]) for p in problems]
     data = to_table(
         [
@@ -209,7 +203,7 @@ def test_refresh_never_publishes_a_shrunken_version(tmp_path, tiny_causal_lm):
     base.write_shard("s-base", {"data": data}, problem_ids=ids)
     base.commit({"config": pipeline.model_dump(mode="json"), "generation_hash": pipeline.generation_hash()})
 
-    eval_path = _write_problems(tmp_path / "eval.jsonl", problems[:6])
+    eval_path = write_problems(tmp_path / "eval.jsonl", problems[:6])
     contaminating = pipeline.model_dump(mode="json")
     contaminating["dedup"]["eval_sets"] = [
         {
@@ -234,7 +228,7 @@ def test_storage_commands_need_a_run_id_and_an_existing_dataset(tmp_path, tiny_c
     output = StorageConfig(root=str(tmp_path / "out"), allow_empty=True)
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    config = _config(tmp_path, tiny_causal_lm, empty, output).model_copy(update={"run_id": "r1"})
+    config = tiny_pipeline_config(tiny_causal_lm, empty, output).model_copy(update={"run_id": "r1"})
     run_pipeline(config, progress=False)
     root = ["--root", output.root]
 
@@ -262,9 +256,9 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
     ray_starts = []  # the pipeline joins or starts Ray only to run its stages
     init_ray = pipeline.init_ray
     monkeypatch.setattr(pipeline, "init_ray", lambda *a, **kw: ray_starts.append(1) or init_ray(*a, **kw))
-    problems = _write_problems(tmp_path / "problems.jsonl", _problems())
+    problems = write_problems(tmp_path / "problems.jsonl", tiny_problems())
     output = StorageConfig(root=str(tmp_path / "out"))
-    config = _config(tmp_path, tiny_causal_lm, problems, output)
+    config = tiny_pipeline_config(tiny_causal_lm, problems, output)
     store = RunStore(output, DATASET, config.resolved_run_id())
     holder = store.lease()
     holder.owner = "another-host:1234"
@@ -282,7 +276,7 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
     # A writer that died: its lease expired, the next run takes it over (and releases it at the end).
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    allowed = _config(tmp_path, tiny_causal_lm, empty, output.model_copy(update={"allow_empty": True}))
+    allowed = tiny_pipeline_config(tiny_causal_lm, empty, output.model_copy(update={"allow_empty": True}))
     dead = Lock(output, DATASET, f"run-{allowed.resolved_run_id()}", ttl_s=0.01, owner="dead-host:1")
     dead.acquire()
     time.sleep(0.05)
@@ -291,9 +285,9 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_causal_lm, capsys):
-    problems = _write_problems(tmp_path / "problems.jsonl", _problems())
+    problems = write_problems(tmp_path / "problems.jsonl", tiny_problems())
     output = StorageConfig(root=str(tmp_path / "out"))
-    good = _config(tmp_path, tiny_causal_lm, problems, output)
+    good = tiny_pipeline_config(tiny_causal_lm, problems, output)
     read_only = tmp_path / "read-only"
     read_only.mkdir()
     (read_only / "file").write_text("x")
@@ -328,10 +322,10 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_causal_lm, capsys):
 
 def test_dry_run_checks_the_output_bucket(tmp_path, tiny_causal_lm, s3_bucket, capsys):
     endpoint, bucket = s3_bucket
-    problems = _write_problems(tmp_path / "problems.jsonl", _problems())
+    problems = write_problems(tmp_path / "problems.jsonl", tiny_problems())
     for root, code_expected in ((f"s3://{bucket}/datasets", 0), (f"s3://{bucket}-missing/datasets", 2)):
         output = StorageConfig(root=root, storage_options={"endpoint_url": endpoint})
-        path = _config_file(tmp_path, _config(tmp_path, tiny_causal_lm, problems, output))
+        path = _config_file(tmp_path, tiny_pipeline_config(tiny_causal_lm, problems, output))
         code, err = _run_cli(["run", "--dry-run", "--config", str(path)], capsys)
         assert code == code_expected, err
         if code:

@@ -6,12 +6,12 @@ same tiny local classifier; its outputs are computed inside this test run only (
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
 
+from tests.fixture_data import read_jsonl
 from tokenskip.pruning import keep_mask, reduce_rate_for
 from tokenskip.scoring import ScorerConfig, build_scorer
 from tokenskip.testing.tiny_token_classifier import build_tiny_token_classifier, offline_tiktoken_cache
@@ -20,15 +20,8 @@ RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 TOKENSKIP_OPTIONS = {"force_tokens": ["Step", ":"], "force_reserve_digit": True, "drop_consecutive": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Both implementations run the same tiny model; one thread avoids oversubscribing a busy 2-core box.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Both implementations run the same tiny model; one thread avoids oversubscribing a busy 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,13 +65,15 @@ def scorers(tiny_classifier):
     return {opt: build_scorer(scorer_config(tiny_classifier, opt)) for opt in (True, False)}
 
 
-def load_parity_cots(shared_data) -> list[str]:
+def load_parity_cots(fixture_data) -> list[str]:
     """220 real CoTs, 110 per data set: the first ones in file order under a length cap (keeps the
     llmlingua reference fast while still covering multi-chunk CoTs)."""
     texts = []
     for name, cap in (("gsm8k", 1500), ("math500", 3000)):
-        with open(shared_data / "cot_samples" / f"r1_distill_7b_{name}_test.jsonl") as f:
-            rows = [json.loads(line)["response"] for line in f]
+        rows = [
+            r["response"]
+            for r in read_jsonl(fixture_data / "cot_samples" / f"r1_distill_7b_{name}_test.jsonl.gz")
+        ]
         texts += [t for t in rows if len(t) <= cap][:110]
     return texts
 
@@ -94,9 +89,10 @@ def test_tiny_classifier_splits_the_force_tokens(scorers):
     assert set(scorers[True].token_map) == {"Step", ":"}
 
 
+@pytest.mark.slow  # 220 CoTs through llmlingua itself, twice
 @pytest.mark.parametrize("with_options", [True, False], ids=["tokenskip_options", "no_options"])
-def test_parity_with_llmlingua(shared_data, scorers, reference, with_options):
-    texts = load_parity_cots(shared_data)
+def test_parity_with_llmlingua(fixture_data, scorers, reference, with_options):
+    texts = load_parity_cots(fixture_data)
     assert len(texts) >= 200
     ours = scorers[with_options].prune(texts, RATIOS)
     compared = mismatched = 0
@@ -148,10 +144,10 @@ def test_chunk_without_words_does_not_crash(tiny_bert):
 
 
 @pytest.mark.parametrize("with_options", [True, False], ids=["tokenskip_options", "no_options"])
-def test_parity_with_llmlingua_on_a_bert_style_model(shared_data, tiny_bert, with_options):
+def test_parity_with_llmlingua_on_a_bert_style_model(fixture_data, tiny_bert, with_options):
     from llmlingua import PromptCompressor
 
-    texts = load_parity_cots(shared_data)[::10]
+    texts = load_parity_cots(fixture_data)[::10]
     reference = PromptCompressor(model_name=str(tiny_bert), use_llmlingua2=True, device_map="cpu")
     scorer = build_scorer(scorer_config(tiny_bert, with_options))
     assert scorer.convention == "wordpiece"
@@ -186,8 +182,8 @@ def test_non_string_input_is_a_clear_error(scorers):
         scorers[True].prune([None], [0.5])
 
 
-def test_output_does_not_depend_on_batching(shared_data, tiny_classifier, scorers):
-    texts = load_parity_cots(shared_data)[100:130]
+def test_output_does_not_depend_on_batching(fixture_data, tiny_classifier, scorers):
+    texts = load_parity_cots(fixture_data)[100:130]
     together = scorers[True].prune(texts, RATIOS)
     small_batches = build_scorer(scorer_config(tiny_classifier, True, batch_size=3))
     alone = [small_batches.prune([t], RATIOS)[0] for t in texts[:10]]
@@ -195,9 +191,9 @@ def test_output_does_not_depend_on_batching(shared_data, tiny_classifier, scorer
     assert alone == together[:10]
 
 
-def test_texts_finish_out_of_order_but_prune_keeps_input_order(shared_data, scorers):
+def test_texts_finish_out_of_order_but_prune_keeps_input_order(fixture_data, scorers):
     # Length-sorted batches finish short texts first; prune() must still answer in input order.
-    cots = load_parity_cots(shared_data)
+    cots = load_parity_cots(fixture_data)
     texts = [max(cots, key=len), "", *cots[:6], "Step 1: 2 + 2 = 4."]
     scorer = scorers[True]
     unordered = list(scorer.iter_scored_unordered(texts))
@@ -212,9 +208,9 @@ def test_texts_finish_out_of_order_but_prune_keeps_input_order(shared_data, scor
     assert scorer.prune(texts, RATIOS) == [scorer.prune([t], RATIOS)[0] for t in texts]
 
 
-def test_forced_words_survive_every_ratio(shared_data, scorers):
+def test_forced_words_survive_every_ratio(fixture_data, scorers):
     scorer = scorers[True]
-    texts = load_parity_cots(shared_data)[:20]
+    texts = load_parity_cots(fixture_data)[:20]
     for chunks in scorer.score(texts):
         for chunk in chunks:
             digits = np.array([bool(re.search(r"\d", w)) for w in chunk.words], dtype=bool)
@@ -348,10 +344,10 @@ def test_weighted_percentile_is_numpys_bit_for_bit():
             assert weighted_percentile(values, weights, q, widen) == float(expected)
 
 
-def test_batch_padding_mode_keeps_order_and_nearly_all_outputs(shared_data, tiny_classifier, scorers):
+def test_batch_padding_mode_keeps_order_and_nearly_all_outputs(fixture_data, tiny_classifier, scorers):
     # Padding to the longest chunk of a length-sorted batch changes float rounding in attention, so
     # it is not guaranteed identical - but it must return every text, in order, nearly unchanged.
-    texts = load_parity_cots(shared_data)[::4]
+    texts = load_parity_cots(fixture_data)[::4]
     exact = scorers[True].prune(texts, RATIOS + [1.0])
     batch_padded = build_scorer(scorer_config(tiny_classifier, True, exact_padding=False, batch_size=4))
     loose = batch_padded.prune(texts, RATIOS + [1.0])
@@ -360,11 +356,11 @@ def test_batch_padding_mode_keeps_order_and_nearly_all_outputs(shared_data, tiny
     assert same >= 0.95 * len(texts) * len(RATIOS)
 
 
-def test_padded_key_attention_matches_full_512_padding(shared_data, tiny_classifier, scorers):
+def test_padded_key_attention_matches_full_512_padding(fixture_data, tiny_classifier, scorers):
     # The default scorer skips llmlingua's padding rows (verified bit-identical when it loads);
     # a scorer computing all 512 positions gives the same texts.
     assert scorers[True].trimmed_attention
     full = build_scorer(scorer_config(tiny_classifier, True, trim_padding_queries=False))
     assert not full.trimmed_attention
-    texts = load_parity_cots(shared_data)[::7]
+    texts = load_parity_cots(fixture_data)[::7]
     assert full.prune(texts, RATIOS) == scorers[True].prune(texts, RATIOS)

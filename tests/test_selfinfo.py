@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
 
+from tests.fixture_data import read_jsonl
 from tokenskip.pruning import keep_mask, reduce_rate_for
 from tokenskip.scoring import ScorerConfig, build_scorer
 
 RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # One thread: the tiny model gains nothing from two, and a busy 2-core box makes them spin.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +38,9 @@ def plain_scorer(tiny_causal_lm):
 
 
 @pytest.fixture(scope="module")
-def cots(shared_data) -> list[str]:
-    with open(shared_data / "cot_samples" / "r1_distill_7b_gsm8k_test.jsonl") as f:
-        return [json.loads(line)["response"] for _, line in zip(range(12), f, strict=False)]
+def cots(fixture_data) -> list[str]:
+    rows = read_jsonl(fixture_data / "cot_samples" / "r1_distill_7b_gsm8k_test.jsonl.gz")
+    return [row["response"] for _, row in zip(range(12), rows, strict=False)]
 
 
 def test_keep_probability_is_one_minus_the_lm_probability(scorer, tiny_causal_lm):

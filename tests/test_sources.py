@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from tests.fixture_data import read_jsonl, read_text
 from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, normalise_text, problem_id, to_table
 from tokenskip.sources import (
     ERROR_REASONS,
@@ -27,14 +28,10 @@ from tokenskip.sources import (
 
 REAL_SETS = {
     # (path, kind, rows). AIME: 919 records; `wc -l` says 918 because the last line has no newline.
-    "gsm8k_test": ("gsm8k/test.jsonl", "gsm8k", 1319),
-    "math500": ("math500/test.jsonl", "math", 500),
-    "aime": ("aime/aime_1983_2023.jsonl", "aime", 919),
+    "gsm8k_test": ("gsm8k/test.jsonl.gz", "gsm8k", 1319),
+    "math500": ("math500/test.jsonl.gz", "math", 500),
+    "aime": ("aime/aime_1983_2023.jsonl.gz", "aime", 919),
 }
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
@@ -43,17 +40,17 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_loads(shared_data):
+def real_loads(fixture_data):
     """Each real set loaded twice (stability)."""
     loads = {}
     for name, (rel, kind, _) in REAL_SETS.items():
-        config = SourceConfig(path=str(shared_data / rel), kind=kind, split="test")
+        config = SourceConfig(path=str(fixture_data / rel), kind=kind, split="test")
         loads[name] = (load_problems(config), load_problems(config))
     return loads
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SETS))
-def test_real_set_loads_every_row_with_stable_unique_ids(real_loads, shared_data, name):
+def test_real_set_loads_every_row_with_stable_unique_ids(real_loads, fixture_data, name):
     rel, kind, expected_rows = REAL_SETS[name]
     (problems, errors), (again, _) = real_loads[name]
     assert problems.schema == PROBLEM_SCHEMA and errors.schema == ERROR_SCHEMA
@@ -64,7 +61,7 @@ def test_real_set_loads_every_row_with_stable_unique_ids(real_loads, shared_data
     assert set(problems["source"].to_pylist()) == {kind} and set(problems["split"].to_pylist()) == {"test"}
     assert all(answer.strip() for answer in problems["answer"].to_pylist())
     # The gold answer is the set's own answer field, and nothing else of the input is lost.
-    raw = _read_jsonl(shared_data / rel)
+    raw = read_jsonl(fixture_data / rel)
     answer_field = {"gsm8k": "answer", "math": "answer", "aime": "ref_answer"}[kind]
     assert problems["answer"].to_pylist() == [r[answer_field].strip() for r in raw]
     first_meta = json.loads(problems["metadata"][0].as_py())
@@ -78,20 +75,20 @@ def test_real_set_loads_every_row_with_stable_unique_ids(real_loads, shared_data
         assert first_meta["level"] == raw[0]["level"]
 
 
-def test_ids_differ_across_sources(real_loads, shared_data):
+def test_ids_differ_across_sources(real_loads, fixture_data):
     id_sets = [set(first[0]["id"].to_pylist()) for first, _ in real_loads.values()]
     assert sum(len(s) for s in id_sets) == len(set().union(*id_sets))
     # The same questions under another source name get other ids, the same name the same ids.
-    path = str(shared_data / "gsm8k/test.jsonl")
+    path = str(fixture_data / "gsm8k/test.jsonl.gz")
     renamed, _ = load_problems(SourceConfig(path=path, kind="gsm8k", name="gsm8k_copy", limit=50))
     original = real_loads["gsm8k_test"][0][0]["id"].to_pylist()[:50]
     assert not set(renamed["id"].to_pylist()) & set(original)
     assert renamed["source"].to_pylist() == ["gsm8k_copy"] * 50
 
 
-def test_original_gsm8k_hash_layout_matches_tokenskip_layout(shared_data, tmp_path):
+def test_original_gsm8k_hash_layout_matches_tokenskip_layout(fixture_data, tmp_path):
     """GSM8K with `answer` = "solution #### N": gold = N, solution kept in metadata."""
-    samples = _read_jsonl(shared_data / "cot_samples/r1_distill_7b_gsm8k_test.jsonl")
+    samples = read_jsonl(fixture_data / "cot_samples/r1_distill_7b_gsm8k_test.golds.jsonl.gz")
     original = _write_jsonl(
         tmp_path / "gsm8k_original.jsonl",
         [{"question": s["problem"], "answer": s["gold_answer"]} for s in samples],
@@ -99,7 +96,7 @@ def test_original_gsm8k_hash_layout_matches_tokenskip_layout(shared_data, tmp_pa
     problems, errors = load_problems(SourceConfig(path=str(original), kind="gsm8k", split="test"))
     assert (problems.num_rows, errors.num_rows) == (1319, 0)
     reference = {
-        normalise_text(r["question"]): r["answer"] for r in _read_jsonl(shared_data / "gsm8k/test.jsonl")
+        normalise_text(r["question"]): r["answer"] for r in read_jsonl(fixture_data / "gsm8k/test.jsonl.gz")
     }
     for row, sample in zip(problems.to_pylist(), samples, strict=True):
         assert row["answer"] == reference[normalise_text(row["question"])]
@@ -108,8 +105,8 @@ def test_original_gsm8k_hash_layout_matches_tokenskip_layout(shared_data, tmp_pa
         assert number.strip() == row["answer"]
 
 
-def test_custom_field_map_with_hash_extraction_and_nested_fields(shared_data, tmp_path):
-    path = str(shared_data / "cot_samples/r1_distill_7b_gsm8k_test.jsonl")
+def test_custom_field_map_with_hash_extraction_and_nested_fields(fixture_data, tmp_path):
+    path = str(fixture_data / "cot_samples/r1_distill_7b_gsm8k_test.golds.jsonl.gz")
     fields = FieldMap(
         question="problem", answer="gold_answer", id="id", answer_extraction="gsm8k_hash", metadata=[]
     )
@@ -141,8 +138,8 @@ def test_custom_kind_requires_field_map():
         SourceConfig(path="x.jsonl", kind="custom")
 
 
-def test_math_without_answer_field_extracts_last_boxed(shared_data, tmp_path):
-    rows = _read_jsonl(shared_data / "math500/test.jsonl")
+def test_math_without_answer_field_extracts_last_boxed(fixture_data, tmp_path):
+    rows = read_jsonl(fixture_data / "math500/test.jsonl.gz")
     stripped = _write_jsonl(
         tmp_path / "math.jsonl", [{k: v for k, v in r.items() if k != "answer"} for r in rows]
     )
@@ -182,10 +179,10 @@ def test_number_answers_are_stringified_and_rows_map_one_to_one():
     assert pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA).num_rows == 4
 
 
-def test_parquet_directory_and_limit(shared_data, tmp_path):
-    jsonl = shared_data / "gsm8k/test.jsonl"
+def test_parquet_directory_and_limit(fixture_data, tmp_path):
+    jsonl = fixture_data / "gsm8k/test.jsonl.gz"
     expected, _ = load_problems(SourceConfig(path=str(jsonl), kind="gsm8k", split="test"))
-    rows = _read_jsonl(jsonl)
+    rows = read_jsonl(jsonl)
     folder = tmp_path / "parts"
     folder.mkdir()
     # Two parquet parts, named so that sorted order is file order.
@@ -201,9 +198,9 @@ def test_parquet_directory_and_limit(shared_data, tmp_path):
     assert len(list(iter_raw_rows(SourceConfig(path=str(folder), kind="gsm8k", limit=3)))) == 3
 
 
-def test_json_documents_original_math_layout_and_compression(shared_data, tmp_path):
+def test_json_documents_original_math_layout_and_compression(fixture_data, tmp_path):
     """The original MATH release: one pretty-printed JSON file per problem, in subject folders, no answer."""
-    rows = _read_jsonl(shared_data / "math500/test.jsonl")[:30]
+    rows = read_jsonl(fixture_data / "math500/test.jsonl.gz")[:30]
     for index, row in enumerate(rows):
         folder = tmp_path / "MATH" / "test" / row["type"].lower().replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,9 +213,9 @@ def test_json_documents_original_math_layout_and_compression(shared_data, tmp_pa
     assert sorted(problems["answer"].to_pylist()) == sorted(r["answer"] for r in rows)
 
     # A JSON array file; a ".json" file that is really JSON lines; gzip-compressed JSON lines.
-    gsm = _read_jsonl(shared_data / "gsm8k/test.jsonl")[:20]
+    gsm = read_jsonl(fixture_data / "gsm8k/test.jsonl.gz")[:20]
     expected, _ = load_problems(
-        SourceConfig(path=str(shared_data / "gsm8k/test.jsonl"), kind="gsm8k", limit=20)
+        SourceConfig(path=str(fixture_data / "gsm8k/test.jsonl.gz"), kind="gsm8k", limit=20)
     )
     (tmp_path / "array.json").write_text(json.dumps(gsm))
     (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in gsm))
@@ -240,13 +237,13 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_problems(SourceConfig(path=str(tmp_path / "nope.jsonl"), kind="gsm8k"))
 
 
-def test_load_from_s3(s3_bucket, shared_data):
+def test_load_from_s3(s3_bucket, fixture_data):
     import boto3
 
     endpoint, bucket = s3_bucket
-    local = shared_data / "math500/test.jsonl"
+    local = fixture_data / "math500/test.jsonl.gz"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").put_object(
-        Bucket=bucket, Key="sets/math500.jsonl", Body=local.read_bytes()
+        Bucket=bucket, Key="sets/math500.jsonl", Body=read_text(local).encode("utf-8")
     )
     expected, _ = load_problems(SourceConfig(path=str(local), kind="math", split="test"))
     for options in ({"client_kwargs": {"endpoint_url": endpoint}}, {"endpoint_url": endpoint}):
@@ -395,11 +392,11 @@ def test_malformed_records_all_become_errors_with_their_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_normalise_rows_as_a_ray_data_stage(shared_data):
+def test_normalise_rows_as_a_ray_data_stage(fixture_data):
     """The pipeline reads files with Ray Data and normalises in map_batches: same problems as load_problems."""
     import ray
 
-    config = SourceConfig(path=str(shared_data / "math500/test.jsonl"), kind="math", split="test")
+    config = SourceConfig(path=str(fixture_data / "math500/test.jsonl.gz"), kind="math", split="test")
 
     def normalise_batch(batch: pa.Table) -> pa.Table:
         problems, errors = normalise_rows(batch.to_pylist(), config)

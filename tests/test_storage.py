@@ -30,20 +30,9 @@ from tokenskip.storage import (
 DATASET = "gsm8k-compressed"
 
 
-@pytest.fixture(params=["local", "s3"])
-def config(request, tmp_path) -> StorageConfig:
-    if request.param == "local":
-        return StorageConfig(root=str(tmp_path / "store"), backoff_s=0.001)
-    # Own bucket rather than the s3_bucket fixture: its name comes from the test name, and the
-    # "[s3]" of a parametrized test is not a valid bucket name.
-    import boto3
-
-    endpoint = request.getfixturevalue("s3_server")
-    bucket = f"tokenskip-storage-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return StorageConfig(
-        root=f"s3://{bucket}/ds", storage_options={"endpoint_url": endpoint}, backoff_s=0.001
-    )
+@pytest.fixture()
+def config(local_or_s3_storage) -> StorageConfig:
+    return local_or_s3_storage
 
 
 def data_table(keys: list[str]) -> pa.Table:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pyarrow as pa
 import pytest
 
@@ -15,18 +13,9 @@ from tokenskip.storage import IntegrityError, RunStore, StorageConfig
 DATASET = "streamed"
 
 
-@pytest.fixture(params=["local", "s3"])
-def config(request, tmp_path) -> StorageConfig:
-    if request.param == "local":
-        return StorageConfig(root=str(tmp_path / "store"), backoff_s=0.001)
-    import boto3
-
-    endpoint = request.getfixturevalue("s3_server")
-    bucket = f"tokenskip-stream-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return StorageConfig(
-        root=f"s3://{bucket}/ds", storage_options={"endpoint_url": endpoint}, backoff_s=0.001
-    )
+@pytest.fixture()
+def config(local_or_s3_storage) -> StorageConfig:
+    return local_or_s3_storage
 
 
 def data_table(shard: int, rows: int) -> pa.Table:
@@ -166,6 +155,7 @@ def ray_one_cpu():
         ray.shutdown()
 
 
+@pytest.mark.slow  # starts Ray (Ray Data)
 def test_read_dataset_equals_read_table(tmp_path, ray_one_cpu):
     config = StorageConfig(root=str(tmp_path / "store"))
     commit_run(config)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_pipeline import _all_keys, _config, _write_problems
+from tests.tiny_pipeline import expected_keys, tiny_pipeline_config, tiny_problems, write_problems
 from tokenskip import pipeline
 from tokenskip.failpoints import ENV
 from tokenskip.storage import StorageConfig, read_manifest, read_table
-from tokenskip.testing.tiny_models import arithmetic_problems
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +38,10 @@ def test_a_worker_dying_after_a_shards_parts_redoes_that_shard(
     tmp_path, tiny_solver, ray_with_failpoint, monkeypatch
 ):
     token = ray_with_failpoint
-    problems = [{k: p[k] for k in ("id", "question", "answer")} for p in arithmetic_problems()]
-    path = _write_problems(tmp_path / "problems.jsonl", problems)
+    problems = tiny_problems()
+    path = write_problems(tmp_path / "problems.jsonl", problems)
     output = StorageConfig(root=str(tmp_path / "out"))
-    config = _config(tmp_path, tiny_solver, path, output)
+    config = tiny_pipeline_config(tiny_solver, path, output)
 
     driver_writes = []
     write_shard_rows = pipeline.write_shard_rows
@@ -59,6 +58,6 @@ def test_a_worker_dying_after_a_shards_parts_redoes_that_shard(
     tables = {k: read_table(output, "tiny-arith", k) for k in ("data", "rejects", "errors")}
     keys = [key for t in tables.values() for key in t.column("key").to_pylist()]
     assert len(keys) == len(set(keys)), "a (problem, sample) key landed twice"
-    assert set(keys) == _all_keys(config), "a (problem, sample) key is missing"
+    assert set(keys) == expected_keys(config), "a (problem, sample) key is missing"
     manifest = read_manifest(output, "tiny-arith")
     assert manifest.counts["samples"] == 12 * 2 and len(manifest.shards) == 4  # 3 + the input shard
