@@ -62,6 +62,14 @@ server.stop()
 """
 
 
+# Dummy credentials for the local moto server (the only S3 endpoint tests ever use).
+MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP server (moto's ThreadedMotoServer) on 127.0.0.1; yields its endpoint URL.
@@ -92,14 +100,8 @@ def s3_server():
             break
         except Exception:
             time.sleep(0.1)
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
+    old = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
+    os.environ.update(MOTO_CREDENTIALS)
     try:
         yield endpoint
     finally:
@@ -177,6 +179,13 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # Workers write S3 shards too: they get moto's dummy credentials whichever fixture ran first
+        # (a Ray started before s3_server would not see the variables it sets).
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": MOTO_CREDENTIALS},
+        )
     yield ray
     ray.shutdown()
