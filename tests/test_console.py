@@ -103,8 +103,8 @@ def test_on_a_tty_the_display_is_one_redrawn_line():
 def test_quiet_logging_sends_records_to_the_file_and_only_tokenskip_warnings_to_the_console(capsys):
     before = (logging.getLogger().level, len(logging.getLogger().handlers), os.environ.get(WORKER_LOG_ENV))
     with console_logging("run", verbose=False) as run_log:
-        logging.getLogger("vllm.engine").info("engine chatter")
-        logging.getLogger("ray.data").warning("a warning nobody can act on")
+        logging.getLogger("somelib.engine").info("engine chatter")
+        logging.getLogger("somelib.data").warning("a warning nobody can act on")
         logging.getLogger("tokenskip.pipeline").warning("0 problems loaded: check the path")
         logging.getLogger("somelib").error("a real error")
         assert os.environ[WORKER_LOG_ENV] == str(run_log.path)

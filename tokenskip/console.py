@@ -4,9 +4,10 @@ Quiet (the default): the console shows the plan, what the wait is (engine start)
 TTY (tqdm) or one line per committed shard otherwise (CI, ``ray job logs``), warnings from tokenskip
 itself (they ask for the user's action) and errors from anything. Every log record goes to the log
 file, and so does everything the local Ray's workers print (vLLM's INFO lines, its start-up
-warnings, Ray Data's progress): Ray is told so with its own settings (``log_to_driver=False``, a
-``worker_process_setup_hook`` that points the worker's stdout/stderr at the log file, Ray Data's
-``RAY_DATA_LOGGING_CONFIG``), nothing parses their text. ``--verbose`` streams everything as before.
+warnings): Ray is told so with its own settings (``log_to_driver=False``, a
+``worker_process_setup_hook`` that points the worker's stdout/stderr at the log file), and Ray
+Data's progress lines and notices go to Ray's own ``ray-data.log`` only (``RAY_DATA_LOGGING_CONFIG``);
+nothing parses their text. ``--verbose`` streams everything as before.
 
 On a cluster (``RAY_ADDRESS``) the workers run on other machines, so their output stays in Ray's
 own logs (``ray logs``, the dashboard); the driver's records still go to the log file.
@@ -227,7 +228,7 @@ class RunDisplay:
             self._bar = tqdm(
                 total=self.total_shards,
                 file=self.stream,
-                bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} shards | {postfix}",
+                bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} shards{postfix}",  # tqdm puts ", " before the postfix
                 dynamic_ncols=True,
                 leave=True,
             )

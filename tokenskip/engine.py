@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -372,8 +373,12 @@ async def agenerate_safe(
     *,
     lora_path: str | None = None,
     request_prefix: str = "",
+    on_result: Callable[[PromptResult], None] | None = None,
 ) -> list[PromptResult]:
     """:func:`generate_safe` for an ``AsyncLLM``: every prompt is its own request, all in flight at once.
+
+    ``on_result`` is called with each prompt's result as it finishes (live progress, long before the
+    batch's last sample).
 
     The engine schedules them beside any other caller's requests (other batches), so its running set
     is refilled as sequences finish. A request that fails on its own (rejected input, engine-side
@@ -406,6 +411,8 @@ async def agenerate_safe(
             return
         if final is not None and final.finished:
             results[i] = _to_result(final)
+            if on_result is not None:
+                on_result(results[i])
 
     # vLLM fails pending requests with EngineDeadError when its core process dies, but a request sent
     # just as the process died can wait forever; so also watch the engine's own dead flag.

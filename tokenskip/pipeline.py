@@ -553,7 +553,11 @@ def _generate_and_commit(
 
 
 def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[str, int]) -> RunDisplay:
-    """The live console of this attempt, fed by a progress board the generation stage posts to."""
+    """The live console of this attempt, fed by a progress board the generation stage posts to. It
+    replaces Ray Data's own progress bars (Ray Data's setting, for this driver)."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     display = RunDisplay(
         total_shards=len(pending), total_samples=sum(expected.values()), board=ProgressBoard.start()
     )

@@ -219,7 +219,9 @@ class GenerateStage:
         self.batches_in_flight += 1
         self.peak_batches_in_flight = max(self.peak_batches_in_flight, self.batches_in_flight)
         try:
-            results = await agenerate_safe(self.llm, prompts, self.sampling, request_prefix=uuid.uuid4().hex)
+            results = await agenerate_safe(
+                self.llm, prompts, self.sampling, request_prefix=uuid.uuid4().hex, on_result=self._posted
+            )
         except EngineDead:
             self._die()
             raise
@@ -247,9 +249,6 @@ class GenerateStage:
         self._accounted = now
         rows = batch.num_rows
         tokens = sum(g.token_count for r in results for g in r.generations)
-        post_progress(
-            self.progress, "generated", problems=rows, samples=sum(len(r.generations) for r in results), tokens=tokens
-        )
         self.metrics.record_rows("generate", rows)
         self.metrics.record_tokens(tokens)
         self.metrics.record_stage_seconds("generate", elapsed)
@@ -272,6 +271,16 @@ class GenerateStage:
         ]
         new = [pa.array(values, type=f.type) for f, values in zip(OUTPUT_FIELDS, columns, strict=True)]
         return pa.Table.from_arrays(batch.columns + new, schema=output_schema(batch.schema))
+
+    def _posted(self, result) -> None:
+        """One problem's samples are done: tell the driver's live display (samples, tokens)."""
+        post_progress(
+            self.progress,
+            "generated",
+            problems=1,
+            samples=len(result.generations),
+            tokens=sum(g.token_count for g in result.generations),
+        )
 
     def _die(self) -> None:
         """The engine core is gone. In a Ray actor, end the process so Ray restarts the actor (a new
