@@ -10,14 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.test_report import _body_attrs, _chart_count, _dump_dom, chromium  # noqa: F401 (fixture)
 from tokenskip.storage import StorageConfig, read_manifest, read_table
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-DEMO_N = yaml.safe_load((REPO / "tokenskip" / "configs" / "demo.yaml").read_text())["sampling"]["n"]
 
 
 def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium):  # noqa: F811
@@ -35,6 +33,8 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
         "sources.0.limit=12",
         "--set",
         "sampling.max_tokens=128",
+        "--set",
+        "sampling.n=4",  # 48 samples: a kept one is all but certain (the demo itself runs n=2 on 47 problems)
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -44,7 +44,7 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     assert len(console) <= 40, "\n".join(console)
     assert any(line.startswith("starting vLLM engine (model smollm2-135m-instruct, device cpu)") for line in console)
     assert any(line.startswith("vLLM engine ready in ") for line in console)
-    assert any(line.startswith(f"shard 1/1 committed | samples {12 * DEMO_N}/{12 * DEMO_N} | kept ") for line in console)
+    assert any(line.startswith("shard 1/1 committed | samples 48/48 | kept ") for line in console)
     assert "read it:" in console
     assert not [line for line in console if " INFO " in line or "(pid=" in line]  # no engine/Ray log lines
 
@@ -52,7 +52,7 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     manifest = read_manifest(storage, "demo-arithmetic")
     counts = manifest.counts
     assert counts["input_rows"] == 12
-    assert counts["samples"] == counts["problems_to_generate"] * DEMO_N
+    assert counts["samples"] == counts["problems_to_generate"] * 4
     data = read_table(storage, "demo-arithmetic", "data")
     assert counts["kept_samples"] == data.num_rows
     for row in data.to_pylist():
@@ -64,6 +64,17 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     assert f"log: {log_file}" in result.stdout
     log_text = log_file.read_text()
     assert "vLLM engine ready in" in log_text and "Initializing a V1 LLM engine" in log_text
+    # tokenskip show on the demo's output: its examples, with the pruned words marked
+    shown = subprocess.run(
+        [sys.executable, "-m", "tokenskip.cli", "show", "--root", str(out), "--dataset", "demo-arithmetic", "-k", "2", "--width", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert any(row["question"] in shown.stdout for row in data.to_pylist())
+    assert "ratio 0.5 (achieved " in shown.stdout
+    assert any("[-" in line and "dropped words" not in line for line in shown.stdout.splitlines())
     card = (run_dir / "README.md").read_text()
     assert f"# demo-arithmetic / {manifest.run_id}" in card and "| `compressions[].text` |" in card
     report = json.loads((run_dir / "report.json").read_text())
