@@ -12,7 +12,7 @@ import sys
 import pyarrow as pa
 
 from tokenskip.config import PipelineConfig
-from tokenskip.console import WORKER_LOG_ENV, RunDisplay, console_logging
+from tokenskip.console import WORKER_LOG_ENV, RunDisplay, StepDisplay, console_logging
 from tokenskip.dataset_card import dataset_card, source_licence
 from tokenskip.progress import MAX_PENDING_EVENTS, _Board
 from tokenskip.schema import COMPRESSED_SCHEMA
@@ -199,3 +199,18 @@ def test_the_plan_names_the_device_the_actors_get_not_the_drivers():
     assert auto.planned_device(1.0) == "cuda"  # a GPU cluster's driver often has no GPU
     assert auto.planned_device(0.0) == auto.resolved_device() == "cpu"  # this machine has none
     assert EngineConfig(model="m", device="cpu").planned_device(1.0) == "cpu"
+
+
+def test_the_training_display_prints_a_line_every_n_steps_with_loss_speed_and_eta():
+    stream = io.StringIO()
+    board = _FakeBoard()
+    display = StepDisplay(board=board, stream=stream, tty=False, every=2)
+    for step in (1, 2, 3, 4, 5):
+        board.post("train_step", step=step, total=5, loss=1.0 / step, tokens_per_s=100.0 * step)
+    board.post("engine_ready", seconds=1.0)  # not a training event: ignored
+    display.close()  # drains what is left
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
+    assert lines[0].startswith("step 2/5 | loss 0.5000 | 200 tok/s | ETA ")
+    assert lines[-1].endswith("ETA 0:00")
+    assert display.step == 5 and display.total == 5

@@ -246,7 +246,7 @@ def _s3_objects(endpoint: str, bucket: str, prefix: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_two_workers_on_s3_resume_after_failure_and_loss_drops(
-    tmp_path, tiny_causal_lm, tokenizer, s3_bucket, ray_two_cpus
+    tmp_path, tiny_causal_lm, tokenizer, s3_bucket, ray_two_cpus, capsys
 ):
     from tokenskip.storage import RunStore, StorageConfig
     from tokenskip.train.job import run_training
@@ -283,9 +283,11 @@ def test_two_workers_on_s3_resume_after_failure_and_loss_drops(
             "failure_injection": {"at_step": 6, "marker_path": str(tmp_path / "failed-once")},
         }
     )
-    result = run_training(config)
+    result = run_training(config, progress=True)
     assert result.error is None
     assert (tmp_path / "failed-once").exists()
+    # the live step display (not a TTY here: a line every log_every steps and at the last)
+    assert "step 12/12 | loss " in capsys.readouterr().err
     assert result.checkpoint_path.startswith(f"{bucket}/checkpoints/s3-run/")
 
     objects = _s3_objects(endpoint, bucket, "checkpoints/s3-run/")

@@ -345,3 +345,78 @@ class RunDisplay:
             self._redraw()
             self._bar.close()
             self._bar = None
+
+
+class StepDisplay:
+    """The live view of a training run: step / total, loss, tokens/s and ETA, from the ``train_step``
+    events rank 0 posts to the progress board. On a TTY one tqdm line; otherwise a line every
+    ``every`` steps (and at the last)."""
+
+    def __init__(
+        self,
+        *,
+        board: ProgressBoard | None,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        every: int = 10,
+        refresh_s: float = 1.0,
+    ):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.board = board
+        self.every = max(1, every)
+        self.refresh_s = refresh_s
+        self.step = 0
+        self.total: int | None = None
+        self.started_at = time.monotonic()
+        self._first_step_at: tuple[float, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bar = None
+
+    def start(self) -> None:
+        if self.board is not None:
+            self._thread = threading.Thread(target=self._poll, name="train-display", daemon=True)
+            self._thread.start()
+
+    def apply(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "train_step":
+            return
+        step, total = int(event["step"]), int(event["total"])
+        now = time.monotonic()
+        if self._first_step_at is None:
+            self._first_step_at = (now, step)
+        self.step, self.total = step, total
+        eta = None
+        first_t, first_step = self._first_step_at
+        if step > first_step:
+            eta = (total - step) * (now - first_t) / (step - first_step)
+        figures = f"loss {event['loss']:.4f} | {event['tokens_per_s']:.0f} tok/s | ETA {_clock(eta)}"
+        if self.tty:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=total, file=self.stream, bar_format="training {bar:12} {n_fmt}/{total_fmt} steps{postfix}"
+                )
+            self._bar.n = step
+            self._bar.set_postfix_str(figures, refresh=False)
+            self._bar.refresh()
+        elif step % self.every == 0 or step == total:
+            print(f"step {step}/{total} | {figures}", file=self.stream, flush=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            for event in self.board.drain():
+                self.apply(event)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.board is not None:
+            for event in self.board.drain():
+                self.apply(event)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -298,7 +298,7 @@ class GenerateStage:
 
 def map_batches_args(config: PipelineConfig, progress: ProgressBoard | None = None) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says; ``progress``: the
-    board its actors post engine starts and generated batches to (the driver's live display)."""
+    board its actors post engine starts and each finished problem to (the driver's live display)."""
     r = config.resources
     return {
         "fn": GenerateStage,

@@ -86,8 +86,9 @@ def check_sources(config: TrainConfig) -> None:
                 raise FileNotFoundError(f"training data {source.path} does not exist")
 
 
-def build_trainer(config: TrainConfig):
-    """The ``TorchTrainer`` for ``config`` (separate from :func:`run_training` for dry runs)."""
+def build_trainer(config: TrainConfig, progress: Any = None):
+    """The ``TorchTrainer`` for ``config`` (separate from :func:`run_training` for dry runs);
+    ``progress``: a :class:`~tokenskip.progress.ProgressBoard` for the live step display."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -106,23 +107,44 @@ def build_trainer(config: TrainConfig):
         failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
     )
+    loop_config: dict[str, Any] = {"config": config.model_dump(mode="json")}
+    if progress is not None:
+        loop_config["progress"] = progress  # rank 0 posts each step for the driver's live display
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json")},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
     )
 
 
-def run_training(config: TrainConfig) -> TrainResult:
-    """Fit on Ray Train (connects to / starts Ray as ``ray.init`` would) and return where it ended."""
+def run_training(config: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """Fit on Ray Train (connects to / starts Ray as ``ray.init`` would) and return where it ended.
+
+    ``progress``: show the live step display (step / total, loss, tokens/s, ETA; a line every
+    ``log_every`` steps when not a TTY), fed through a progress board rank 0 posts to."""
     from tokenskip.models import resolve_model
 
     # Resolve aliases (the embedded demo model) once here, not concurrently in every worker.
     config = resolve_paths(config.model_copy(update={"model": resolve_model(config.model)}))
     check_sources(config)
-    result = build_trainer(config).fit()
+    if not progress:
+        result = build_trainer(config).fit()
+    else:
+        from tokenskip.console import StepDisplay
+        from tokenskip.progress import ProgressBoard
+        from tokenskip.ray_runtime import init_ray
+
+        init_ray()  # the quiet console's Ray settings, before Ray Train would start one of its own
+        board = ProgressBoard.start()
+        display = StepDisplay(board=board, every=config.log_every)
+        display.start()
+        try:
+            result = build_trainer(config, progress=board).fit()
+        finally:
+            display.close()
+            board.close()
     return TrainResult(
         metrics=dict(result.metrics or {}),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
@@ -139,7 +161,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
-    result = run_training(config)
+    result = run_training(config, progress=True)
     print(
         json.dumps({"metrics": result.metrics, "checkpoint": result.checkpoint_path, "run": result.run_path})
     )

@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Any
 
+from tokenskip.progress import post as post_progress
 from tokenskip.train.config import TrainConfig
 from tokenskip.train.data import (
     EpochSampler,
@@ -151,7 +152,8 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry: ``loop_config = {"config": TrainConfig.model_dump()}``."""
+    """Ray Train entry: ``loop_config = {"config": TrainConfig.model_dump(), "progress": board}``
+    (``progress`` optional: a :class:`~tokenskip.progress.ProgressBoard`)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -160,6 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from tokenskip.train.tldr import DevEvaluator, TLDRState, WeightedDomainSampler
 
     config = TrainConfig.model_validate(loop_config["config"])
+    progress = loop_config.get("progress")  # the driver's live display, when it asked for one
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if config.scaling.torch_threads:
@@ -253,6 +256,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # Tokens of all workers over the mean worker time of this step.
                 "tokens_per_s": total_tokens / max(elapsed_sum / world, 1e-9),
             }
+
+            if rank == 0:
+                post_progress(
+                    progress,
+                    "train_step",
+                    step=state["step"],
+                    total=total_steps,
+                    loss=mean_loss,
+                    tokens_per_s=metrics["tokens_per_s"],
+                )
 
             if tldr_state is not None and state["step"] % config.tldr.eval_steps == 0:
                 if rank == 0:  # the others wait in the broadcast for rank 0's new weights
