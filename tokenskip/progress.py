@@ -76,6 +76,31 @@ class ProgressBoard:
             log.debug("progress board already gone", exc_info=True)
 
 
+class ProgressTally:
+    """Counts added on a hot path (each finished request), posted as one ``event`` at most every
+    ``interval_s``: a stage makes about one board call a second, however many rows it finishes (a
+    call per row would put millions of actor calls on one actor at cluster scale). :meth:`flush`
+    posts what is left (at the end of a batch)."""
+
+    def __init__(self, board: ProgressBoard | None, event: str, interval_s: float = 1.0):
+        self.board, self.event, self.interval_s = board, event, interval_s
+        self._counts: dict[str, int] = {}
+        self._posted_at = time.monotonic()
+
+    def add(self, **counts: int) -> None:
+        if self.board is None:
+            return
+        for name, value in counts.items():
+            self._counts[name] = self._counts.get(name, 0) + value
+        if time.monotonic() - self._posted_at >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.board is not None and self._counts:
+            self.board.post(self.event, **self._counts)
+        self._counts, self._posted_at = {}, time.monotonic()
+
+
 def post(board: ProgressBoard | None, event: str, **fields: Any) -> None:
     """Post to ``board`` when there is one (stages run without a board in tests and library use)."""
     if board is not None:

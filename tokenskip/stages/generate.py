@@ -60,7 +60,7 @@ from tokenskip.engine import (
 )
 from tokenskip.metrics import StageMetrics
 from tokenskip.models import resolve_model
-from tokenskip.progress import ProgressBoard
+from tokenskip.progress import ProgressBoard, ProgressTally
 from tokenskip.progress import post as post_progress
 from tokenskip.prompts import render_prompt
 from tokenskip.stages.contract import check_fields
@@ -152,7 +152,7 @@ class GenerateStage:
         self.prompt = prompt
         self.max_concurrent_batches = max_concurrent_batches
         self.occupancy = EngineOccupancy()
-        self.progress = progress
+        self._generated = ProgressTally(progress, "generated")
         engine_start = time.perf_counter()
         self.llm = create_async_llm(self.engine_config, stat_loggers=[self.occupancy.stat_logger])
         engine_seconds = time.perf_counter() - engine_start
@@ -227,6 +227,7 @@ class GenerateStage:
             raise
         finally:
             self.batches_in_flight -= 1
+        self._generated.flush()  # the batch's last counts, now rather than with the next request
         elapsed = time.perf_counter() - started
         samples, prompt_tokens, errors, details = [], [], [], []
         for i, r in enumerate(results):
@@ -273,13 +274,10 @@ class GenerateStage:
         return pa.Table.from_arrays(batch.columns + new, schema=output_schema(batch.schema))
 
     def _posted(self, result) -> None:
-        """One problem's samples are done: tell the driver's live display (samples, tokens)."""
-        post_progress(
-            self.progress,
-            "generated",
-            problems=1,
-            samples=len(result.generations),
-            tokens=sum(g.token_count for g in result.generations),
+        """One problem's samples are done: counted for the driver's live display, posted about once a
+        second (see :class:`~tokenskip.progress.ProgressTally`)."""
+        self._generated.add(
+            problems=1, samples=len(result.generations), tokens=sum(g.token_count for g in result.generations)
         )
 
     def _die(self) -> None:
