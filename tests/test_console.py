@@ -14,7 +14,7 @@ import pyarrow as pa
 from tokenskip.config import PipelineConfig
 from tokenskip.console import WORKER_LOG_ENV, RunDisplay, StepDisplay, console_logging
 from tokenskip.dataset_card import dataset_card, source_licence
-from tokenskip.progress import MAX_PENDING_EVENTS, _Board
+from tokenskip.progress import MAX_PENDING_EVENTS, ProgressTally, _Board
 from tokenskip.schema import COMPRESSED_SCHEMA
 from tokenskip.sources import SourceConfig
 from tokenskip.summary import EngineTotals, ShardSummary
@@ -214,3 +214,19 @@ def test_the_training_display_prints_a_line_every_n_steps_with_loss_speed_and_et
     assert lines[0].startswith("step 2/5 | loss 0.5000 | 200 tok/s | ETA ")
     assert lines[-1].endswith("ETA 0:00")
     assert display.step == 5 and display.total == 5
+
+
+def test_a_tally_posts_its_counts_at_most_once_an_interval_and_the_rest_on_flush():
+    board = _FakeBoard()
+    tally = ProgressTally(board, "generated", interval_s=3600)
+    for _ in range(1000):  # a thousand finished requests: no board call yet
+        tally.add(problems=1, samples=4, tokens=100)
+    assert board.drain() == []
+    tally.flush()
+    assert board.drain() == [{"event": "generated", "problems": 1000, "samples": 4000, "tokens": 100_000}]
+    tally.flush()  # nothing new: nothing posted
+    assert board.drain() == []
+    eager = ProgressTally(board, "generated", interval_s=0)
+    eager.add(problems=1, samples=2, tokens=7)
+    assert board.drain() == [{"event": "generated", "problems": 1, "samples": 2, "tokens": 7}]
+    ProgressTally(None, "generated").add(problems=1)  # no board: nothing to do, nothing raised

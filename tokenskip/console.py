@@ -176,7 +176,45 @@ def _clock(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class RunDisplay:
+class _BoardFollower:
+    """A display fed by a progress board: a thread drains the board about every ``refresh_s`` and
+    hands each event to :meth:`apply`, then calls :meth:`tick` (a live line redraws there).
+    :meth:`_stop_following` ends the thread and applies what the board still holds."""
+
+    board: ProgressBoard | None
+    refresh_s: float
+    _thread: threading.Thread | None = None  # set while following
+
+    def apply(self, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        pass
+
+    def _follow(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name=name, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self._drain()
+            self.tick()
+
+    def _drain(self) -> None:
+        if self.board is not None:
+            for event in self.board.drain():
+                self.apply(event)
+
+    def _stop_following(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._drain()
+
+
+class RunDisplay(_BoardFollower):
     """The live view of one run: stage, shards committed / total, samples generated, kept so far and
     acceptance, tokens/s and ETA. On a TTY one tqdm line redrawn about once a second; otherwise a
     line per committed shard. Figures before the first commit come from the stages' progress board.
@@ -209,8 +247,6 @@ class RunDisplay:
         self.engine_ready_at: float | None = None
         self.started_at = time.monotonic()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._bar = None
 
     # -- lines ---------------------------------------------------------------------------------
@@ -234,8 +270,7 @@ class RunDisplay:
             )
             self._redraw()
         if self.board is not None or self.tty:
-            self._thread = threading.Thread(target=self._poll, name="run-display", daemon=True)
-            self._thread.start()
+            self._follow("run-display")
 
     def engine_starting(self, *, model: str, device: str, eager: bool) -> None:
         self.stage = "starting vLLM engine"
@@ -319,6 +354,9 @@ class RunDisplay:
             ]
         return " | ".join(parts)
 
+    def tick(self) -> None:
+        self._redraw()
+
     def _redraw(self) -> None:
         if self._bar is None:
             return
@@ -326,20 +364,8 @@ class RunDisplay:
         self._bar.set_postfix_str(self.figures(), refresh=False)
         self._bar.refresh()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            if self.board is not None:
-                for event in self.board.drain():
-                    self.apply(event)
-            self._redraw()
-
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self.board is not None:
-            for event in self.board.drain():
-                self.apply(event)
+        self._stop_following()
         if self._bar is not None:
             self.stage = "done"
             self._redraw()
@@ -347,7 +373,7 @@ class RunDisplay:
             self._bar = None
 
 
-class StepDisplay:
+class StepDisplay(_BoardFollower):
     """The live view of a training run: step / total, loss, tokens/s and ETA, from the ``train_step``
     events rank 0 posts to the progress board. On a TTY one tqdm line; otherwise a line every
     ``every`` steps (and at the last)."""
@@ -368,16 +394,12 @@ class StepDisplay:
         self.refresh_s = refresh_s
         self.step = 0
         self.total: int | None = None
-        self.started_at = time.monotonic()
         self._first_step_at: tuple[float, int] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._bar = None
 
     def start(self) -> None:
         if self.board is not None:
-            self._thread = threading.Thread(target=self._poll, name="train-display", daemon=True)
-            self._thread.start()
+            self._follow("train-display")
 
     def apply(self, event: dict[str, Any]) -> None:
         if event.get("event") != "train_step":
@@ -405,18 +427,8 @@ class StepDisplay:
         elif step % self.every == 0 or step == total:
             print(f"step {step}/{total} | {figures}", file=self.stream, flush=True)
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            for event in self.board.drain():
-                self.apply(event)
-
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self.board is not None:
-            for event in self.board.drain():
-                self.apply(event)
+        self._stop_following()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
