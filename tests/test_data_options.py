@@ -41,9 +41,7 @@ LONG_CORRECT = (
     "The answer is \\boxed{5}."
 )
 SHORT_CORRECT = "Two plus three is five. The answer is \\boxed{5}."
-LONG_WRONG = (
-    "First add 2 and 3 to get 6, which looks right at a glance and on a second, slower and careful look. The answer is \\boxed{6}."
-)
+LONG_WRONG = "First add 2 and 3 to get 6, which looks right at a glance and on a second, slower and careful look. The answer is \\boxed{6}."
 GENERATE_INPUT = PROBLEM_SCHEMA.append(pa.field("shard_id", pa.string()))
 
 
@@ -155,7 +153,9 @@ def test_a_run_without_compression_plans_no_compress_stage_and_loads_no_scorer(t
     config = PipelineConfig.model_validate(data)
     assert config.compression is None
     plan_text = make_plan(config).describe()
-    assert "compress   none (compression: null): kept CoTs are written whole, no scorer is loaded" in plan_text
+    assert (
+        "compress   none (compression: null): kept CoTs are written whole, no scorer is loaded" in plan_text
+    )
     # The stage that replaces compression is a plain task: nothing to load, no actor pool.
     args = compress.map_batches_args(config)
     assert args["fn"] is compress.keep_cots_whole and "compute" not in args
@@ -255,7 +255,9 @@ def test_forcing_defaults_follow_tokenskip_for_the_target_models_family(tmp_path
     # In a run config the target is compression.target_tokenizer, else the generating model.
     problems, no_target = Path("/nowhere/problems.jsonl"), {"target_tokenizer": None}
     qwen_run = PipelineConfig.model_validate(
-        _pipeline_data(problems, tmp_path, engine={"model": "Qwen/Qwen2.5-7B-Instruct"}, compression=no_target)
+        _pipeline_data(
+            problems, tmp_path, engine={"model": "Qwen/Qwen2.5-7B-Instruct"}, compression=no_target
+        )
     )
     assert _forcing(qwen_run.compression.scorer) == QWEN
     assert "forced=nothing" in _compress_line(qwen_run)
@@ -295,5 +297,3 @@ def _pipeline_data(problems: Path, output: Path, **sections) -> dict:
         else:
             data[name] = value
     return json.loads(json.dumps(data, default=lambda o: o.model_dump(mode="json")))
-
-
