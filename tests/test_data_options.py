@@ -297,3 +297,20 @@ def _pipeline_data(problems: Path, output: Path, **sections) -> dict:
         else:
             data[name] = value
     return json.loads(json.dumps(data, default=lambda o: o.model_dump(mode="json")))
+
+
+@pytest.mark.slow
+def test_without_compression_ray_data_runs_the_plain_stage_on_whole_blocks(tmp_path, ray_local):
+    """The stage arguments the pipeline hands Ray Data for a run without compression: a task, no scorer."""
+    import ray
+
+    problems = write_problems(tmp_path / "problems.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}])
+    config = PipelineConfig.model_validate(_pipeline_data(problems, tmp_path / "out", compression=None))
+    graded = grade.GradeSelectStage(GradingConfig(), "all-correct", "tiny", "gen-hash", n_samples=2)(
+        _generated({"p1": [SHORT_CORRECT, LONG_WRONG], "p2": [LONG_WRONG, SHORT_CORRECT]})
+    )
+    rows = ray.data.from_arrow(graded).map_batches(**compress.map_batches_args(config)).take_all()
+    kept = sorted((r["problem_id"], r["sample_index"]) for r in rows if r["status"] == "kept")
+    assert kept == [("p1", 0), ("p2", 1)]
+    assert all(list(r["compressions"]) == [] and r["answer_tail"] for r in rows if r["status"] == "kept")
+    assert all(r["compressions"] is None for r in rows if r["status"] != "kept")
