@@ -226,6 +226,26 @@ def test_the_plan_and_report_count_rows_the_where_filter_dropped(tmp_path):
     assert (counts["input_rows"], counts["filtered_out"], counts["problems_to_generate"]) == (9, 6, 3)
 
 
+def test_the_dataset_card_says_what_the_options_did(tmp_path):
+    from tokenskip.dataset_card import dataset_card
+
+    path = Path("/nowhere/problems.jsonl")
+    source = tiny_source(path, field_map=ANSWER_FIELD_MAP) | {"where": {"level": [0]}}
+    data = _pipeline_data(
+        path, tmp_path, sources=[source], compression=None, selection={"max_cot_tokens": 500}
+    )
+    counts = {
+        "input_rows": 9, "filtered_out": 6, "problems_to_generate": 3, "samples": 6, "kept_samples": 2,
+        "kept_problems": 2, "acceptance_rate": 2 / 6, "rejects_by_reason": {"too_long": 1, "incorrect": 3},
+        "errors_by_reason": {}, "achieved_ratio": {},
+    }  # fmt: skip
+    card = dataset_card(PipelineConfig.model_validate(data), {"run_id": "r", "counts": counts})
+    assert "the correct ones kept whole (built without compression)" in card
+    assert "- selection: `all-correct`, CoTs of <= 500 tokens; no compression (a pool of plain CoTs" in card
+    assert "- 9 input rows (6 filtered out by `sources[].where`), 3 problems, 6 generated samples" in card
+    assert "too_long" in card
+
+
 # -------------------------------------------------------------------------------------------------
 # Forcing per model family, and run ids
 
