@@ -24,8 +24,9 @@ budget, as TL;DR's checkpoint analysis does (:func:`run_sweep`, ``sweep.json``).
 Outputs, under ``output`` (a folder or fsspec URL): ``evaluation.parquet`` (the table),
 ``evaluation.json`` (the table, pass@k, the config and run facts), ``pass_at_k.parquet``,
 ``samples.parquet`` (every sample: prompt, response, tokens, verdict), ``accuracy_vs_tokens.png``,
-``reference.yaml`` when asked for and, when the source had bad records, ``source_errors.parquet``. ``evaluation.json`` is written first with ``"status": "running"`` (so a bad
-output location fails before any generation) and last with ``"status": "complete"``.
+``reference.yaml`` when asked for and, when the source had bad records, ``source_errors.parquet``.
+``evaluation.json`` is written first with ``"status": "running"`` (so a bad output location fails
+before any generation) and last with ``"status": "complete"``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Input: the generation stage's rows (:data:`INPUT_FIELDS`). Output: :data:`OUTPUT
 ``n`` rows per problem: a shard is committed once it has ``problems x n`` rows, so a problem with
 another number of samples would leave its shard waiting forever. The stage refuses such a batch
 with :class:`~tokenskip.stages.contract.RowCountMismatch` instead. Config:
-:class:`~tokenskip.grading.GradingConfig` and the policy and length limit of :class:`~tokenskip.config.SelectionConfig`,
-with the run's model, generation hash and ``n`` (:func:`map_batches_args`).
+:class:`~tokenskip.grading.GradingConfig` and the policy and length limit of
+:class:`~tokenskip.config.SelectionConfig`, with the run's model, generation hash and ``n``
+(:func:`map_batches_args`).
 """
 
 from __future__ import annotations
