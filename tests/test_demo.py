@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_examples import _tokens
 from tests.test_report import _body_attrs, _chart_count, _dump_dom, chromium  # noqa: F401 (fixture)
+from tokenskip.examples import Mark, read_examples
 from tokenskip.storage import StorageConfig, read_manifest, read_table
 
 pytestmark = pytest.mark.slow
@@ -54,6 +56,7 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     assert counts["input_rows"] == 12
     assert counts["samples"] == counts["problems_to_generate"] * 4
     data = read_table(storage, "demo-arithmetic", "data")
+    by_key = {row["key"]: row for row in data.to_pylist()}
     assert counts["kept_samples"] == data.num_rows
     for row in data.to_pylist():
         assert [c["target_ratio"] for c in row["compressions"]] == [0.9, 0.8, 0.7, 0.6, 0.5]
@@ -75,6 +78,15 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     assert any(row["question"] in shown.stdout for row in data.to_pylist())
     assert "ratio 0.5 (achieved " in shown.stdout
     assert any("[-" in line and "dropped words" not in line for line in shown.stdout.splitlines())
+    # ... and the marks are exactly what pruning removed: the unmarked tokens are the stored text's
+    for example in read_examples(storage, "demo-arithmetic", manifest.run_id, data.num_rows):
+        for c in example.compressions:
+            row = by_key[example.key]
+            text = next(x["text"] for x in row["compressions"] if x["target_ratio"] == c.target_ratio)
+            pruned = text[: len(text) - len(c.answer_tail)]
+            assert [p.mark for p in c.reasoning if p.mark is Mark.ADDED] == []
+            assert _tokens("".join(p.space + p.text for p in c.reasoning)) == _tokens(row["reasoning"])
+            assert _tokens(" ".join(p.text for p in c.reasoning if p.mark is Mark.KEPT)) == _tokens(pruned)
     card = (run_dir / "README.md").read_text()
     assert f"# demo-arithmetic / {manifest.run_id}" in card and "| `compressions[].text` |" in card
     report = json.loads((run_dir / "report.json").read_text())

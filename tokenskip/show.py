@@ -2,26 +2,31 @@
 
 For each example (:mod:`tokenskip.examples`, which the HTML report draws too): the question, the
 original CoT, and its version at every ratio with the words that pruning dropped marked
-``[-like this-]``, so what compression did is visible without writing pyarrow code.
+``[-like this-]`` (a partly pruned word: ``step[--by-step-]``), so what compression did is visible
+without writing pyarrow code.
 """
 
 from __future__ import annotations
 
 import textwrap
 
-from tokenskip.examples import Example, dropped_words, read_examples
+from tokenskip.examples import Example, Mark, Piece, diff_pruned, read_examples
 from tokenskip.storage import StorageConfig, read_manifest
 
 DROPPED = "[-{}-]"
+# Never from tokenskip's scorers, which only delete (see tokenskip.examples.Mark.ADDED).
+ADDED = "{{+{}+}}"
+_FORMAT = {Mark.KEPT: "{}", Mark.DROPPED: DROPPED, Mark.ADDED: ADDED}
 
 
 def mark_dropped(original: str, kept: str) -> str:
-    """``original``'s words with those missing from ``kept`` marked ``[-like this-]``."""
-    return " ".join(_marked(dropped_words(original, kept)))
+    """``original`` with the words missing from ``kept`` marked ``[-like this-]``."""
+    return _marked(diff_pruned(original, kept))
 
 
-def _marked(words: list[tuple[str, bool]]) -> list[str]:
-    return [DROPPED.format(word) if dropped else word for word, dropped in words]
+def _marked(pieces: list[Piece]) -> str:
+    # One space for any whitespace: the terminal text is re-wrapped anyway.
+    return "".join((" " if p.space else "") + _FORMAT[p.mark].format(p.text) for p in pieces)
 
 
 def _block(label: str, text: str, width: int) -> list[str]:
@@ -40,7 +45,7 @@ def render_examples(examples: list[Example], width: int = 100) -> list[str]:
                 f"ratio {c.target_ratio:g} (achieved {c.achieved_ratio:.2f}, {c.tokens} tokens; "
                 f"dropped words {DROPPED.format('marked')}):"
             )
-            text = " ".join(_marked(c.reasoning) + [c.answer_tail]).strip()
+            text = f"{_marked(c.reasoning)} {c.answer_tail}".strip()
             lines += _block(label, text, width)
     return lines
 

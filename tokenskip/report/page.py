@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tokenskip.examples import Example, read_examples
+from tokenskip.examples import Example, Mark, read_examples
 from tokenskip.report import figures
 from tokenskip.report.charts import CHART_CLASS, GREY, hbar_chart, histogram_chart, line_chart, ratio_chart
 from tokenskip.report.formatting import esc, num, pct
@@ -98,6 +98,7 @@ pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
 .cot .head { font-size: 12px; color: #555; margin-bottom: 6px; }
 .cot .text { font-size: 12px; white-space: pre-wrap; overflow-wrap: anywhere; max-height: 420px; overflow-y: auto; }
 del.dropped { color: #D55E00; background: #fdebe1; text-decoration: line-through; }
+ins.added { color: #0072B2; background: #e1effa; }
 .tail { background: #e6f4ef; }
 """
 
@@ -275,9 +276,7 @@ def _examples_section(examples: Sequence[Example]) -> str:
     for n, example in enumerate(examples, 1):
         columns = [_cot_column(f"original CoT, {num(example.original_tokens)} tokens", esc(example.cot))]
         for c in example.compressions:
-            words = " ".join(
-                f'<del class="dropped">{esc(w)}</del>' if dropped else esc(w) for w, dropped in c.reasoning
-            )
+            words = "".join(esc(p.space) + _PIECE_HTML[p.mark].format(esc(p.text)) for p in c.reasoning)
             tail = f' <span class="tail">{esc(c.answer_tail)}</span>' if c.answer_tail else ""
             head = f"ratio {c.target_ratio:g}, achieved {num(c.achieved_ratio, 2)}, {num(c.tokens)} tokens"
             columns.append(_cot_column(head, words + tail))
@@ -287,6 +286,13 @@ def _examples_section(examples: Sequence[Example]) -> str:
             f'{esc(example.question)}</p><div class="cots">{"".join(columns)}</div></div>'
         )
     return "\n".join(out)
+
+
+_PIECE_HTML = {
+    Mark.KEPT: "{}",
+    Mark.DROPPED: '<del class="dropped">{}</del>',
+    Mark.ADDED: '<ins class="added">{}</ins>',  # never from tokenskip's scorers (they only delete)
+}
 
 
 def _cot_column(head: str, text_html: str) -> str:
