@@ -107,6 +107,59 @@ def test_version_name_and_config_checks(tmp_path):
     assert example.pipeline.run_id is None and example.keep_last >= 1
 
 
+def _commit_demo_run(output: StorageConfig):
+    """A committed run of the demo config in ``output``, as `make demo` leaves it (its manifest
+    records the config and generation hash the next refresh compares; no engine needed)."""
+    from tokenskip.config import load_pipeline_config
+
+    demo = load_pipeline_config(REPO_ROOT / "tokenskip" / "configs" / "demo.yaml")
+    demo = demo.model_copy(update={"output": output})
+    store = RunStore(output, demo.dataset, demo.resolved_run_id())
+    store.write_shard("s-1", {"data": COMPRESSED_SCHEMA.empty_table()})
+    store.commit({"config": demo.model_dump(mode="json"), "generation_hash": demo.generation_hash()})
+    return demo
+
+
+def test_shipped_refresh_example_extends_the_demo_run(tmp_path):
+    output = StorageConfig(root=str(tmp_path / "out"))
+    demo = _commit_demo_run(output)
+    example = load_refresh_config(
+        str(REPO_ROOT / "tokenskip" / "configs" / "refresh_example.yaml"),
+        {"pipeline.output.root": output.root},
+    )
+    assert example.pipeline.engine.enforce_eager  # a CPU engine starts without a torch.compile
+    plan = plan_refresh(example)  # raised IncompatibleBase (exit 4): n 2 vs 4, max_tokens 160 vs 192
+    assert plan.base_id == demo.resolved_run_id() and plan.carries
+
+
+def test_a_refused_refresh_names_each_differing_field_with_both_values(tmp_path, capsys):
+    output = StorageConfig(root=str(tmp_path / "out"))
+    _commit_demo_run(output)
+    overrides = {
+        "pipeline.output.root": output.root,
+        "pipeline.sampling.n": 4,
+        "pipeline.sampling.max_tokens": 192,
+    }
+    example = REPO_ROOT / "tokenskip" / "configs" / "refresh_example.yaml"
+    with pytest.raises(IncompatibleBase) as refused:
+        plan_refresh(load_refresh_config(str(example), overrides))
+    message = str(refused.value)
+    assert "sampling.max_tokens: LATEST 160, this config 192; sampling.n: LATEST 2, this config 4" in message
+    assert "sampling.temperature" not in message  # only the fields that differ
+    args = ["--config", str(example)] + [f"--set={k}={v}" for k, v in overrides.items()]
+    assert refresh_job(args) == EXIT_INCOMPATIBLE
+    assert "sampling.n: LATEST 2, this config 4" in capsys.readouterr().err
+    # a processing field (carried rows would be wrong) is named the same way
+    with pytest.raises(
+        IncompatibleBase, match=r"compression.ratios: LATEST \[0.9, 0.8, 0.7, 0.6, 0.5\], this config \[0.9\]"
+    ):
+        plan_refresh(
+            load_refresh_config(
+                str(example), {"pipeline.output.root": output.root, "pipeline.compression.ratios": [0.9]}
+            )
+        )
+
+
 @pytest.mark.slow
 def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, monkeypatch, capsys):
     endpoint, bucket = s3_bucket

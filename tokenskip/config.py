@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -192,6 +192,17 @@ class PipelineConfig(BaseModel):
             if scorer is not self.compression.scorer:
                 self.compression = self.compression.model_copy(update={"scorer": scorer})
         return self
+
+    # The config fields generation_fingerprint reads, as paths into the config: a change to any of
+    # them re-keys every sample (refresh names the ones that differ from LATEST's).
+    GENERATION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "engine.model",
+        "engine.tokenizer",
+        "engine.dtype",
+        "engine.seed",
+        "prompt",
+        "sampling",
+    )
 
     def generation_fingerprint(self) -> dict[str, Any]:
         """What determines a generated sample: model, prompt and sampling (the key's config part)."""

@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -80,6 +80,7 @@ __all__ = [
     "RefreshConfig",
     "RefreshPlan",
     "carried_shards",
+    "config_differences",
     "done_problem_ids",
     "load_refresh_config",
     "plan_refresh",
@@ -203,23 +204,61 @@ def processing_fingerprint(pipeline: PipelineConfig | dict[str, Any]) -> dict[st
 
 
 def _incompatibility(manifest: Manifest, pipeline: PipelineConfig) -> str | None:
-    """Why ``manifest``'s rows cannot be carried into a version built with ``pipeline`` (None: they can)."""
+    """Why ``manifest``'s rows cannot be carried into a version built with ``pipeline`` (None: they
+    can), naming every differing config field with LATEST's value and this config's."""
+    old = manifest.config if isinstance(manifest.config, dict) else None
+    new = pipeline.model_dump(mode="json")
     previous = manifest.extra.get("generation_hash")
     if previous != pipeline.generation_hash():
+        changed = config_differences(old, new, PipelineConfig.GENERATION_FIELDS) if old is not None else []
+        if changed:
+            return f"its generation config differs from this config's: {'; '.join(changed)}"
         return (
             f"generation config hash {previous!r} differs from this config's {pipeline.generation_hash()!r}"
         )
-    if not isinstance(manifest.config, dict):
+    if old is None:
         return "its manifest records no pipeline config"
-    old, new = processing_fingerprint(manifest.config), processing_fingerprint(pipeline)
-    changed = sorted(k for k in new if old.get(k) != new[k])
+    changed = config_differences(old, new, list(processing_fingerprint(pipeline)))
     if changed:
-        return f"its {', '.join(changed)} config differs from this config's"
+        return f"its processing config differs from this config's: {'; '.join(changed)}"
     for kind, schema in CANONICAL_SCHEMAS.items():
         record = manifest.schemas.get(kind)
         if record is not None and not record.to_arrow().equals(schema):
             return f"its {kind!r} schema differs from this code's"
     return None
+
+
+_UNSET = object()
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], fields: Sequence[str]) -> list[str]:
+    """``"<path>: LATEST <old>, this config <new>"`` for every leaf field under ``fields`` (dotted
+    paths into the configs' JSON form) whose values differ, in path order."""
+
+    def at(config: Any, path: str) -> Any:
+        for part in path.split("."):
+            config = config.get(part, _UNSET) if isinstance(config, dict) else _UNSET
+        return config
+
+    def leaves(value: Any, path: str, out: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                leaves(item, f"{path}.{key}", out)
+        else:
+            out[path] = value
+        return out
+
+    def shown(value: Any) -> str:
+        return "unset" if value is _UNSET else json.dumps(value)
+
+    lines = []
+    for name in fields:
+        before, after = leaves(at(old, name), name, {}), leaves(at(new, name), name, {})
+        for path in sorted(before.keys() | after.keys()):
+            a, b = before.get(path, _UNSET), after.get(path, _UNSET)
+            if a != b:
+                lines.append(f"{path}: LATEST {shown(a)}, this config {shown(b)}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
