@@ -178,6 +178,40 @@ def test_the_dataset_card_explains_every_column_and_the_sources_licences(tmp_pat
     assert source_licence(SourceConfig(path="x.jsonl", kind="aime")).startswith("not stated")
 
 
+def test_the_dataset_card_names_the_manifest_file_and_loads_with_hf_datasets(tmp_path, monkeypatch):
+    """The card says `_MANIFEST.json` (storage's name, not a literal), and its Hugging Face `datasets`
+    snippet, run as printed, loads exactly the committed rows."""
+    import re
+
+    from tokenskip.storage import MANIFEST_NAME, RunStore, StorageConfig
+
+    output = StorageConfig(root=str(tmp_path / "out"))
+    config = PipelineConfig.model_validate(
+        {"dataset": "demo", "sources": [{"path": "x.jsonl", "kind": "gsm8k"}], "engine": {"model": "m"},
+         "output": output}
+    )  # fmt: skip
+    store = RunStore(output, "demo", "run-abc")
+    for shard, keys in (("s-1", ["k1", "k2"]), ("s-2", ["k3"])):
+        rows = [{"key": k, "problem_id": f"p-{k}", "question": f"q {k}?", "cot": "c"} for k in keys]
+        store.write_shard(shard, {"data": pa.Table.from_pylist(rows, schema=COMPRESSED_SCHEMA)})
+    (tmp_path / "out" / "demo" / "runs" / "run-abc" / "data" / "part-uncommitted.parquet").write_bytes(b"x")
+    store.commit({"counts": {}})
+    counts = {
+        "input_rows": 3, "problems_to_generate": 3, "samples": 3, "kept_samples": 3, "kept_problems": 3,
+        "acceptance_rate": 1.0, "rejects_by_reason": {}, "errors_by_reason": {}, "achieved_ratio": {},
+    }  # fmt: skip
+    card = dataset_card(config, {"run_id": "run-abc", "counts": counts})
+    assert MANIFEST_NAME == "_MANIFEST.json" and card.count("`_MANIFEST.json`") == 2
+    assert "_manifest.json" not in card
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "load_dataset" in b]
+    assert 'datasets.load_dataset("parquet", data_files=files, split="train")' in snippet
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scope: dict = {}
+    exec(snippet, scope)
+    assert sorted(scope["data"]["key"]) == ["k1", "k2", "k3"]  # the manifest's parts, not the stray one
+
+
 def test_the_licence_is_not_part_of_the_run_id(tmp_path):
     base = {
         "dataset": "d",

@@ -16,6 +16,7 @@ import pyarrow as pa
 from tokenskip.config import PipelineConfig
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.sources import SourceConfig
+from tokenskip.storage import MANIFEST_NAME
 
 # Published licences of the layouts tokenskip knows; a source's own ``license`` wins.
 KNOWN_LICENCES = {
@@ -54,6 +55,19 @@ def loading_snippet(root: str, dataset: str, run_id: str | None = None) -> list[
     ]
 
 
+def hf_datasets_snippet(root: str, dataset: str, run_id: str) -> list[str]:
+    """Lines of Python that load the run's data with Hugging Face ``datasets`` (plain Parquet), from
+    exactly the files its manifest lists (no directory listing, so no uncommitted part)."""
+    remote = "://" in root
+    return [
+        "import datasets",
+        "from tokenskip.storage import StorageConfig, committed_urls",
+        f"files = committed_urls(StorageConfig(root={root!r}), {dataset!r}, 'data', run_id={run_id!r})",
+        'data = datasets.load_dataset("parquet", data_files=files, split="train")'
+        + ("  # storage_options=... as for the root" if remote else ""),
+    ]
+
+
 def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
     """The card's Markdown for a committed run's ``report`` (see :func:`tokenskip.pipeline.run_pipeline`)."""
     counts = report["counts"]
@@ -87,7 +101,7 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         ),
         f"- decontamination: {'on' if c.dedup.enabled and c.dedup.eval_sets else 'off'}"
         + (f" against {', '.join(s.name or s.kind for s in c.dedup.eval_sets)}" if c.dedup.eval_sets else ""),
-        f"- config hash `{report.get('config_hash', c.content_hash())}` (the full config is in `_manifest.json`)",
+        f"- config hash `{report.get('config_hash', c.content_hash())}` (the full config is in `{MANIFEST_NAME}`)",
         "",
         "## What came out",
         "",
@@ -113,7 +127,7 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         "",
         "## Files",
         "",
-        "`data/`, `rejects/` and `errors/` hold one Parquet part per shard; `_manifest.json` lists every "
+        f"`data/`, `rejects/` and `errors/` hold one Parquet part per shard; `{MANIFEST_NAME}` lists every "
         "part with its row count, size and sha256 (readers check them); `report.html` has the figures.",
         "",
     ]
@@ -132,6 +146,13 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         "",
         "`tokenskip.storage.iter_batches` streams the parts one at a time and `read_dataset` gives a "
         f"`ray.data` dataset; `tokenskip show --root {c.output.root} --dataset {c.dataset}` prints examples.",
+        "",
+        "The parts are plain Parquet, so Hugging Face `datasets` reads them too (it skips the size and "
+        "sha256 checks tokenskip's readers make):",
+        "",
+        "```python",
+        *hf_datasets_snippet(c.output.root, c.dataset, report["run_id"]),
+        "```",
         "",
     ]
     return "\n".join(lines)

@@ -62,6 +62,7 @@ from tokenskip.storage.layout import KINDS, MANIFEST_NAME
 from tokenskip.storage.lease import Lock, LockHeartbeat, LockInfo, default_owner, holding
 from tokenskip.storage.readers import (
     committed_files,
+    committed_urls,
     iter_batches,
     latest_run_id,
     list_committed_runs,
@@ -111,6 +112,7 @@ __all__ = [
     "apply_retention",
     "code_version",
     "committed_files",
+    "committed_urls",
     "default_owner",
     "delete_dataset_file",
     "iter_batches",

@@ -241,6 +241,19 @@ def committed_files(
     return backend.fs, [posixpath.join(run_dir, f.path) for f in manifest.files.get(kind, [])], schema
 
 
+def committed_urls(
+    config: StorageConfig, dataset: str, kind: str = "data", run_id: str | None = None
+) -> list[str]:
+    """The manifest's files of ``kind`` as paths any fsspec-based reader opens: plain paths for a
+    local root, ``s3://...`` URLs otherwise (pass the root's ``storage_options`` along), e.g.
+    ``datasets.load_dataset("parquet", data_files=committed_urls(...), split="train")``. Like
+    :func:`committed_files`, readers of these skip the size/sha256 checks."""
+    fs, paths, _ = committed_files(config, dataset, kind, run_id)
+    if "file" in ([fs.protocol] if isinstance(fs.protocol, str) else list(fs.protocol)):
+        return paths
+    return [fs.unstrip_protocol(p) for p in paths]
+
+
 def list_committed_runs(config: StorageConfig, dataset: str) -> list[Manifest]:
     """Committed runs (those with a manifest), oldest commit first. Lists ``runs/`` to find
     candidates; folders without a manifest (in progress, crashed) are not runs."""
