@@ -111,7 +111,8 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         f"{counts['samples']} generated samples",
         f"- kept: {counts['kept_samples']} samples from {counts['kept_problems']} problems "
         f"(acceptance {counts['acceptance_rate']:.1%})",
-        f"- rejects: {counts['rejects_by_reason'] or 'none'}; errors: {counts['errors_by_reason'] or 'none'}",
+        f"- rejects: {counts.get('reject_rows_by_reason', counts['rejects_by_reason']) or 'none'}; "
+        f"errors: {counts['errors_by_reason'] or 'none'}",
         f"- mean achieved ratio by target: {ratios}",
         "",
         "## Sources",

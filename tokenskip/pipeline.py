@@ -304,7 +304,7 @@ def _summary_text(report: dict[str, Any]) -> str:
         f"  problems          {s['problems_to_generate']} generated x n -> {s['samples']} samples",
         f"  kept              {s['kept_samples']} samples from {s['kept_problems']} problems "
         f"(acceptance {s['acceptance_rate']:.1%} of graded samples)",
-        f"  rejects           {s['rejects_by_reason']}",
+        f"  rejects           {s.get('reject_rows_by_reason', s['rejects_by_reason'])}",
         f"  errors            {s['errors_by_reason']}",
         f"  achieved ratio    {s['achieved_ratio']}",
         f"  this attempt      {a['shards_committed']} shards, {a['problems_generated']} problems, "

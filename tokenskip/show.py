@@ -66,7 +66,8 @@ def show_run(
         lines += [
             f"  kept {counts.get('kept_samples')} samples from {counts.get('kept_problems')} problems "
             f"(acceptance {counts.get('acceptance_rate', 0):.1%} of {counts.get('graded_samples')} graded)",
-            f"  rejects by reason {counts.get('rejects_by_reason')}; errors by reason {counts.get('errors_by_reason')}",
+            f"  rejects by reason {counts.get('reject_rows_by_reason', counts.get('rejects_by_reason'))}; "
+            f"errors by reason {counts.get('errors_by_reason')}",
             f"  achieved ratio by target {counts.get('achieved_ratio')}",
         ]
     shown = read_examples(config, dataset, manifest.run_id, examples)

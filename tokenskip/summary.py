@@ -547,7 +547,10 @@ def run_counts(
         "graded_samples": graded,
         "kept_samples": kept,
         "kept_problems": summary.kept_problems,
+        # Grading's rejects only (dedup's are under "dedup"); reject_rows_by_reason has every row of
+        # the rejects table, so it sums to the manifest's rejects rows.
         "rejects_by_reason": dict(sorted((k, v) for k, v in reasons.items() if k not in DEDUP_REASONS)),
+        "reject_rows_by_reason": dict(sorted(reasons.items())),
         "errors_by_reason": dict(sorted(error_reasons.items())),
         "acceptance_rate": round(kept / graded, 4) if graded else 0.0,
         "mean_original_tokens": round(original.total / original.count, 2)
