@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tokenskip run --config tokenskip/configs/demo.yaml
 
-test: $(STAMP)
+# The report's browser tests need a headless Chromium: installed here when missing and possible.
+chromium:
+	@tools/ensure_chromium.sh
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 # Everything but the tests marked slow (those that start vLLM engines or Ray clusters): < 2 min on 2 cores.
-test-fast: $(STAMP)
+test-fast: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)

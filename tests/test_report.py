@@ -1,8 +1,8 @@
 """The HTML run report: content, escaping, writing through fsspec, and rendering in a real headless
 Chromium (every chart lays out, no script/CSP errors, a non-blank screenshot).
 
-The browser tests need Debian's ``chromium`` (apt-get install chromium; .ci/run installs it): a missing
-browser is a failure, never a skip.
+The browser tests need Debian's ``chromium`` (``make test`` installs it when it can,
+tools/ensure_chromium.sh): a missing browser is a failure, never a skip.
 """
 
 from __future__ import annotations
