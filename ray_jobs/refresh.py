@@ -36,21 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     from tokenskip.console import console_logging
 
     with console_logging("refresh", verbose=args.verbose) as run_log:
-        if run_log is not None:
-            print(f"log: {run_log.path}", file=sys.stderr, flush=True)
-        return _refresh(args)
+        return _refresh(args, run_log)
 
 
-def _refresh(args: argparse.Namespace) -> int:
+def _refresh(args: argparse.Namespace, run_log) -> int:
     from tokenskip.config import parse_overrides
+    from tokenskip.console import place_log
     from tokenskip.refresh import IncompatibleBase, LockHeld, load_refresh_config, plan_refresh, refresh
+    from tokenskip.storage import RunStore
+
+    def log_with_the_version(plan) -> None:
+        # The log goes into the version's folder (a local one; else it stays where it is printed). A
+        # refresh with nothing to do writes no version, and its log is dropped when it ends.
+        if not plan.up_to_date:
+            version = RunStore(plan.pipeline.output, plan.pipeline.dataset, plan.version)
+            place_log(run_log, version.local_dir())
 
     config = load_refresh_config(args.config, parse_overrides(args.set))
     try:
         if args.dry_run:
             print(plan_refresh(config).describe())
             return 0
-        result = refresh(config)
+        result = refresh(config, on_plan=log_with_the_version)
     except LockHeld as exc:
         print(f"refresh refused: {exc}", file=sys.stderr)
         return EXIT_LOCKED

@@ -17,9 +17,6 @@ from tokenskip.config import add_config_arguments
 EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
 EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
 EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): try again later
-# Commands that start engines or Ray: their log file's path is printed when they start (``run``
-# prints it once the run's folder is known, where the log moves).
-LONG_COMMANDS = ("evaluate", "train")
 # Commands that live in their own module (which also serves a Ray job entrypoint): (name, module,
 # help). The module documents the command in its docstring and has add_arguments(parser) and
 # run_command(args) -> exit code.
@@ -51,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         local = store.local_dir()
         if local is not None:  # the log lives with the run; a remote run gets a copy at the end
             run_log.move_to(local / "logs")
-        print(f"log: {run_log.path} (engine and Ray output; --verbose shows it here)", flush=True)
+        print(f"log: {run_log.announce()} (engine and Ray output; --verbose shows it here)", flush=True)
     try:
         report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
     except RunRefused as refused:
@@ -64,14 +61,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if run_log is not None and store.local_dir() is None:
             _upload_log(store, run_log)
-    if report.get("committed") and "attempt" in report:
-        from tokenskip.pipeline import _summary_text
-
-        print(_summary_text(report))
+    print(_run_outcome(report))
+    if report.get("committed"):
         print(_where_the_data_is(config, store))
-    else:
-        print(json.dumps(report, indent=2, default=str))
     return 0
+
+
+def _run_outcome(report: dict) -> str:
+    """What the run did, for a person (the whole report is report.json in the run's folder)."""
+    from tokenskip.pipeline import _summary_text
+
+    if "attempt" not in report:  # the config's run was committed before: nothing was generated
+        counts = report.get("counts") or {}
+        return (
+            f"run {report['run_id']} of {report['dataset']} is already committed: nothing to do "
+            f"(kept {counts.get('kept_samples', 0)} samples from {counts.get('kept_problems', 0)} problems; "
+            "its report.json has the figures)"
+        )
+    text = _summary_text(report)
+    if not report.get("committed"):
+        text += (
+            f"\nrun {report['run_id']} not committed yet: {report.get('pending_shards', 0)} shards still to do "
+            "(run the same command again to continue; committed shards are kept)"
+        )
+    return text
 
 
 def _where_the_data_is(config, store) -> str:
@@ -99,6 +112,7 @@ def _upload_log(store, run_log) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from tokenskip.compress import CompressConfig, compress_file
+    from tokenskip.console import place_log
     from tokenskip.models import model_problem, resolve_model
     from tokenskip.preflight import UserError
     from tokenskip.scoring import ScorerConfig
@@ -117,9 +131,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # The embedded model name (smollm2-135m-instruct) becomes its local folder, as in `run`.
     scorer = scorer.model_copy(update={"model": resolve_model(scorer.model)})
     config = CompressConfig(ratios=ratios, scorer=scorer, target_tokenizer=resolve_model(target))
+    place_log(args.run_log, _parent(args.output))
     summary = compress_file(args.input, args.output, config, cot_column=args.cot_field)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _parent(path: str) -> str:
+    """The folder holding ``path`` (a local path or URL)."""
+    return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
 
 
 def cmd_storage(args: argparse.Namespace) -> int:
@@ -333,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tokenskip.console import console_logging
 
+    # Each command moves its log to where its output goes and prints the path (console.place_log).
     with console_logging(args.command, verbose=args.verbose) as run_log:
         args.run_log = run_log
-        if run_log is not None and args.command in LONG_COMMANDS:
-            print(f"log: {run_log.path}", file=sys.stderr, flush=True)
         return _dispatch(args)
 
 

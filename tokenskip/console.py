@@ -49,15 +49,20 @@ class _ConsoleFilter(logging.Filter):
 
 
 class RunLog:
-    """The job's log file. Records go to a staging file until the run's folder is known, then to
-    ``<run folder>/logs/<started>.log`` (its content so far copied there), when that folder is local.
-    A remote run folder keeps the staging file; the job uploads it when it ends (:meth:`text`)."""
+    """The job's log file. Records go to a staging file until the command knows where its output goes,
+    then to ``logs/<command>-<started>.log`` there (its content so far copied), when that is a local
+    folder (:func:`place_log`): ``run`` and ``refresh`` the run's folder, ``train`` its checkpoint
+    storage path, ``evaluate`` its output folder, ``compress`` its output's. A remote output keeps the
+    staging file (printed; ``run`` uploads a copy when it ends, :meth:`text`). A staging file nobody
+    was shown (``show``, ``storage``, a dry run, a command that failed before it knew its output) is
+    removed when the command ends, so the temp folder does not fill with them."""
 
     def __init__(self, command: str):
         self.name = f"{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.log"
-        folder = Path(tempfile.gettempdir()) / "tokenskip-logs"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / self.name
+        self.staging = Path(tempfile.gettempdir()) / "tokenskip-logs"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.path = self.staging / self.name
+        self.announced = False
         self._handler = self._file_handler(self.path)
 
     @staticmethod
@@ -92,6 +97,39 @@ class RunLog:
     def text(self) -> bytes:
         self._handler.flush()
         return self.path.read_bytes()
+
+    def announce(self) -> Path:
+        """The log's path, to print: a staging file that was shown to the user is kept."""
+        self.announced = True
+        return self.path
+
+    def close(self) -> None:
+        self._handler.close()
+        if self.path.parent == self.staging and not self.announced:
+            self.path.unlink(missing_ok=True)
+
+
+def place_log(run_log: RunLog | None, output: str | os.PathLike | None) -> None:
+    """Continue a command's log in ``<output>/logs/`` when ``output`` (where the command writes) is a
+    local folder, and print where the log is (stderr). Nothing when verbose (no log file)."""
+    if run_log is None:
+        return
+    folder = local_folder(output)
+    if folder is not None:
+        run_log.move_to(folder / "logs")
+    print(f"log: {run_log.announce()}", file=sys.stderr, flush=True)
+
+
+def local_folder(location: str | os.PathLike | None) -> Path | None:
+    """``location`` as an absolute local path; None for a remote URL (``s3://...``) or None."""
+    if location is None:
+        return None
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        return None
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 @contextlib.contextmanager
@@ -128,12 +166,16 @@ def console_logging(command: str, *, verbose: bool) -> Iterator[RunLog | None]:
         root.addHandler(handler)
     try:
         yield run_log
+    except BaseException:
+        if run_log is not None and not run_log.announced:  # a crash: its log is what explains it
+            print(f"log: {run_log.announce()}", file=sys.stderr, flush=True)
+        raise
     finally:
         for handler in added:
             root.removeHandler(handler)
         if run_log is not None:
             root.removeHandler(run_log.handler)  # it may have moved to the run's folder
-            run_log.handler.close()
+            run_log.close()
             logging.captureWarnings(False)
         root.setLevel(saved_level)
         for key, value in saved_env.items():

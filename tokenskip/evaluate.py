@@ -872,11 +872,13 @@ def format_sweep(result: SweepResult) -> str:
 def run_command(args: argparse.Namespace) -> int:
     """``tokenskip evaluate``: the table on stdout, the outputs under ``output``."""
     from tokenskip.config import parse_overrides
+    from tokenskip.console import place_log
 
     config = load_evaluate_config(args.config, parse_overrides(args.set))
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
+    place_log(getattr(args, "run_log", None), config.output)  # the log goes with the outputs
     text, code = run_config(config)
     print(text)
     return code

@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -509,7 +509,11 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
 # The refresh
 
 
-def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any]:
+def refresh(
+    config: RefreshConfig,
+    now: datetime | None = None,
+    on_plan: Callable[[RefreshPlan], None] | None = None,
+) -> dict[str, Any]:
     """Publish the next version of ``config.pipeline.dataset`` (or report that it is up to date).
 
     Raises :class:`tokenskip.storage.LockHeld` when another refresh holds the dataset's lock (an
@@ -522,6 +526,9 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     not published, ``reason`` says why)), ``version``, ``base``, ``resumed``, ``new_problems``, ``problems_generated``,
     ``carried`` (rows per kind), ``dropped_problems``, ``rows`` (the published version's rows per kind),
     ``retention_deleted``, ``lock`` and ``pipeline`` (the pipeline's run report).
+
+    ``on_plan`` is called with the plan before any work (the CLI moves its log into the version's
+    folder there).
     """
     pipeline = config.pipeline
     started = time.perf_counter()
@@ -531,7 +538,7 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     with holding(
         lock, config.heartbeat_interval, what="refresh lock", thread_name="refresh-heartbeat"
     ) as heartbeat:
-        result.update(_refresh_locked(config, now, heartbeat))
+        result.update(_refresh_locked(config, now, heartbeat, on_plan))
     result["lock"]["heartbeats"] = heartbeat.beats
     if heartbeat.lost:
         result["lock"]["lost"] = heartbeat.lost
@@ -539,8 +546,15 @@ def refresh(config: RefreshConfig, now: datetime | None = None) -> dict[str, Any
     return result
 
 
-def _refresh_locked(config: RefreshConfig, now: datetime | None, heartbeat: LockHeartbeat) -> dict[str, Any]:
+def _refresh_locked(
+    config: RefreshConfig,
+    now: datetime | None,
+    heartbeat: LockHeartbeat,
+    on_plan: Callable[[RefreshPlan], None] | None = None,
+) -> dict[str, Any]:
     rplan = plan_refresh(config, now)
+    if on_plan is not None:
+        on_plan(rplan)
     log.info("refresh plan:\n%s", rplan.describe())
     out: dict[str, Any] = {
         "version": rplan.version,

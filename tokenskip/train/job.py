@@ -154,18 +154,46 @@ def run_training(config: TrainConfig, *, progress: bool = False) -> TrainResult:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``tokenskip train``: metrics and checkpoint as JSON on stdout; 1 when training failed."""
+    """``tokenskip train``: a short summary on stdout (``--json``: the final metrics and checkpoint as
+    JSON instead); 1 when training failed. The log goes under the checkpoint storage path."""
     from tokenskip.config import parse_overrides
+    from tokenskip.console import place_log
 
     config = load_train_config(args.config, parse_overrides(getattr(args, "set", None)))
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
+    place_log(getattr(args, "run_log", None), config.checkpoint.storage_path)
     result = run_training(config, progress=True)
-    print(
-        json.dumps({"metrics": result.metrics, "checkpoint": result.checkpoint_path, "run": result.run_path})
-    )
+    if getattr(args, "json", False):
+        print(
+            json.dumps(
+                {"metrics": result.metrics, "checkpoint": result.checkpoint_path, "run": result.run_path}
+            )
+        )
+    else:
+        print(training_summary(result))
     return 0 if result.error is None else 1
+
+
+def training_summary(result: TrainResult) -> str:
+    """Where training ended, in a few lines for a person."""
+    m = result.metrics
+
+    def figure(key: str, spec: str) -> str:
+        value = m.get(key)
+        return format(value, spec) if isinstance(value, (int, float)) else "?"
+
+    head = "training failed" if result.error else "trained"
+    lines = [
+        f"{head}: step {m.get('step', '?')}, epoch {figure('epoch', '.2f')}, loss {figure('loss', '.4f')}, "
+        f"lr {figure('lr', '.2e')}, {figure('tokens_per_s', '.0f')} tokens/s"
+    ]
+    if result.error:
+        lines.append(f"error: {result.error}")
+    lines.append(f"checkpoint: {result.checkpoint_path or 'none saved'}")
+    lines.append(f"run folder: {result.run_path} (--json prints the final metrics as JSON)")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         config_help="YAML TrainConfig (see tokenskip/configs/train_*.yaml)",
         dry_run_help="validate and print the config, do not train",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the final metrics and checkpoint as JSON, not a summary"
     )
 
 
