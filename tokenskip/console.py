@@ -116,7 +116,10 @@ def place_log(run_log: RunLog | None, output: str | os.PathLike | None) -> None:
         return
     folder = local_folder(output)
     if folder is not None:
-        run_log.move_to(folder / "logs")
+        try:
+            run_log.move_to(folder / "logs")
+        except OSError as exc:  # the command's own output check says what is wrong with the folder
+            logging.getLogger(__name__).info("log stays in %s: %s", run_log.path.parent, exc)
     print(f"log: {run_log.announce()}", file=sys.stderr, flush=True)
 
 
