@@ -10,7 +10,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import yaml
 
@@ -106,12 +105,11 @@ def test_evaluate_logs_into_its_output_folder(tmp_path, staging, monkeypatch, ca
     source = {"path": str(tmp_path / "test.jsonl"), "kind": "gsm8k"}
     config.write_text(yaml.safe_dump({"engine": {"model": "m"}, "source": source, "output": str(out)}))
 
-    def fake_evaluate(cfg):
+    def fake_run(cfg):
         logging.getLogger("tokenskip.evaluate").info("generating at ratio 0.5")
-        return pa.table({"ratio": [0.5]})
+        return "the table", 0
 
-    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
-    monkeypatch.setattr(evaluate_module, "format_table", lambda table: "the table")
+    monkeypatch.setattr(evaluate_module, "run_config", fake_run)
     assert cli.main(["evaluate", "--config", str(config)]) == 0
     (log,) = (out / "logs").glob("evaluate-*.log")
     assert "generating at ratio 0.5" in log.read_text()
