@@ -9,11 +9,12 @@ import itertools
 import random
 import re
 import unicodedata
+from collections import Counter
 
 import pytest
 
 from tokenskip.compress import CompressConfig, Compressor
-from tokenskip.examples import Mark, _fewest_runs_embedding, diff_pruned, read_examples
+from tokenskip.examples import Mark, _fewest_runs_embedding, diff_pruned, diff_pruned_ratios, read_examples
 from tokenskip.report.page import render_html
 from tokenskip.schema import COMPRESSED_SCHEMA, to_table
 from tokenskip.scoring import ScorerConfig
@@ -65,6 +66,16 @@ def test_a_partly_pruned_word_and_kept_digits_are_marked_as_pruning_left_them():
     assert _piece_marks(diff_pruned(cot, pruned)) == _diff_marks(cot, pruned)
     # repeated words: the fewest separate cuts, as a diff shows them
     assert mark_dropped("the cat the dog", "the dog") == "[-the-] [-cat-] the dog"
+    # ... unless pruning's nesting says which one went: a lower ratio keeps a subset of a higher one's
+    # words, so "step." at 0.7 is the "step" 0.8 kept, not the one it dropped
+    at_08, at_07 = diff_pruned_ratios("Solve it step-by-step.", ["Solve it step-.", "Solve step."])
+    assert [(p.text, p.mark is Mark.DROPPED) for p in at_08] == [
+        ("Solve", False), ("it", False), ("step-", False), ("by-step", True), (".", False)
+    ]  # fmt: skip
+    assert [(p.text, p.mark is Mark.DROPPED) for p in at_07] == [
+        ("Solve", False), ("it", True), ("step", False), ("-by-step", True), (".", False)
+    ]  # fmt: skip
+    assert mark_dropped("Solve it step-by-step.", "Solve step.") == "Solve [-it-] [-step-by--]step."
     assert mark_dropped("a b", "") == "[-a-] [-b-]" and mark_dropped("", "") == ""
     # LLMLingua-2's tokenizer hands back kept words in NFKC form: still a deletion
     assert mark_dropped("wait … then ½ of it", "… ½") == "[-wait-] ... [-then-] 1⁄2 [-of-] [-it-]"
@@ -116,17 +127,29 @@ def test_show_and_report_mark_what_the_demo_scorer_pruned(tmp_path, tiny_causal_
 
     partly_pruned = kept_digits = 0
     for example in examples:
+        ratios_seen: dict[float, set[int]] = {}
         for c, stored in zip(example.compressions, rows[int(example.key[1:])]["compressions"], strict=True):
             tail = example.compressions[0].answer_tail
             assert stored["text"].endswith(tail)
-            reference = _diff_marks(example.cot[: len(example.cot) - len(tail)], stored["text"][: -len(tail)])
-            assert _piece_marks(c.reasoning) == reference
+            original, pruned = example.cot[: len(example.cot) - len(tail)], stored["text"][: -len(tail)]
+            reference = _diff_marks(original, pruned)
+            marks = _piece_marks(c.reasoning)
+            # a deletion diff of the stored texts: every token of the CoT once, the unmarked ones are
+            # exactly the stored compression's ...
+            assert [t for t, _ in marks] == _tokens(original)
+            assert [t for t, dropped in marks if not dropped] == _tokens(pruned)
+            # ... dropping the same words as difflib's word diff (which occurrence of a repeated word
+            # went can differ: the marks follow pruning's nesting across ratios, difflib cannot know it)
+            assert Counter(t for t, d in marks if d) == Counter(t for t, d in reference if d)
+            ratios_seen[c.target_ratio] = {i for i, (_, dropped) in enumerate(marks) if not dropped}
             partly_pruned += sum(
                 p.mark is Mark.DROPPED and not p.space and i and c.reasoning[i - 1].mark is Mark.KEPT
                 for i, p in enumerate(c.reasoning)
             )
-            kept_digits += sum(t.isdigit() and not dropped for t, dropped in reference)
-            assert not any(t.isdigit() and dropped for t, dropped in reference)  # digits are forced
+            kept_digits += sum(t.isdigit() and not dropped for t, dropped in marks)
+            assert not any(t.isdigit() and dropped for t, dropped in marks)  # digits are forced
+        kept = [ratios_seen[r] for r in sorted(ratios_seen, reverse=True)]
+        assert all(low <= high for high, low in itertools.pairwise(kept))  # nested, as pruning is
     assert partly_pruned and kept_digits  # the rows hold what the old display got wrong
 
     # show prints the same marks; the report strikes through the same pieces

@@ -21,6 +21,7 @@ import re
 import unicodedata
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -52,38 +53,63 @@ class Piece:
 
 
 def diff_pruned(original: str, pruned: str) -> list[Piece]:
-    """``original`` as pieces marked kept or dropped by ``pruned`` (the text pruning left of it).
+    """``original`` as pieces marked kept or dropped by ``pruned`` (the text pruning left of it); see
+    :func:`diff_pruned_ratios`."""
+    return diff_pruned_ratios(original, [pruned])[0]
 
-    Both texts are compared in NFKC form, the form LLMLingua-2's tokenizer hands back its kept words in,
-    and the pieces carry that form. Among the ways of embedding the pruned tokens in the original
-    (repeated words make several possible), the one keeping them in the fewest contiguous blocks is
-    shown, as a diff would show it (``the cat the dog`` -> ``the dog`` drops ``the cat``). A pruned text that is not a deletion of the original
-    falls back to a plain diff, with the extra tokens marked added.
+
+def diff_pruned_ratios(original: str, pruned_texts: Sequence[str]) -> list[list[Piece]]:
+    """``original`` as pieces marked kept or dropped, once per text in ``pruned_texts`` (the texts
+    pruning left of it at decreasing ratios: least pruned first).
+
+    Both texts are compared in NFKC form, the form LLMLingua-2's tokenizer hands back its kept words
+    in, and the pieces carry that form. Repeated words can make several embeddings of a pruned text in
+    the original possible; two things pruning guarantees pick the one it made: the kept words of a
+    lower ratio are among those of the higher one (one threshold per text, raised as the ratio falls),
+    so each text is embedded in the previous one's kept tokens, and among what is left the embedding
+    with the fewest contiguous blocks is shown, as a diff would show it (``the cat the dog`` ->
+    ``the dog`` drops ``the cat``). A text not nested in the previous one is embedded in the whole
+    original; one that is not a deletion of the original at all (never from tokenskip's scorers) falls
+    back to a plain diff, with its extra tokens marked added.
     """
-    original, pruned = unicodedata.normalize("NFKC", original), unicodedata.normalize("NFKC", pruned)
+    original = unicodedata.normalize("NFKC", original)
     tokens = [(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(original)]
-    kept_tokens = [(m.group(), m.start()) for m in _TOKEN.finditer(pruned)]
-    words, kept_words = [t for t, _, _ in tokens], [t for t, _ in kept_tokens]
-    positions = _fewest_runs_embedding(words, kept_words)
-    marked: list[tuple[str, Mark, str]] = []  # (token, mark, whitespace before it)
+    words = [t for t, _, _ in tokens]
 
     def space(i: int) -> str:
         return original[tokens[i - 1][2] if i else 0 : tokens[i][1]] if i < len(tokens) else ""
 
-    if positions is not None:
-        kept = set(positions)
-        marked = [
-            (t, Mark.KEPT if i in kept else Mark.DROPPED, space(i)) for i, (t, _, _) in enumerate(tokens)
-        ]
-    else:
-        matcher = difflib.SequenceMatcher(None, words, kept_words, autojunk=False)
-        for op, i1, i2, j1, j2 in matcher.get_opcodes():
-            mark = Mark.KEPT if op == "equal" else Mark.DROPPED
-            marked += [(words[i], mark, space(i)) for i in range(i1, i2)]
-            if op in ("replace", "insert"):
-                for j in range(j1, j2):
-                    gap = " " if pruned[: kept_tokens[j][1]][-1:].isspace() else ""
-                    marked.append((kept_words[j], Mark.ADDED, gap))
+    out: list[list[Piece]] = []
+    allowed = list(range(len(words)))  # the previous text's kept positions
+    for text in pruned_texts:
+        pruned = unicodedata.normalize("NFKC", text)
+        kept_tokens = [(m.group(), m.start()) for m in _TOKEN.finditer(pruned)]
+        kept_words = [t for t, _ in kept_tokens]
+        nested = _fewest_runs_embedding([words[i] for i in allowed], kept_words)
+        positions = (
+            [allowed[k] for k in nested] if nested is not None else _fewest_runs_embedding(words, kept_words)
+        )
+        marked: list[tuple[str, Mark, str]] = []  # (token, mark, whitespace before it)
+        if positions is not None:
+            kept = set(positions)
+            marked = [(t, Mark.KEPT if i in kept else Mark.DROPPED, space(i)) for i, t in enumerate(words)]
+            allowed = positions
+        else:
+            matcher = difflib.SequenceMatcher(None, words, kept_words, autojunk=False)
+            for op, i1, i2, j1, j2 in matcher.get_opcodes():
+                mark = Mark.KEPT if op == "equal" else Mark.DROPPED
+                marked += [(words[i], mark, space(i)) for i in range(i1, i2)]
+                if op in ("replace", "insert"):
+                    for j in range(j1, j2):
+                        gap = " " if pruned[: kept_tokens[j][1]][-1:].isspace() else ""
+                        marked.append((kept_words[j], Mark.ADDED, gap))
+            allowed = list(range(len(words)))
+        out.append(_pieces(marked))
+    return out
+
+
+def _pieces(marked: list[tuple[str, Mark, str]]) -> list[Piece]:
+    """Tokens with their marks -> pieces: neighbours with the same mark and no space between join."""
     if marked:
         marked[0] = (marked[0][0], marked[0][1], "")  # leading whitespace is not part of the text
     pieces: list[Piece] = []
@@ -188,20 +214,22 @@ class Example:
 def example_from_row(row: dict[str, Any]) -> Example:
     """The example of one data row (``COMPRESSED_SCHEMA``)."""
     reasoning, tail = row.get("reasoning") or "", row.get("answer_tail") or ""
-    compressions = []
-    for c in row.get("compressions") or []:
-        text = c.get("text") or ""
-        # The compressed text is the pruned reasoning followed by the untouched answer tail.
-        pruned = text[: len(text) - len(tail)] if tail and text.endswith(tail) else text
-        compressions.append(
-            CompressedCoT(
-                target_ratio=c["target_ratio"],
-                achieved_ratio=c.get("achieved_ratio"),
-                tokens=c.get("tokens"),
-                reasoning=diff_pruned(reasoning, pruned),
-                answer_tail=tail,
-            )
+    stored = row.get("compressions") or []
+    # The compressed text is the pruned reasoning followed by the untouched answer tail.
+    texts = [c.get("text") or "" for c in stored]
+    pruned = [t[: len(t) - len(tail)] if tail and t.endswith(tail) else t for t in texts]
+    by_ratio = sorted(range(len(stored)), key=lambda k: -stored[k]["target_ratio"])  # least pruned first
+    marked = dict(zip(by_ratio, diff_pruned_ratios(reasoning, [pruned[k] for k in by_ratio]), strict=True))
+    compressions = [
+        CompressedCoT(
+            target_ratio=c["target_ratio"],
+            achieved_ratio=c.get("achieved_ratio"),
+            tokens=c.get("tokens"),
+            reasoning=marked[k],
+            answer_tail=tail,
         )
+        for k, c in enumerate(stored)
+    ]
     return Example(
         key=row["key"],
         problem_id=row["problem_id"],
