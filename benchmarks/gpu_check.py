@@ -142,7 +142,11 @@ def torch_part(args: argparse.Namespace, work: Path, results: Path) -> dict:
         line.strip() for line in report.splitlines() if "identical outputs" in line
     ]
     if rc_cmp in (0, 1) and not dry:  # 1 = ran, but some outputs differed: the report says which
-        (results / "compress_throughput_gpu.txt").write_text(report)
+        # The report, without the model-loading progress bars that share the log.
+        lines = [
+            line for line in report.splitlines() if line.strip() and "\r" not in line and "it/s]" not in line
+        ]
+        (results / "compress_throughput_gpu.txt").write_text("\n".join(lines) + "\n")
     return summary
 
 

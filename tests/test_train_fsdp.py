@@ -249,3 +249,35 @@ def test_fsdp_resumes_exactly_and_intermediate_checkpoint_exports(tmp_path, tiny
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_tldr_fsdp_recipe_and_checkpoint_names_in_examples():
+    import re
+
+    import yaml
+
+    from tokenskip.train.checkpoint import checkpoint_dir_name
+    from tokenskip.train.config import load_train_config
+
+    configs = Path(__file__).resolve().parents[1] / "tokenskip" / "configs"
+    recipe = load_train_config(configs / "tldr_r1_distill_qwen_7b_fsdp.yaml")
+    assert (recipe.mode, recipe.scaling.strategy, recipe.scaling.num_workers, recipe.lora.enabled) == (
+        "tldr",
+        "fsdp",
+        8,
+        False,
+    )
+    assert (recipe.optim.learning_rate, recipe.optim.scheduler, recipe.optim.cutoff_len) == (
+        1e-5,
+        "constant",
+        16384,
+    )
+    assert recipe.dtype == "bfloat16" and recipe.optim.gradient_checkpointing_enabled(recipe.lora.enabled)
+    assert recipe.tldr.eval_steps == 32 and recipe.checkpoint.save_steps == 32
+    assert (recipe.tldr.sampling.temperature, recipe.tldr.sampling.max_tokens) == (0.7, 16384)
+    # The evaluation example points at a folder the training run names that way.
+    adapter = yaml.safe_load((configs / "evaluate_example.yaml").read_text())["adapter"]
+    folder = adapter.rstrip("/").split("/")[-2]
+    step = int(re.fullmatch(r"checkpoint_step_(\d{6})", folder).group(1))
+    assert checkpoint_dir_name(step) == folder
+    assert step % load_train_config(configs / "train_qwen2_5_7b_gsm8k.yaml").checkpoint.save_steps == 0
