@@ -281,3 +281,18 @@ def test_tldr_fsdp_recipe_and_checkpoint_names_in_examples():
     step = int(re.fullmatch(r"checkpoint_step_(\d{6})", folder).group(1))
     assert checkpoint_dir_name(step) == folder
     assert step % load_train_config(configs / "train_qwen2_5_7b_gsm8k.yaml").checkpoint.save_steps == 0
+
+
+def test_export_and_restore_refuse_what_is_not_their_checkpoint(tmp_path, capsys):
+    from tokenskip.train.checkpoint import CheckpointMismatch, checkpoint_strategy
+    from tokenskip.train.export import main
+
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a tokenskip training checkpoint" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "ckpt" / "sharded").mkdir(parents=True)
+    assert checkpoint_strategy(str(tmp_path / "ckpt")) == "fsdp"
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointMismatch, match="neither sharded/ nor trainable.pt"):
+        checkpoint_strategy(str(tmp_path / "other"))

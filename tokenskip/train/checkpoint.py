@@ -3,16 +3,15 @@
 A checkpoint folder (``<storage_path>/<name>/checkpoint_step_<step>``, named by optimiser step so
 other configs can point at it) holds everything needed to continue exactly where the run stopped:
 
-* ``trainer_state.json`` - step, sampler state, loss history, resume attempts and (TL;DR) the domain
-  weights with their history and dev metrics; ``scheduler.json`` is inside ``optim.pt`` (ddp) or
-  ``scheduler.pt`` (fsdp);
+* ``trainer_state.json`` - step, sampler state, loss history, resume attempts, each rank's measured
+  state bytes and (TL;DR) the domain weights with their history and dev metrics;
 * ``train_config.json`` - the run's TrainConfig, so :mod:`tokenskip.train.export` can rebuild the
   model from the folder alone;
 * ddp: ``trainable.pt`` (the trainable parameters) and ``optim.pt`` (optimiser + scheduler), written
-  by rank 0;
+  by rank 0 (every rank holds the same);
 * fsdp: ``sharded/`` - a ``torch.distributed.checkpoint`` folder of the model and optimiser state,
   every rank writing its own shard file (``__<rank>_0.distcp``) and rank 0 the metadata; it loads
-  onto any number of ranks;
+  onto another number of ranks too (the export loads it in one process); ``scheduler.pt`` beside it;
 * ``adapter/`` - the peft adapter (LoRA runs; loadable by vLLM and transformers), and, in the final
   checkpoint of a full fine-tune, ``model/``: the Hugging Face folder (:func:`export.save_hf_model`).
   Any other kept checkpoint exports to one with ``python -m tokenskip.train.export``.
