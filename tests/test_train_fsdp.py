@@ -296,3 +296,58 @@ def test_export_and_restore_refuse_what_is_not_their_checkpoint(tmp_path, capsys
     (tmp_path / "other").mkdir()
     with pytest.raises(CheckpointMismatch, match="neither sharded/ nor trainable.pt"):
         checkpoint_strategy(str(tmp_path / "other"))
+
+
+class _LocalCheckpoint:
+    """Ray Train's Checkpoint as restore_checkpoint uses it: a folder to read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.path))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_checkpoint_round_trip_continues_identically(tmp_path, tiny_causal_lm, one_rank_group, lora):
+    import torch
+    from transformers import AutoTokenizer
+
+    from tokenskip.train.checkpoint import restore_checkpoint, save_checkpoint
+    from tokenskip.train.data import collate, tokenize_example
+    from tokenskip.train.loop import _prepare_model, _scheduler
+
+    config = _config(tiny_causal_lm, tmp_path, lora={"enabled": lora, "r": 4, "alpha": 8})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    messages = [{"role": "user", "content": "7 + 5?"}, {"role": "assistant", "content": "12"}]
+    batch = collate([tokenize_example(tokenizer, messages, 64)], tokenizer.pad_token_id)
+
+    def fresh():
+        torch.manual_seed(0)  # the same LoRA init, as every rank of a run gets
+        sharded = _prepare_model(config, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+        return sharded, optimizer, _scheduler(optimizer, config, total_steps=10)
+
+    def step(sharded, optimizer, scheduler) -> float:
+        loss = sharded.model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    sharded, optimizer, scheduler = fresh()
+    for _ in range(2):
+        step(sharded, optimizer, scheduler)
+    state = {"step": 2}
+    assert save_checkpoint(
+        str(tmp_path), sharded, optimizer, scheduler, state, config, tokenizer, final=False
+    )
+    expected = [step(sharded, optimizer, scheduler) for _ in range(2)]
+
+    restored, optimizer2, scheduler2 = fresh()
+    assert restore_checkpoint(_LocalCheckpoint(tmp_path), restored, optimizer2, scheduler2, config) == state
+    assert scheduler2.last_epoch == 2
+    assert [step(restored, optimizer2, scheduler2) for _ in range(2)] == expected

@@ -60,8 +60,10 @@ def _trainable_state(model) -> dict[str, Any]:
 def _state_dict_options(config: TrainConfig):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # A LoRA run's frozen base is the base model itself: saving it in every checkpoint only costs space.
-    return StateDictOptions(ignore_frozen_params=config.lora.enabled)
+    # A LoRA run's frozen base is the base model itself: saving it in every checkpoint only costs space,
+    # and loading then sets the adapters only (the base came from the model folder).
+    lora = config.lora.enabled
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 def save_checkpoint(
