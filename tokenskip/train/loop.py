@@ -192,6 +192,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             if "state_bytes_per_rank" not in state:  # once per run, while gradients and Adam state exist
                 state["state_bytes_per_rank"] = _state_bytes_per_rank(sharded, optimizer, world)
+                if rank == 0:
+                    log.info(
+                        "%s: training state per rank (bytes) %s",
+                        config.scaling.strategy,
+                        state["state_bytes_per_rank"],
+                    )
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
