@@ -250,6 +250,24 @@ def test_fsdp_resumes_exactly_and_intermediate_checkpoint_exports(tmp_path, tiny
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
+    # vLLM loads the same folder and generates from it.
+    from tokenskip.engine import EngineConfig, SamplingConfig, create_llm, generate
+
+    llm = create_llm(
+        EngineConfig(
+            model=str(exported),
+            device="cpu",
+            dtype="float32",
+            max_model_len=128,
+            kv_cache_memory_bytes=32 << 20,
+            enforce_eager=True,
+            seed=0,
+        )
+    )
+    generated = generate(llm, [prompt], SamplingConfig(temperature=0.0, max_tokens=8))[0][0]
+    assert generated.token_count >= 1
+    assert generated.finish_reason in {"length", "stop"}
+
 
 def test_tldr_fsdp_recipe_and_checkpoint_names_in_examples():
     import re
