@@ -84,3 +84,29 @@ def test_demo_config_runs_and_its_report_renders_in_chromium(tmp_path, chromium)
     assert attrs["data-errors"] == ""
     assert int(attrs["data-charts"]) == _chart_count(page) > 0
     assert attrs["data-rendered"] == attrs["data-charts"]
+    # tokenskip export of the demo's output: LLaMA-Factory's alpaca JSON holds exactly the
+    # instruction/input/output records train builds with the same mix, and it loads with `datasets`.
+    import datasets
+    from transformers import AutoTokenizer
+
+    from tokenskip.models import resolve_model
+    from tokenskip.sft import SFTMixConfig, build_sft_records
+
+    exported = subprocess.run(
+        [sys.executable, "-m", "tokenskip.cli", "export", "--root", str(out), "--dataset", "demo-arithmetic",
+         "--out", str(tmp_path / "lf"), "--tokenizer", "smollm2-135m-instruct", "--set", "mix.seed=5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert exported.stdout.startswith(f"exported {data.num_rows} records (")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    expected = build_sft_records(data, SFTMixConfig(seed=5), tokenizer).to_pylist()
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    data_file = tmp_path / "lf" / info["demo-arithmetic_tokenskip"]["file_name"]
+    assert json.loads(data_file.read_text()) == [
+        {"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in expected
+    ]
+    loaded = datasets.load_dataset("json", data_files=str(data_file), split="train")
+    assert loaded.num_rows == data.num_rows

@@ -1,4 +1,4 @@
-"""``tokenskip`` command line: run (build a dataset), compress, show, train, evaluate, storage."""
+"""``tokenskip`` command line: run (build a dataset), compress, show, train, evaluate, export, storage."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ LONG_COMMANDS = ("evaluate", "train")
 MODULE_COMMANDS = (
     ("train", "tokenskip.train.job", "Fine-tune on TokenSkip / TL;DR data with Ray Train (LoRA or full)."),
     ("evaluate", "tokenskip.evaluate", "accuracy and CoT tokens per compression ratio (TokenSkip's table)"),
+    ("export", "tokenskip.export", "a committed dataset's SFT mix as LLaMA-Factory alpaca JSON or chat JSONL"),
 )
 
 

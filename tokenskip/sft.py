@@ -125,6 +125,11 @@ def _output_for(row: dict[str, Any], ratio: float, config: SFTMixConfig) -> tupl
         match = [c for c in (row.get("compressions") or []) if abs(c["target_ratio"] - ratio) < 1e-9]
         if not match:
             have = sorted(c["target_ratio"] for c in row.get("compressions") or [])
+            if not have:  # a pool built with `compression: null`
+                raise SFTMixError(
+                    f"no compression at ratio {ratio}: the record has none (built without compression); "
+                    "mix it with ratios [1.0]"
+                )
             raise SFTMixError(f"no compression at ratio {ratio} (have {have})")
         full, tokens = match[0]["text"] or "", match[0]["tokens"]
         what = f"compression {ratio}"
@@ -137,6 +142,74 @@ def _output_for(row: dict[str, Any], ratio: float, config: SFTMixConfig) -> tupl
     return reasoning + prompts.answer_suffix(_answer(row, config.answer_source)), None
 
 
+class SFTMixer:
+    """TokenSkip's mix over a stream of compressed tables: one ratio per row, drawn in row order.
+
+    The ratio draw is one ``random.Random(config.seed)`` carried from table to table, so mixing a
+    run batch by batch (``tokenskip export`` streams it) gives exactly the examples that one call on
+    the whole table gives (``build_sft_records``, what ``train`` builds), in any batch sizes.
+    """
+
+    def __init__(self, config: SFTMixConfig | None = None, tokenizer: Any = None):
+        self.config = config or SFTMixConfig()
+        self.tokenizer = tokenizer
+        self.delimiter = self.config.delimiter
+        wants_delimiter = self.config.condition_on_ratio and any(r < 1.0 for r in self.config.ratios)
+        if self.delimiter is None and wants_delimiter:
+            if tokenizer is None:
+                raise SFTMixError(
+                    "pass the target tokenizer (its eos is TokenSkip's delimiter) or set config.delimiter"
+                )
+            self.delimiter = prompts.default_delimiter(tokenizer)
+        self._rng = random.Random(self.config.seed)
+        self._rows_seen = 0  # row numbers in errors count from the stream's first row
+
+    def mix(self, compressed: pa.Table) -> pa.Table:
+        """The next rows of the stream as SFT examples (``SFT_SCHEMA``), in the same order."""
+        config = self.config
+        needed = {"question", "cot", "compressions"}
+        missing = needed - set(compressed.column_names)
+        if missing:
+            raise SFTMixError(f"compressed table lacks columns {sorted(missing)}")
+        records: list[dict[str, Any]] = []
+        for row in compressed.to_pylist():
+            index = self._rows_seen
+            self._rows_seen += 1
+            ratio = self._rng.choice(config.ratios)
+            question = row.get("question")
+            if not question:
+                raise SFTMixError(f"row {index} (key {row.get('key')}): empty question")
+            try:
+                output, tokens = _output_for(row, ratio, config)
+            except SFTMixError as err:
+                raise SFTMixError(f"row {index} (key {row.get('key')}): {err}") from err
+            if self.tokenizer is not None and tokens is None:
+                tokens = len(self.tokenizer.encode(output, add_special_tokens=False))
+            prompt_ratio = ratio if config.condition_on_ratio else None
+            input_text = prompts.tokenskip_input(question, prompt_ratio, self.delimiter or "")
+            messages = prompts.chat_messages(
+                question,
+                ratio=prompt_ratio,
+                delimiter=self.delimiter or "",
+                instruction=config.instruction,
+                system=config.system,
+            )
+            messages.append({"role": "assistant", "content": output})
+            records.append(
+                {
+                    "key": row.get("key"),
+                    "problem_id": row.get("problem_id"),
+                    "instruction": config.instruction,
+                    "input": input_text,
+                    "output": output,
+                    "ratio": float(ratio),
+                    "output_tokens": tokens,
+                    "messages": messages,
+                }
+            )
+        return pa.Table.from_pylist(records, schema=SFT_SCHEMA)
+
+
 def build_sft_records(
     compressed: pa.Table, config: SFTMixConfig | None = None, tokenizer: Any = None
 ) -> pa.Table:
@@ -147,52 +220,4 @@ def build_sft_records(
     and the output token counts; it may be omitted when ``config.delimiter`` is set. A row that
     cannot be converted raises :class:`SFTMixError` naming the row (nothing is silently dropped).
     """
-    config = config or SFTMixConfig()
-    needed = {"question", "cot", "compressions"}
-    missing = needed - set(compressed.column_names)
-    if missing:
-        raise SFTMixError(f"compressed table lacks columns {sorted(missing)}")
-    delimiter = config.delimiter
-    if delimiter is None and config.condition_on_ratio and any(r < 1.0 for r in config.ratios):
-        if tokenizer is None:
-            raise SFTMixError(
-                "pass the target tokenizer (its eos is TokenSkip's delimiter) or set config.delimiter"
-            )
-        delimiter = prompts.default_delimiter(tokenizer)
-
-    rng = random.Random(config.seed)
-    records: list[dict[str, Any]] = []
-    for index, row in enumerate(compressed.to_pylist()):
-        ratio = rng.choice(config.ratios)
-        question = row.get("question")
-        if not question:
-            raise SFTMixError(f"row {index} (key {row.get('key')}): empty question")
-        try:
-            output, tokens = _output_for(row, ratio, config)
-        except SFTMixError as err:
-            raise SFTMixError(f"row {index} (key {row.get('key')}): {err}") from err
-        if tokenizer is not None and tokens is None:
-            tokens = len(tokenizer.encode(output, add_special_tokens=False))
-        prompt_ratio = ratio if config.condition_on_ratio else None
-        input_text = prompts.tokenskip_input(question, prompt_ratio, delimiter or "")
-        messages = prompts.chat_messages(
-            question,
-            ratio=prompt_ratio,
-            delimiter=delimiter or "",
-            instruction=config.instruction,
-            system=config.system,
-        )
-        messages.append({"role": "assistant", "content": output})
-        records.append(
-            {
-                "key": row.get("key"),
-                "problem_id": row.get("problem_id"),
-                "instruction": config.instruction,
-                "input": input_text,
-                "output": output,
-                "ratio": float(ratio),
-                "output_tokens": tokens,
-                "messages": messages,
-            }
-        )
-    return pa.Table.from_pylist(records, schema=SFT_SCHEMA)
+    return SFTMixer(config, tokenizer).mix(compressed)
