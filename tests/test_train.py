@@ -93,7 +93,7 @@ def test_tokenize_masks_prompt_and_padding(tokenizer):
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_model_setup_lora_and_gradient_checkpointing(tiny_causal_lm, tokenizer, lora):
-    from tokenskip.train.loop import _load_model
+    from tokenskip.train.sharding import load_model as _load_model
 
     config = TrainConfig.model_validate(
         {

@@ -109,10 +109,11 @@ class OptimSettings(_Strict):
         default=8, ge=1, description="Micro-steps per optimiser step. Global batch = this x batch x workers."
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool = Field(
-        default=False,
+    gradient_checkpointing: bool | None = Field(
+        default=None,
         description="Recompute activations in the backward pass: much less memory for long CoTs at ~30% "
-        "more compute (LLaMA-Factory, which TokenSkip used, turns it on by default).",
+        "more compute (LLaMA-Factory, which TokenSkip used, turns it on by default). None = on for full "
+        "fine-tunes (activations at 16k tokens dominate a 7B's memory), off for LoRA.",
     )
     cutoff_len: int = Field(
         default=2048,
@@ -121,11 +122,22 @@ class OptimSettings(_Strict):
         "truncated from the end of the response. TokenSkip: 2048.",
     )
 
+    def gradient_checkpointing_enabled(self, lora: bool) -> bool:
+        """The effective setting: the explicit one, else on for full fine-tunes only."""
+        return (not lora) if self.gradient_checkpointing is None else self.gradient_checkpointing
+
 
 class ScalingSettings(_Strict):
     """Ray Train workers."""
 
     num_workers: int = Field(default=1, ge=1, description="Data-parallel workers (one process each).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="'ddp': every worker holds the whole model, gradients and optimiser state (fine for "
+        "LoRA and small models). 'fsdp': PyTorch FSDP2, one shard unit per decoder layer: each worker "
+        "holds 1/num_workers of them (full fine-tunes of 7B-14B). Both keep fp32 master weights and "
+        "optimiser state for trained weights and compute in `dtype`.",
+    )
     use_gpu: bool = Field(default=False, description="One GPU per worker (nccl); CPU workers use gloo.")
     resources_per_worker: dict[str, float] | None = Field(
         default=None, description="Ray resources per worker, e.g. {'CPU': 8, 'GPU': 1}. None = Ray's default."
@@ -260,7 +272,9 @@ class TrainConfig(_Strict):
     tokenizer: str | None = Field(default=None, description="Tokenizer if it differs from the model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16",
-        description="Weight dtype for training. bfloat16 on GPUs (TokenSkip: bf16); float32 on CPU.",
+        description="Compute dtype of the forward/backward: bfloat16 on GPUs (TokenSkip, TL;DR: bf16); float32 "
+        "on CPU. Trained weights and their AdamW state stay fp32 (master weights); only a LoRA base under "
+        "ddp is stored in this dtype.",
     )
     mode: Literal["tokenskip", "tldr"] = Field(
         default="tokenskip", description="'tokenskip' trains on one data source; 'tldr' re-weights domains."
@@ -290,6 +304,11 @@ class TrainConfig(_Strict):
             names = [d.name for d in self.tldr.domains]
             if len(set(names)) != len(names):
                 raise ValueError(f"domain names must be unique: {names}")
+            if self.scaling.strategy == "fsdp" and self.tldr.backend == "transformers":
+                # Rank 0 alone cannot run a forward pass of a model whose layers are sharded over all ranks.
+                raise ValueError(
+                    "TL;DR backend 'transformers' cannot evaluate an fsdp-sharded model; use 'vllm'"
+                )
         return self
 
 

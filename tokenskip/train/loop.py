@@ -1,18 +1,11 @@
-"""The Ray Train worker loop: LoRA / full fine-tune of a causal LM, checkpoint and resume.
+"""The Ray Train worker loop: LoRA / full fine-tune of a causal LM (ddp or fsdp), checkpoint and resume.
 
-A checkpoint folder holds everything needed to continue exactly where the run stopped:
-
-* ``adapter/`` - the peft adapter (LoRA runs; loadable by vLLM / transformers), or ``model/`` for full
-  fine-tunes (final checkpoint only; resume uses ``trainable.pt``);
-* ``trainable.pt`` - the trainable parameters; ``optim.pt`` - optimiser + scheduler state;
-* ``trainer_state.json`` - step, sampler state, loss history, resume attempts and (TL;DR) the domain
-  weights with their history and dev metrics.
+Model loading and wrapping live in :mod:`tokenskip.train.sharding`, what a checkpoint holds and how
+it is written and restored in :mod:`tokenskip.train.checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
@@ -22,6 +15,7 @@ import time
 from typing import Any
 
 from tokenskip.progress import post as post_progress
+from tokenskip.train.checkpoint import checkpoint_dir_name, restore_checkpoint, save_checkpoint
 from tokenskip.train.config import TrainConfig
 from tokenskip.train.data import (
     EpochSampler,
@@ -31,40 +25,20 @@ from tokenskip.train.data import (
     tokenize_all,
     worker_slice,
 )
+from tokenskip.train.sharding import (
+    ShardedModel,
+    build_optimizer,
+    load_model,
+    precision_for,
+    shard_model,
+    state_bytes,
+)
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "trainer_state.json"
-TRAINABLE_FILE = "trainable.pt"
-OPTIM_FILE = "optim.pt"
 
 
 class InjectedFailure(RuntimeError):
     """Raised once by ``failure_injection`` (tests of resume)."""
-
-
-def _load_model(config: TrainConfig):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
-    if config.optim.gradient_checkpointing:
-        # Non-reentrant checkpointing works with DDP and with frozen (LoRA) base weights.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-    return model
 
 
 def _scheduler(optimizer, config: TrainConfig, total_steps: int):
@@ -75,42 +49,24 @@ def _scheduler(optimizer, config: TrainConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _trainable_state(model) -> dict[str, Any]:
-    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+def _prepare_model(config: TrainConfig, device) -> ShardedModel:
+    """The base model loaded, LoRA-wrapped if asked, and wrapped for the run's strategy."""
+    strategy = config.scaling.strategy
+    precision = precision_for(strategy, config.dtype, config.lora.enabled)
+    return shard_model(load_model(config), strategy, precision, device)
 
 
-def _save_checkpoint(
-    directory: str, model, optimizer, scheduler, state: dict[str, Any], config: TrainConfig, final: bool
-):
-    import torch
+def _state_bytes_per_rank(sharded: ShardedModel, optimizer, world: int) -> list[dict[str, int]]:
+    """Every rank's measured parameter / gradient / optimiser bytes (rank order), for the log."""
+    import torch.distributed as dist
 
-    torch.save(_trainable_state(model), os.path.join(directory, TRAINABLE_FILE))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        os.path.join(directory, OPTIM_FILE),
-    )
-    if config.lora.enabled:
-        model.save_pretrained(os.path.join(directory, "adapter"))
-    elif final:
-        model.save_pretrained(os.path.join(directory, "model"))
-    with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=1)
-
-
-def _restore_checkpoint(checkpoint, model, optimizer, scheduler) -> dict[str, Any]:
-    import torch
-
-    with checkpoint.as_directory() as directory:
-        trainable = torch.load(os.path.join(directory, TRAINABLE_FILE), map_location="cpu")
-        missing = set(_trainable_state(model)) - set(trainable)
-        if missing:
-            raise RuntimeError(f"checkpoint lacks trainable parameters {sorted(missing)[:5]}...")
-        model.load_state_dict(trainable, strict=False)
-        optim = torch.load(os.path.join(directory, OPTIM_FILE), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(optim["optimizer"])
-        scheduler.load_state_dict(optim["scheduler"])
-        with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as handle:
-            return json.load(handle)
+    mine = state_bytes(sharded, optimizer)
+    row = {"parameters": mine.parameters, "gradients": mine.gradients, "optimizer": mine.optimizer}
+    if world == 1:
+        return [row]
+    rows: list[Any] = [None] * world
+    dist.all_gather_object(rows, row)
+    return rows
 
 
 def _tokenized_domains(config: TrainConfig, tokenizer) -> tuple[list[str], list[list[TokenizedExample]], int]:
@@ -181,19 +137,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     flat = [example for domain in domains for example in domain]
     weighted_sampler = WeightedDomainSampler([len(d) for d in domains], global_batch, config.seed)
 
-    model = _load_model(config)
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model  # unwrap DDP
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    sharded = _prepare_model(config, device)
+    model, bare = sharded.model, sharded.bare
+    params = sharded.parameters()
+    optimizer = build_optimizer(sharded, optim.learning_rate, optim.weight_decay)
     scheduler = _scheduler(optimizer, config, total_steps)
 
     tldr_state = TLDRState.initial(config.tldr) if config.mode == "tldr" else None
     state: dict[str, Any] = {"step": 0, "total_steps": total_steps, "attempts": [], "loss_history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _restore_checkpoint(checkpoint, bare, optimizer, scheduler)
+        state = restore_checkpoint(checkpoint, sharded, optimizer, scheduler, config)
         if tldr_state is not None:
             tldr_state = TLDRState.from_dict(state["tldr"])
     state["attempts"].append({"start_step": state["step"], "world_size": world})
@@ -227,19 +182,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     micro * optim.per_device_batch_size : (micro + 1) * optim.per_device_batch_size
                 ]
                 tensors = {k: v.to(device) for k, v in collate(micro_batch, tokenizer.pad_token_id).items()}
-                # Skip the DDP all-reduce on every micro-step but the last (gradients just accumulate).
-                sync = (
-                    contextlib.nullcontext()
-                    if micro == accum - 1 or not hasattr(model, "no_sync")
-                    else model.no_sync()
-                )
-                with sync:
+                # Reduce gradients across ranks on the last micro-step only (before it they accumulate).
+                with sharded.micro_step(sync_gradients=micro == accum - 1):
                     loss = model(**tensors).loss / accum
                     loss.backward()
                 loss_sum += loss.item()
                 token_count += int(tensors["attention_mask"].sum())
             torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
             optimizer.step()
+            if "state_bytes_per_rank" not in state:  # once per run, while gradients and Adam state exist
+                state["state_bytes_per_rank"] = _state_bytes_per_rank(sharded, optimizer, world)
+                if rank == 0:
+                    log.info(
+                        "%s: training state per rank (bytes) %s",
+                        config.scaling.strategy,
+                        state["state_bytes_per_rank"],
+                    )
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -285,13 +243,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
             final = state["step"] == total_steps
             if final or state["step"] % config.checkpoint.save_steps == 0:
-                # Every rank reports (Ray Train V2 expects it); only rank 0 uploads the files.
+                # Every rank reports (Ray Train V2 expects it) under the same folder name; the ranks
+                # that wrote files (rank 0 under ddp, every rank's shard under fsdp) upload them there.
                 with tempfile.TemporaryDirectory(dir=workdir) as directory:
-                    ckpt = None
-                    if rank == 0:
-                        _save_checkpoint(directory, bare, optimizer, scheduler, state, config, final)
-                        ckpt = ray.train.Checkpoint.from_directory(directory)
-                    ray.train.report(metrics, checkpoint=ckpt)
+                    wrote = save_checkpoint(
+                        directory, sharded, optimizer, scheduler, state, config, tokenizer, final
+                    )
+                    ray.train.report(
+                        metrics,
+                        checkpoint=ray.train.Checkpoint.from_directory(directory) if wrote else None,
+                        checkpoint_dir_name=checkpoint_dir_name(state["step"]),
+                    )
             elif state["step"] % config.log_every == 0:
                 ray.train.report(metrics)
 
