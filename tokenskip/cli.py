@@ -31,7 +31,7 @@ MODULE_COMMANDS = (
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenskip.config import load_pipeline_config, parse_overrides
-    from tokenskip.pipeline import RunRefused, make_plan, run_pipeline
+    from tokenskip.pipeline import RunRefused, build_dry_run_graph, make_plan, run_pipeline
     from tokenskip.preflight import UserError, check_run
     from tokenskip.storage import RunStore
 
@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = make_plan(config)
     print(plan.describe(), flush=True)
     if args.dry_run:
+        build_dry_run_graph(plan)  # the run's Ray Data graph, built and not run: it fails where the run would
         return 0
     store = RunStore(config.output, config.dataset, plan.run_id)
     run_log = args.run_log
