@@ -49,9 +49,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = RunStore(config.output, config.dataset, plan.run_id)
     run_log = args.run_log
     if run_log is not None and not plan.already_committed_run:
-        local = store.local_dir()
-        if local is not None:  # the log lives with the run; a remote run gets a copy at the end
-            run_log.move_to(local / "logs")
+        log_dir = store.local_log_dir()
+        if log_dir is not None:  # the log lives with the run; a remote run gets a copy at the end
+            run_log.move_to(log_dir)
         print(f"log: {run_log.path} (engine and Ray output; --verbose shows it here)", flush=True)
     try:
         report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
@@ -77,14 +77,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _where_the_data_is(config, store) -> str:
     """The end of a run's console: the data, three lines of Python to read it, the reports."""
-    from tokenskip.dataset_card import loading_snippet
+    from tokenskip.dataset_card import loading_snippet, shareable_options
 
-    folder = store.run_dir if store.local_dir() is None else str(store.local_dir())
+    output = config.output
+    snippet = loading_snippet(output.root, config.dataset, store.run_id, output.storage_options)
+    show = f"tokenskip show --root {output.root} --dataset {config.dataset}"
+    shareable = shareable_options(output.storage_options)
+    if shareable:
+        show += f" --storage-options '{json.dumps(shareable)}'"
     lines = [
-        f"data: {folder} (dataset card: README.md, report: report.html)",
+        f"data: {store.run_url} (dataset card: README.md, report: report.html)",
         "read it:",
-        *(f"  {line}" for line in loading_snippet(config.output.root, config.dataset, store.run_id)),
-        f"examples: tokenskip show --root {config.output.root} --dataset {config.dataset}",
+        *(f"  {line}" for line in snippet),
+        f"examples: {show}",
     ]
     return "\n".join(lines)
 
@@ -93,9 +98,11 @@ def _upload_log(store, run_log) -> None:
     """A remote run folder gets the driver's log once the attempt ends (best effort: the local file
     stays where it was printed)."""
     try:
-        store.write_file(f"logs/{run_log.name}", run_log.text())
-    except Exception:
-        logging.getLogger(__name__).warning("could not copy the log to the run folder", exc_info=True)
+        store.write_log(run_log.name, run_log.text())
+    except Exception as exc:  # the run's outcome stands; the log stays where it was printed
+        logging.getLogger(__name__).warning(
+            "could not copy the log %s to the run folder: %s", run_log.path, _one_line(exc)
+        )
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
