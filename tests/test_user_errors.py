@@ -125,3 +125,27 @@ def test_unresolvable_model_fails_run_and_dry_run_before_any_engine(
     # The documented opt-out: the dry run goes on to the plan (the engine would be the judge).
     assert cli.main(["run", "--dry-run", "--skip-model-check", "--config", str(path)]) == 0
     assert "model=no-such-org/no-such-model-xyz" in capsys.readouterr().out
+
+
+def test_relative_output_root_inside_a_ray_job_is_refused_with_one_line(
+    tmp_path, tiny_causal_lm, capsys, monkeypatch
+):
+    problems = write_problems(tmp_path / "problems.jsonl", tiny_problems(4))
+    config = tiny_pipeline_config(tiny_causal_lm, problems, StorageConfig(root="outputs-relative"))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    monkeypatch.chdir(tmp_path)
+    # Outside a Ray job a relative root is the user's own folder: the dry run accepts it.
+    assert cli.main(["run", "--dry-run", "--config", str(path)]) == 0
+    capsys.readouterr()
+    # What Ray's job supervisor sets in a submitted job's driver (runtime_env with a working_dir).
+    job_config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
+    for root in ("outputs-relative", "./outputs", "file://outputs"):
+        argv = ["run", "--dry-run", "--config", str(path), "--set", f"output.root={root}"]
+        assert cli.main(argv) == cli.EXIT_USER_ERROR
+        line = _one_line_error(capsys, "run")
+        assert f"output root {root!r} is relative" in line and "absolute path" in line and "s3://" in line
+    for root in (str(tmp_path / "absolute"),):
+        assert cli.main(["run", "--dry-run", "--config", str(path), "--set", f"output.root={root}"]) == 0
+        capsys.readouterr()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from tokenskip.config import PipelineConfig
 from tokenskip.errors import UserError
 from tokenskip.models import model_problem
+from tokenskip.ray_runtime import relative_root_problem
 from tokenskip.storage import output_problem
 
 __all__ = ["UserError", "check_run", "run_problems"]
@@ -19,7 +20,8 @@ def run_problems(config: PipelineConfig, *, check_models: bool = True) -> list[s
     """Everything found wrong with ``config`` short of loading the sources (empty: nothing found).
     ``check_models=False`` (``--skip-model-check``) leaves the models to the engine and scorer."""
     problems = []
-    if (problem := output_problem(config.output)) is not None:
+    # A relative root in a Ray job is refused before it is checked: the check would look in the wrong folder.
+    if (problem := relative_root_problem(config.output.root) or output_problem(config.output)) is not None:
         problems.append(problem)
     if not check_models:
         return problems
