@@ -12,6 +12,7 @@ addresses and the loopback ones.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -30,6 +31,24 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _process_group(pgid: int) -> set[int]:
+    """Every process of the head's process group (also those re-parented away from ``ray start``)."""
+    pids = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                pids.add(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return pids
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def _listening(pids: set[int]) -> set[tuple[str, int, str]]:
@@ -66,6 +85,7 @@ def check(cluster_switch: str | None) -> str:
         f"--dashboard-agent-grpc-port={_port()}",
         f"--metrics-export-port={_port()}",
         f"--runtime-env-agent-port={_port()}",
+        f"--ray-client-server-port={_port()}",
         "--num-cpus=1",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
@@ -83,9 +103,8 @@ def check(cluster_switch: str | None) -> str:
                 if time.time() > deadline or head.poll() is not None:
                     return f"switch={cluster_switch}: the head did not come up"
                 time.sleep(1)
-        time.sleep(10)  # the agents open their ports after the dashboard answers
-        pids = {head.pid} | {p.pid for p in psutil.Process(head.pid).children(recursive=True)}
-        sockets = _listening(pids)
+        time.sleep(15)  # the agents open their ports after the dashboard answers
+        sockets = _listening(_process_group(head.pid))
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # the head's own process group: only what it started
         try:
@@ -93,8 +112,8 @@ def check(cluster_switch: str | None) -> str:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    exposed = sorted(f"{ip}:{port} ({name})" for ip, port, name in sockets if not ip.startswith("127."))
-    loopback = sorted(f"{ip}:{port} ({name})" for ip, port, name in sockets if ip.startswith("127."))
+    exposed = sorted(f"{ip}:{port} ({name})" for ip, port, name in sockets if not _is_loopback(ip))
+    loopback = sorted(f"{ip}:{port} ({name})" for ip, port, name in sockets if _is_loopback(ip))
     return (
         f"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER={cluster_switch or '(unset)'}: "
         f"{len(exposed)} listening on other addresses {exposed}; {len(loopback)} on loopback {loopback}"
