@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from tokenskip.cli import run_reporting_errors
 from tokenskip.config import parse_overrides
 from tokenskip.evaluate import add_arguments, load_evaluate_config, run_config
 
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         "--num-cpus", type=float, default=None, help="run as a Ray task reserving this many CPUs"
     )
     args = parser.parse_args(argv)
+    # A wrong config, input or credentials: one line and exit 2, as `tokenskip evaluate` says it.
+    return run_reporting_errors("evaluate", lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     config = load_evaluate_config(args.config, parse_overrides(args.set))
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))

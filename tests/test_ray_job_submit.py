@@ -118,11 +118,23 @@ def test_build_dataset_job_through_ray_job_submit(tmp_path, tiny_solver, ray_hea
 
     ray_bin = str(Path(sys.executable).with_name("ray"))
     deadline = time.time() + 180
+    # A relative output root first: inside the job it would land in Ray's copy of the working
+    # directory, where the submitter never looks, so the job refuses it in one line before any work.
+    relative = ["--set", "output.root=outputs-relative"]
     while True:  # the head's job agent comes up some seconds after the dashboard answers
-        result = _submit(ray_bin, address, env, config_path)
-        if "No available agent" not in result.stderr or time.time() > deadline:
+        refused = _submit(ray_bin, address, env, config_path, relative)
+        if "No available agent" not in refused.stderr or time.time() > deadline:
             break
         time.sleep(3)
+    job_output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, job_output[-3000:]
+    assert "tokenskip run: error: output root 'outputs-relative' is relative" in job_output, job_output[
+        -3000:
+    ]
+    assert "Traceback" not in job_output, job_output[-3000:]
+    assert not (REPO / "outputs-relative").exists()
+
+    result = _submit(ray_bin, address, env, config_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
 
@@ -133,7 +145,9 @@ def test_build_dataset_job_through_ray_job_submit(tmp_path, tiny_solver, ray_hea
     assert data.num_rows == 4  # greedy: the tiny solver answers its own problems
 
 
-def _submit(ray_bin: str, address: str, env: dict, config_path: Path) -> subprocess.CompletedProcess:
+def _submit(
+    ray_bin: str, address: str, env: dict, config_path: Path, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             ray_bin,
@@ -150,6 +164,7 @@ def _submit(ray_bin: str, address: str, env: dict, config_path: Path) -> subproc
             "--config",
             str(config_path),
             "--no-progress",
+            *extra,
         ],
         env=env,
         capture_output=True,

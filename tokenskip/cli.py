@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
 import yaml
 
@@ -29,7 +30,7 @@ MODULE_COMMANDS = (
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenskip.config import load_pipeline_config, parse_overrides
-    from tokenskip.pipeline import RunRefused, make_plan, run_pipeline
+    from tokenskip.pipeline import RunRefused, build_dry_run_graph, make_plan, run_pipeline
     from tokenskip.preflight import UserError, check_run
     from tokenskip.storage import RunStore
 
@@ -37,17 +38,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_pipeline_config(args.config, parse_overrides(args.set))
     except ValueError as exc:  # pydantic's ValidationError and --set's OverrideError too
         raise UserError(f"config {args.config}: {_one_line(exc)}") from exc
-    check_run(config)  # output root, models: before any engine starts
+    check_run(config, check_models=not args.skip_model_check)  # output root, models: before any engine starts
     plan = make_plan(config)
     print(plan.describe(), flush=True)
     if args.dry_run:
+        build_dry_run_graph(plan)  # the run's Ray Data graph, built and not run: it fails where the run would
         return 0
     store = RunStore(config.output, config.dataset, plan.run_id)
     run_log = args.run_log
     if run_log is not None and not plan.already_committed_run:
-        local = store.local_dir()
-        if local is not None:  # the log lives with the run; a remote run gets a copy at the end
-            run_log.move_to(local / "logs")
+        log_dir = store.local_log_dir()
+        if log_dir is not None:  # the log lives with the run; a remote run gets a copy at the end
+            run_log.move_to(log_dir)
         print(f"log: {run_log.announce()} (engine and Ray output; --verbose shows it here)", flush=True)
     try:
         report = run_pipeline(config, max_shards=args.max_shards, plan=plan, progress=not args.no_progress)
@@ -89,14 +91,19 @@ def _run_outcome(report: dict) -> str:
 
 def _where_the_data_is(config, store) -> str:
     """The end of a run's console: the data, three lines of Python to read it, the reports."""
-    from tokenskip.dataset_card import loading_snippet
+    from tokenskip.dataset_card import loading_snippet, shareable_options
 
-    folder = store.run_dir if store.local_dir() is None else str(store.local_dir())
+    output = config.output
+    snippet = loading_snippet(output.root, config.dataset, store.run_id, output.storage_options)
+    show = f"tokenskip show --root {output.root} --dataset {config.dataset}"
+    shareable = shareable_options(output.storage_options)
+    if shareable:
+        show += f" --storage-options '{json.dumps(shareable)}'"
     lines = [
-        f"data: {folder} (dataset card: README.md, report: report.html)",
+        f"data: {store.run_url} (dataset card: README.md, report: report.html)",
         "read it:",
-        *(f"  {line}" for line in loading_snippet(config.output.root, config.dataset, store.run_id)),
-        f"examples: tokenskip show --root {config.output.root} --dataset {config.dataset}",
+        *(f"  {line}" for line in snippet),
+        f"examples: {show}",
     ]
     return "\n".join(lines)
 
@@ -105,9 +112,11 @@ def _upload_log(store, run_log) -> None:
     """A remote run folder gets the driver's log once the attempt ends (best effort: the local file
     stays where it was printed)."""
     try:
-        store.write_file(f"logs/{run_log.name}", run_log.text())
-    except Exception:
-        logging.getLogger(__name__).warning("could not copy the log to the run folder", exc_info=True)
+        store.write_log(run_log.name, run_log.text())
+    except Exception as exc:  # the run's outcome stands; the log stays where it was printed
+        logging.getLogger(__name__).warning(
+            "could not copy the log %s to the run folder: %s", run_log.path, _one_line(exc)
+        )
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -125,7 +134,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ScorerConfig(kind=args.scorer, model=args.model) if args.model else ScorerConfig(kind=args.scorer)
     )
     target = args.target_tokenizer or scorer.model
-    problems = [p for m in {scorer.model, target} if (p := model_problem(m)) is not None]
+    models = set() if args.skip_model_check else {scorer.model, target}
+    problems = [p for m in sorted(models) if (p := model_problem(m)) is not None]
     if problems:
         raise UserError("; ".join(problems))
     # The embedded model name (smollm2-135m-instruct) becomes its local folder, as in `run`.
@@ -226,6 +236,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_skip_model_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--skip-model-check",
+        action="store_true",
+        help="start without checking that the models resolve (a local folder, the local Hugging Face "
+        "cache or the hub); by default a model that cannot be resolved is an error before any engine starts",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenskip", description=__doc__)
     parser.add_argument(
@@ -258,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shards", type=_positive_int, default=None, help="commit at most N new shards, then stop"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_skip_model_check(run)
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser(
@@ -280,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--cot-field", default="cot", help="input column holding the CoT (cot_samples: response)"
     )
+    _add_skip_model_check(comp)
     comp.set_defaults(func=cmd_compress)
 
     st = sub.add_parser("storage", parents=[verbose], help="inspect runs, roll LATEST back, pin runs")
@@ -335,7 +356,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean the request was wrong, not the program: one line and exit 2."""
     import pydantic
 
-    from tokenskip.preflight import UserError
+    from tokenskip.errors import UserError
 
     return (
         UserError,
@@ -345,7 +366,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         PermissionError,
         IsADirectoryError,
         NotADirectoryError,
+        *_credential_errors(),
     )
+
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    """botocore's "no credentials" errors: an s3:// path in the config with no credentials around
+    (a placeholder bucket, a shell without AWS_PROFILE). They reach us from s3fs unwrapped."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:  # no S3 support installed: nothing of it can be raised
+        return ()
+    return (NoCredentialsError, PartialCredentialsError)
+
+
+def user_error_line(exc: BaseException) -> str:
+    """A user error as the one line the CLI prints after ``tokenskip <command>: error:``."""
+    if isinstance(exc, _credential_errors()):
+        return (
+            f"S3 credentials: {_one_line(exc)} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE, or the path's storage_options; or use local paths)"
+        )
+    return _one_line(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,20 +402,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    return run_reporting_errors(args.command, lambda: args.func(args), verbose=args.verbose)
+
+
+def run_reporting_errors(command: str, work: Callable[[], int], *, verbose: bool = False) -> int:
+    """``work()``'s exit code; a user error (:func:`_user_errors`) is one line on stderr and exit 2,
+    a held lease exit 3 (``verbose`` adds the traceback). The CLI and the job entrypoints use it."""
     from tokenskip.storage import LockHeld
 
     try:
-        return args.func(args)
+        return work()
     except LockHeld as exc:
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
-        print(f"tokenskip {args.command}: refused: {exc}", file=sys.stderr)
+        print(f"tokenskip {command}: refused: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     except _user_errors() as exc:
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
-        hint = "" if args.verbose else " (--verbose shows the traceback)"
-        print(f"tokenskip {args.command}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        hint = "" if verbose else " (--verbose shows the traceback)"
+        print(f"tokenskip {command}: error: {user_error_line(exc)}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

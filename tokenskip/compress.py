@@ -327,7 +327,13 @@ def compress_file(
     if limit is not None:
         rows = rows[:limit]
     if rows and not any(cot_column in r for r in rows):
-        raise KeyError(f"{input_path} has no {cot_column!r} column (columns: {sorted(rows[0])})")
+        from tokenskip.errors import UserError
+
+        fields = sorted({name for r in rows for name in r})
+        raise UserError(
+            f"{input_path} has no {cot_column!r} field; its fields: {', '.join(fields)} "
+            "(name the CoT's field with --cot-field)"
+        )
 
     compressor = Compressor(config, cot_column=cot_column)
     kept: list[dict] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -144,6 +144,28 @@ class ResourcesConfig(BaseModel):
         default=None,
         description="Torch/OMP threads inside each actor. Ray sets OMP_NUM_THREADS to the actor's CPU "
         "count (1 for fractional actors); None uses max(1, round(cpus)).",
+    )
+
+
+class ClusterDemand(NamedTuple):
+    """The CPUs and GPUs a run's stages hold at once: what the cluster must have for it to start."""
+
+    cpus: float
+    gpus: float
+
+
+def cluster_demand(config: PipelineConfig) -> ClusterDemand:
+    """Every actor pool at its size (Ray Data starts fixed pools whole, and a pool that cannot start
+    stalls the run), the grading actor and one write task. A run without compression starts no
+    scorer pool (its keep-whole step is a task of grading's size)."""
+    r = config.resources
+    scorers = 0 if config.compression is None else r.compression_actors
+    return ClusterDemand(
+        cpus=r.generation_actors * r.generation_cpus
+        + scorers * r.compression_cpus
+        + r.grading_cpus
+        + r.write_cpus,
+        gpus=r.generation_actors * r.generation_gpus + scorers * r.compression_gpus,
     )
 
 

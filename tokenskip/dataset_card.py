@@ -8,6 +8,7 @@ sources, and how to load the data.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,35 @@ def _columns(schema: pa.Schema, prefix: str = "") -> list[str]:
     return rows
 
 
-def loading_snippet(root: str, dataset: str, run_id: str | None = None) -> list[str]:
-    """Three lines of Python that read the run (or LATEST) as one Arrow table."""
+# storage_options keys that hold credentials: never printed or written into a card.
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def shareable_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` without its credentials: what may be printed or written into a card."""
+    return {k: v for k, v in (storage_options or {}).items() if not _SECRET_OPTION.search(str(k))}
+
+
+def loading_snippet(
+    root: str, dataset: str, run_id: str | None = None, storage_options: dict[str, Any] | None = None
+) -> list[str]:
+    """Three lines of Python that read the run (or LATEST) as one Arrow table, with the output's
+    ``storage_options`` (an S3 endpoint, ...) except credentials, which a comment line asks for."""
     run = f", run_id={run_id!r}" if run_id else ""
-    return [
+    options = shareable_options(storage_options)
+    left_out = sorted(str(k) for k in (storage_options or {}) if k not in options)
+    where = f"root={root!r}" + (f", storage_options={options!r}" if options else "")
+    lines = [
         "from tokenskip.storage import StorageConfig, read_table",
-        f"data = read_table(StorageConfig(root={root!r}), {dataset!r}{run})",
+        f"data = read_table(StorageConfig({where}), {dataset!r}{run})",
         "print(data.num_rows, data.column_names)",
     ]
+    if left_out:
+        lines.insert(
+            1,
+            f"# add your credentials ({', '.join(left_out)}) to storage_options, or set them in the environment",
+        )
+    return lines
 
 
 def hf_datasets_snippet(root: str, dataset: str, run_id: str) -> list[str]:
@@ -142,7 +164,7 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         "## Loading",
         "",
         "```python",
-        *loading_snippet(c.output.root, c.dataset, report["run_id"]),
+        *loading_snippet(c.output.root, c.dataset, report["run_id"], c.output.storage_options),
         "```",
         "",
         "`tokenskip.storage.iter_batches` streams the parts one at a time and `read_dataset` gives a "

@@ -85,10 +85,16 @@ def resolve_model(model: str) -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+# What a model problem says when the check itself could not decide (no cache, no hub).
+SKIP_CHECK_HINT = "download it first, give a local folder, or pass --skip-model-check to let the engine try"
+
+
 def model_problem(model: str, hub_timeout_s: float = 10.0) -> str | None:
-    """Why ``model`` cannot be loaded, found without loading it; None when it can (or when the hub
-    could not be asked, which is logged). Checks a local folder for its config.json, the embedded
-    model for its package, and a hub id against the local cache, then (online) the hub itself."""
+    """Why ``model`` cannot be loaded, found without loading it; None when it can. Checks a local
+    folder for its config.json, the embedded model for its package, and a hub id against the local
+    cache, then the hub itself. A hub id that is neither cached nor confirmed by the hub (offline,
+    proxy, hub down) is a problem too: the engine would fail on it only after minutes of start-up
+    and retries. Callers that want to try anyway skip the check (``--skip-model-check``)."""
     if model == EMBEDDED_MODEL:
         if (cache_dir() / "models" / EMBEDDED_MODEL / "config.json").exists():
             return None
@@ -111,7 +117,10 @@ def model_problem(model: str, hub_timeout_s: float = 10.0) -> str | None:
     if isinstance(try_to_load_from_cache(model, "config.json"), str):
         return None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        return (
+            f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+            f"({SKIP_CHECK_HINT})"
+        )
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -121,6 +130,10 @@ def model_problem(model: str, hub_timeout_s: float = 10.0) -> str | None:
         return None  # it exists; loading it needs a token (HF_TOKEN), which the load will say
     except RepositoryNotFoundError:
         return f"model {model!r} not found on the Hugging Face hub (nor as a local folder)"
-    except Exception as exc:  # offline, proxy, hub down: the engine start will tell
-        log.warning("could not check model %r on the Hugging Face hub: %s", model, exc)
+    except Exception as exc:  # offline, proxy, hub down: nothing says the model can be loaded
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        return (
+            f"model {model!r} is not in the local Hugging Face cache and the hub could not be asked "
+            f"({reason}): {SKIP_CHECK_HINT}"
+        )
     return None

@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenskip.config import PipelineConfig
+from tokenskip.config import PipelineConfig, cluster_demand
 from tokenskip.console import RunDisplay
 from tokenskip.dataset_card import dataset_card
 from tokenskip.dedup import dedup_and_decontaminate
@@ -102,6 +102,7 @@ class Plan:
     def describe(self) -> str:
         c, r = self.config, self.config.resources
         pending = self.pending
+        demand = cluster_demand(c)
         lines = [
             f"dataset {c.dataset}  run {self.run_id}  output {c.output.root}",
             f"input rows {self.input_rows}: {self.problems.num_rows} problems, {self.load_errors.num_rows} load errors, "
@@ -117,6 +118,7 @@ class Plan:
             _compress_line(c),
             f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
             f"cpus/task={r.write_cpus}",
+            f"cluster: the stages hold {demand.cpus:g} CPUs and {demand.gpus:g} GPUs at once",
         ]
         if not shards_stay_whole(r.shard_size, r.generation_batch_size):
             lines.append(
@@ -267,12 +269,49 @@ def _build_dataset(
     tables = [
         s.problems.append_column("shard_id", pa.array([s.shard_id] * s.size, pa.string())) for s in shards
     ]
-    ds = ray.data.from_arrow(tables)
+    return add_stages(ray.data.from_arrow(tables), config, store, expected_rows, progress)
+
+
+def add_stages(
+    ds,
+    config: PipelineConfig,
+    store: RunStore,
+    expected_rows: dict[str, int],
+    progress: ProgressBoard | None = None,
+):
+    """``ds`` (problem rows with their ``shard_id``) through the four stages: the one place the run's
+    ``map_batches`` calls are made, for the run and for :func:`build_dry_run_graph` alike. Ray Data
+    checks each call's arguments here (e.g. GPUs without a ``batch_size``), before anything runs."""
     ds = ds.map_batches(**generate.map_batches_args(config, progress))
     ds = ds.map_batches(**grade.map_batches_args(config))
     ds = ds.map_batches(**compress.map_batches_args(config))
     # Workers write each whole shard's parts and pass on only its record (the driver commits).
     return ds.map_batches(**write.map_batches_args(config, store, expected_rows))
+
+
+def _no_rows_dataset():
+    """An empty Ray Data dataset built without starting or joining Ray: what ``ray.data.from_arrow``
+    makes of no tables. Ray Data's public constructors all need a cluster (they put or read blocks);
+    the dry run wants only the graph's checks, on a laptop as on the cluster."""
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.from_operators import FromArrow
+    from ray.data._internal.stats import DatasetStats
+    from ray.data.context import DataContext
+    from ray.data.dataset import MaterializedDataset
+
+    context = DataContext.get_current().copy()
+    stats = DatasetStats(metadata={"FromArrow": []}, parent=None)
+    return MaterializedDataset(LogicalPlan(FromArrow([], []), context), context, stats)
+
+
+def build_dry_run_graph(plan: Plan):
+    """The run's Ray Data graph for ``plan`` (same stages, same ``map_batches`` arguments), built over
+    no rows and never executed, so ``--dry-run`` fails where the run would while it builds its graph.
+    Returns the (lazy) dataset."""
+    config = plan.config
+    store = RunStore(config.output, config.dataset, plan.run_id)
+    expected = {s.shard_id: s.size * config.sampling.n for s in plan.pending}
+    return add_stages(_no_rows_dataset(), config, store, expected)
 
 
 def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = None) -> dict[str, Any]:

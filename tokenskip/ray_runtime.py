@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -11,6 +12,41 @@ WORKER_NICENESS_ENV = "RAY_worker_niceness"
 # Ray picks the node's address with this switch: off, a node is single-machine and every server it
 # starts (GCS, raylet, object manager, workers, agents) binds the loopback address only.
 RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# Set by Ray's job supervisor in a submitted job's driver: the job's runtime_env (working_dir, ...).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_working_dir() -> str | None:
+    """The ``working_dir`` a ``ray job submit`` gave this driver (None outside such a job). The job
+    then runs in Ray's own unpacked copy of it, on whichever node runs the driver, so the current
+    folder is not the submitter's."""
+    try:
+        job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
+    except ValueError:
+        return None
+    runtime_env = job_config.get("runtime_env") if isinstance(job_config, dict) else None
+    working_dir = runtime_env.get("working_dir") if isinstance(runtime_env, dict) else None
+    return str(working_dir) if working_dir else None
+
+
+def relative_root_problem(root: str, what: str = "output root") -> str | None:
+    """Why a local relative ``root`` cannot be used here (None: it can). Inside a Ray job with a
+    working_dir it would resolve in Ray's per-job copy of that folder (``.../runtime_resources/
+    working_dir_files/_ray_pkg_...``), where the user never looks and which Ray deletes; the
+    submitter's own folder is unknown to the job and may be on another machine. So it is refused
+    rather than resolved."""
+    if job_working_dir() is None or ("://" in root and not root.startswith("file://")):
+        return None
+    path = os.path.expanduser(root.removeprefix("file://"))
+    if os.path.isabs(path):
+        return None
+    return (
+        f"{what} {root!r} is relative: inside a Ray job it would land in the job's own copy of the "
+        f"working directory ({os.getcwd()}), not where you submitted from; use an absolute path "
+        "(e.g. --set output.root=$PWD/outputs with a local head) or an s3:// root"
+    )
 
 
 def init_ray(log_to_driver: bool | None = None) -> None:

@@ -122,6 +122,11 @@ def keep_cots_whole(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
+def rows_per_generation_batch(config: PipelineConfig) -> int:
+    """Sample rows the grade stage makes of one generation batch: its problems x n."""
+    return config.resources.generation_batch_size * config.sampling.n
+
+
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says (without compression:
     :func:`keep_cots_whole`, a task that loads nothing)."""
@@ -144,7 +149,12 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
             "omp_threads": r.omp_threads,
             "batch_size": r.compression_batch_size,
         },
-        "batch_size": None,  # whole blocks: shards stay whole for the write stage
+        # One generation batch's sample rows (its problems x n) per call. The grade stage turns each
+        # generation batch into one block of that many rows, so every call gets one whole block and
+        # shards stay whole for the write stage; the stage itself scores in chunks of
+        # compression_batch_size. A whole-block ``None`` would do the same on CPU, but Ray Data
+        # refuses ``batch_size=None`` with ``num_gpus`` (when it builds the graph): one value for both.
+        "batch_size": rows_per_generation_batch(config),
         "batch_format": "pyarrow",
         "compute": ray.data.ActorPoolStrategy(size=r.compression_actors),
         "num_cpus": r.compression_cpus,

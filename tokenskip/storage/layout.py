@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 
 KINDS = ("data", "rejects", "errors")
 MANIFEST_NAME = "_MANIFEST.json"
+# A run's log files: runs/<run_id>/logs/<name>.log (beside the data, never listed by the manifest).
+LOGS_DIR = "logs"
 # Dataset, run, shard and lock names become path components: keep them boring.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
 # Side files of a run (report.json, _refresh.json, ...): one path component, never a name the layout uses.
 _RUN_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]{0,199}$")
-_RESERVED_RUN_NAMES = frozenset({*KINDS, "_shards", MANIFEST_NAME})
+_RESERVED_RUN_NAMES = frozenset({*KINDS, "_shards", MANIFEST_NAME, LOGS_DIR})
 
 
 def _check_name(value: str, what: str) -> str:

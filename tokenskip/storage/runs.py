@@ -30,6 +30,7 @@ from tokenskip.storage.errors import (
     ShardConflict,
 )
 from tokenskip.storage.layout import (
+    LOGS_DIR,
     _check_kind,
     _check_name,
     _check_run_file,
@@ -69,6 +70,24 @@ class RunStore:
         """The run folder as a local path when the output root is on this machine's filesystem (a log
         file can then be appended to in place), else None."""
         return Path(self.run_dir) if isinstance(self._backend, _LocalBackend) else None
+
+    @property
+    def run_url(self) -> str:
+        """The run folder as a user passes it on: a local path, or the URL with its scheme (s3://...)."""
+        local = self.local_dir()
+        return str(local) if local is not None else self._backend.fs.unstrip_protocol(self.run_dir)
+
+    def local_log_dir(self) -> Path | None:
+        """The run's log folder when the run folder is local (a log file is continued there), else None."""
+        local = self.local_dir()
+        return local / LOGS_DIR if local is not None else None
+
+    def write_log(self, name: str, data: bytes) -> str:
+        """Put a log file (one path component, e.g. ``run-<time>-<pid>.log``) in the run's log folder,
+        replacing an earlier copy: how a remote run folder gets the driver's log. Returns its path."""
+        path = posixpath.join(self.run_dir, LOGS_DIR, _check_run_file(name))
+        self._backend.write_retried(path, bytes(data))
+        return path
 
     def is_committed(self) -> bool:
         return self._backend.exists(self._manifest_path)
