@@ -10,8 +10,9 @@ DomainStream, WorkerBatches, micro_batches), in three ways:
 * padded: the stream in a seeded shuffle (windows of 16 global batches), micro-batches as they come
   (what the loop did before: a seeded permutation, each batch padded to its longest row);
 * step-sorted: the same rows, each worker's step sorted by length before it is cut into micro-batches;
-* length-grouped: the stream's windows sorted by length and served in batch-sized chunks in seeded
-  order, plus the step sort (`stream.length_grouping: true`, the default).
+* length-grouped: the stream's windows sorted by length and served in micro-batch-sized chunks in
+  seeded order (each worker takes a contiguous block of its step's slots), plus the step sort
+  (`stream.length_grouping: true`, the default).
 
 The figure is padding / all positions processed (rows padded to the longest of their micro-batch).
 It is token arithmetic: no model runs, so there is no device to choose; the same figures hold on GPUs.
@@ -62,7 +63,7 @@ def padding(lengths: list[int], *, micro: int, grouped_stream: bool, sort_step: 
             domain=0,
             seed=seed,
             window=window_batches * global_batch,
-            chunk=global_batch,
+            chunk=micro,
             group_by_length=grouped_stream,
         )
         worker = WorkerBatches([stream], rank, world)

@@ -23,7 +23,6 @@ from tokenskip.train.data import (
     stream_positions,
     tokenize_example,
     tokenize_rows,
-    worker_slice,
 )
 from tokenskip.train.tldr import TLDRState, WeightedDomainSampler
 
@@ -118,15 +117,19 @@ def test_length_grouping_pads_little_and_keeps_chunks_of_neighbours():
     assert sorted(_ids(e for m in micro_batches(step, 2, True) for e in m)) == list(range(8))
 
 
-def test_workers_split_the_global_batch_as_worker_slice_does():
+def test_workers_take_contiguous_blocks_of_the_same_global_batch():
     rows = _rows([int(n) for n in np.random.default_rng(2).integers(1, 40, size=50)])
     slots = [[0] * 6 for _ in range(10)]
-    single = WorkerBatches([_stream(rows)], rank=0, world_size=1)
-    pair = [WorkerBatches([_stream(rows)], rank=r, world_size=2) for r in (0, 1)]
+    single = WorkerBatches([_stream(rows, window=6, chunk=3)], rank=0, world_size=1)
+    pair = [WorkerBatches([_stream(rows, window=6, chunk=3)], rank=r, world_size=2) for r in (0, 1)]
     for step_slots in slots:
-        whole = _ids(single.take(step_slots))
-        assert _ids(pair[0].take(step_slots)) == worker_slice(whole, 0, 2)
-        assert _ids(pair[1].take(step_slots)) == worker_slice(whole, 1, 2)
+        whole = single.take(step_slots)
+        first, second = pair[0].take(step_slots), pair[1].take(step_slots)
+        assert _ids(first) == _ids(whole[:3]) and _ids(second) == _ids(whole[3:])
+        # Each worker's block is one length-sorted chunk of the window: no row longer than the first.
+        assert [len(e) for e in first] == sorted((len(e) for e in first), reverse=True)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        pair[0].take([0] * 5)
 
 
 def _tldr_settings() -> TLDRSettings:

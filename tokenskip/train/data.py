@@ -503,8 +503,9 @@ def stream_positions(slot_domains: Callable[[int], Sequence[int]], steps: int, n
 
 class WorkerBatches:
     """This worker's rows of each global batch. Every worker reads every domain stream in the same
-    order and keeps the slots ``rank::world`` (as :func:`worker_slice`), so the global batch does not
-    depend on how many workers share it."""
+    order and keeps its own contiguous block of slots (``rank * n : (rank + 1) * n`` of the global
+    batch's slots), so the global batch does not depend on how many workers share it, and
+    consecutive rows of a stream (one length-grouped chunk) stay on one worker as one micro-batch."""
 
     def __init__(self, streams: list[DomainStream], rank: int, world_size: int):
         self.streams, self.rank, self.world_size = streams, rank, world_size
@@ -514,10 +515,13 @@ class WorkerBatches:
             stream.skip(position - stream.position)
 
     def take(self, slot_domains: Sequence[int]) -> list[StreamExample]:
+        if len(slot_domains) % self.world_size:
+            raise ValueError(f"{len(slot_domains)} slots do not split evenly over {self.world_size} workers")
+        per_worker = len(slot_domains) // self.world_size
         mine = []
         for slot, domain in enumerate(slot_domains):
             example = self.streams[domain].next()
-            if slot % self.world_size == self.rank:
+            if slot // per_worker == self.rank:
                 mine.append(example)
         return mine
 

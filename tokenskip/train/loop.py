@@ -121,7 +121,7 @@ def domain_names(config: TrainConfig) -> list[str]:
 
 def _open_streams(config: TrainConfig, global_batch: int, rank: int, world: int) -> WorkerBatches:
     """This worker's view of the training data: each domain's tokenized Ray dataset (the trainer's
-    ``datasets``, not split: every worker reads each stream in the same order and keeps its slots)."""
+    ``datasets``, not split: every worker reads each stream in the same order and keeps its own slots)."""
     import ray.train
 
     stream = config.stream
@@ -142,7 +142,8 @@ def _open_streams(config: TrainConfig, global_batch: int, rank: int, world: int)
                 domain=index,
                 seed=config.seed,
                 window=stream.window_batches * global_batch,
-                chunk=global_batch,
+                # One micro-batch of similar lengths per chunk; a worker's slots are contiguous.
+                chunk=config.optim.per_device_batch_size,
                 group_by_length=stream.length_grouping,
             )
         )
