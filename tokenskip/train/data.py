@@ -282,7 +282,8 @@ def source_dataset(source: DataSourceConfig):
         if path.endswith(".parquet"):
             ds = ray.data.read_parquet(path, filesystem=filesystem)
         elif path.endswith((".jsonl", ".json")):
-            ds = ray.data.read_json(path, lines=True, filesystem=filesystem, file_extensions=None)
+            # pyarrow reads newline-delimited JSON (one object a line) by default.
+            ds = ray.data.read_json(path, filesystem=filesystem, file_extensions=None)
         else:
             raise TrainingDataError(f"{source.path}: expected a .jsonl or .parquet file")
     return ds if source.limit is None else ds.limit(source.limit)
