@@ -43,16 +43,7 @@ def run_demo(config: str, overrides: list[str], cache: Path, output: Path) -> di
         "MPLCONFIGDIR": str(cache / "matplotlib"),
     }
     env.pop("TOKENSKIP_CACHE", None)
-    command = [
-        sys.executable,
-        "-m",
-        "tokenskip.cli",
-        "run",
-        "--config",
-        config,
-        "--set",
-        f"output.root={output}",
-    ]
+    command = [sys.executable, "-m", "tokenskip.cli", "run", "--config", config, "--set", f"output.root={output}"]
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()

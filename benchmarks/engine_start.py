@@ -108,21 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": args.model,
         "device": args.device,
-        "decode": {
-            "prompts": args.prompts,
-            "n": args.n,
-            "tokens": args.tokens,
-            "max_num_seqs": args.max_num_seqs,
-        },
+        "decode": {"prompts": args.prompts, "n": args.n, "tokens": args.tokens, "max_num_seqs": args.max_num_seqs},
         "start_s": {
             "compiled_fresh": round(fresh["start_s"], 1),
             "compiled_cached": round(cached["start_s"], 1),
             "eager": round(eager["start_s"], 1),
         },
-        "decode_tok_s": {
-            "compiled": round(cached["decode_tok_s"], 1),
-            "eager": round(eager["decode_tok_s"], 1),
-        },
+        "decode_tok_s": {"compiled": round(cached["decode_tok_s"], 1), "eager": round(eager["decode_tok_s"], 1)},
     }
     result["ratios"] = {
         "cached_vs_fresh_start": round(cached["start_s"] / fresh["start_s"], 3),
