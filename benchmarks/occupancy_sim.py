@@ -10,7 +10,7 @@ prints side by side:
 
 * ``today``: the rule before issue 20 (``batch_slots``) with the recipe's earlier settings: batches of
   64 problems, 4 in flight, a batch's slot freed only when its last sample ends;
-* ``new``: ``engine_fullness`` with the recipe's settings (batches of 16 problems, watermark
+* ``new``: ``engine_fullness`` with the recipe's settings (batches of 32 problems, watermark
   2 x max_num_seqs, the actor holding the recommended batches: 4 watermarks of sequences);
 * ``ceiling``: every request in the engine's queue at once (nothing an actor could beat).
 
@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=8192)
     parser.add_argument("--slots", default="256,1024", help="engine max_num_seqs values")
     parser.add_argument("--n", default="4,1", help="samples per problem")
-    parser.add_argument("--batch-size", type=int, default=16, help="problems per batch, new rule")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="problems per batch, new rule (the GPU recipe's)"
+    )
     parser.add_argument("--queue-factor", type=float, default=2.0)
     parser.add_argument("--hold-factor", type=float, default=4.0)
     parser.add_argument("--today-batch-size", type=int, default=64)
