@@ -169,15 +169,16 @@ def run_stage_mode(args, mode: str, engine, sampling, questions: list[str], forc
     else:
         admission = AdmissionConfig(policy="batch_slots")
         held = 1 if mode == "one_batch" else args.concurrent_batches
-    # Blocks of one batch each (the pipeline's shards, batch size = shard size), in order.
+    # Blocks of shard_size problems (the pipeline's shards; by default one batch each), in order.
+    block = args.shard_size or args.batch_size
     tables = []
-    for s in range(0, len(questions), args.batch_size):
+    for s in range(0, len(questions), block):
         columns = {
-            "id": [str(i) for i in range(s, min(s + args.batch_size, len(questions)))],
-            "question": questions[s : s + args.batch_size],
+            "id": [str(i) for i in range(s, min(s + block, len(questions)))],
+            "question": questions[s : s + block],
         }
         if forced is not None:
-            columns["forced_tokens"] = forced[s : s + args.batch_size]
+            columns["forced_tokens"] = forced[s : s + block]
         tables.append(pa.table(columns))
     trace_path = tempfile.mktemp(prefix="engine-trace-", suffix=".txt")
     ds = ray.data.from_arrow(tables).map_batches(
@@ -305,6 +306,9 @@ def main() -> None:
     parser.add_argument("--length-scale", type=float, default=8.0, help="forced lengths: R1 length / this")
     parser.add_argument("--lengths-dir", default=str(SHARED), help="folder holding cot_samples/")
     parser.add_argument("--batch-size", type=int, default=16, help="problems per Ray Data batch")
+    parser.add_argument(
+        "--shard-size", type=int, default=None, help="problems per input block (default: --batch-size)"
+    )
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30)

@@ -126,3 +126,28 @@ def test_a_cancelled_waiter_leaves_the_queue():
         assert gate.admitted == 0 and gate.outstanding.count == 0
 
     asyncio.run(scenario())
+
+
+def test_the_gpu_recipe_holds_what_the_rule_recommends_and_the_plan_says_so():
+    from pathlib import Path
+
+    from tokenskip.config import PipelineConfig, load_config
+    from tokenskip.stages.generate import admission_plan
+
+    configs = Path(__file__).resolve().parents[1] / "tokenskip" / "configs"
+    gpu = load_config(PipelineConfig, configs / "gsm8k_qwen2_5_7b_gpu.yaml")
+    r = gpu.resources
+    rule = AdmissionRule(r.generation_admission, gpu.engine.max_num_seqs, r.generation_max_concurrent_batches)
+    assert r.generation_admission.policy == "engine_fullness"
+    assert r.generation_max_concurrent_batches == rule.recommended_max_batches(
+        r.generation_batch_size, gpu.sampling.n
+    )
+    plan = admission_plan(gpu)
+    assert "< 512 sequences" in plan and "16 batches = 512 problems per actor" in plan
+    assert "note" not in plan
+    small = gpu.model_copy(
+        update={"resources": r.model_copy(update={"generation_max_concurrent_batches": 4})}
+    )
+    assert "note: generation_max_concurrent_batches 4 < 16" in admission_plan(small)
+    demo = load_config(PipelineConfig, configs / "demo.yaml")
+    assert "vLLM's default" in admission_plan(demo)
