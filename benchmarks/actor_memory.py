@@ -79,8 +79,9 @@ def run_once(args, model: str, problems: int, workdir: Path) -> dict:
     from tokenskip.testing.tiny_models import arithmetic_problems
 
     path = workdir / f"problems-{problems}.jsonl"
+    unique = {p["question"]: p for p in arithmetic_problems(4 * problems, seed=problems)}  # no duplicates
     with open(path, "w") as f:
-        for p in arithmetic_problems(problems, seed=problems):
+        for p in list(unique.values())[:problems]:
             f.write(json.dumps({"id": p["id"], "question": p["question"], "answer": p["answer"]}) + "\n")
     trace_path = str(workdir / f"trace-{problems}.txt")
     config = PipelineConfig.model_validate(
@@ -94,7 +95,7 @@ def run_once(args, model: str, problems: int, workdir: Path) -> dict:
                     "field_map": {"question": "question", "answer": "answer", "id": "id", "metadata": []},
                 }
             ],
-            "dedup": {"enabled": False},  # the problems are the run's size, duplicates included
+            "dedup": {"enabled": False},  # the problems are distinct: the run's size is theirs
             "engine": {
                 "model": model,
                 "device": args.device,
