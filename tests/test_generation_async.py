@@ -229,3 +229,29 @@ def test_ray_restarts_the_actor_after_its_engine_dies(tiny_causal_lm, ray_local,
     rows = out.to_pylist()
     assert [r["id"] for r in rows] == problems.column("id").to_pylist()
     assert all(r["gen_error"] is None and len(r["samples"]) == 2 for r in rows)  # no rows lost to it
+
+
+def test_early_batches_return_first_in_a_run_far_larger_than_the_engine(continuous, loop):
+    """80 problems x n=2 = 20 engines' worth, handed over at once: the gate admits them in arrival order
+    and the actor never holds more than its 4 batches in the engine, so the first batch (a shard) is
+    back before a fifth of the problems have been generated."""
+    finished: list[str] = []
+    posted = continuous._posted
+    continuous._posted = lambda result: (finished.append("p"), posted(result))
+    first_back: list[int] = []
+
+    async def run() -> list[pa.Table]:
+        tasks = [asyncio.ensure_future(continuous(_batch(2 * i, 2))) for i in range(40)]
+        tasks[0].add_done_callback(lambda _: first_back.append(len(finished)))
+        return await asyncio.gather(*tasks)
+
+    try:
+        outs = loop.run(run())
+    finally:
+        del continuous._posted
+    rows = [r for t in outs for r in t.to_pylist()]
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(80)]
+    assert all(len(r["samples"]) == 2 and r["gen_error"] is None for r in rows)
+    assert len(finished) == 80
+    assert continuous.gate.peak_admitted <= 4
+    assert first_back[0] < 0.2 * 80

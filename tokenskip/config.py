@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tokenskip.admission import AdmissionConfig
 from tokenskip.compress import CompressConfig
 from tokenskip.dedup import DedupConfig
 from tokenskip.engine import EngineConfig, SamplingConfig
@@ -104,14 +105,20 @@ class ResourcesConfig(BaseModel):
         default=64, ge=1, description="Problems per Ray Data batch handed to a generation actor."
     )
     generation_max_concurrent_batches: int = Field(
-        default=4,
+        default=16,
         ge=1,
-        description="Batches each generation actor has in flight at once. Above 1 the engine's running set "
-        "is refilled from the next batches as sequences finish (continuous feeding), so it stays full "
-        "through long-tailed CoT lengths; keep generation_batch_size * n * this >= the engine's "
-        "max_num_seqs, or the engine can never fill. Costs: more rows held in the actor and results "
-        "in less input order (Ray Data still emits them in order). 1 = one batch at a time: the engine "
-        "drains to the batch's longest sample before the next batch enters (the pre-async behaviour).",
+        description="Batches one generation actor holds at most (Ray Data hands it no more): the hard cap "
+        "on the problems (this x generation_batch_size) and results an actor holds, whatever the run's "
+        "size. generation_admission decides which held batches are in the engine; with engine_fullness "
+        "keep this at the plan's recommendation (hold_factor watermarks of sequences: batches with a "
+        "straggler stay held until it ends), or the engine runs short. 1 = one batch at a time: the "
+        "engine drains to the batch's longest sample before the next batch enters.",
+    )
+    generation_admission: AdmissionConfig = Field(
+        default_factory=AdmissionConfig,
+        description="When a held batch enters the engine (tokenskip.admission): by default while the "
+        "engine's waiting + running sequences are below queue_factor x max_num_seqs, so stragglers never "
+        "hold admission shut.",
     )
     compression_actors: int = Field(
         default=1, ge=1, description="Scorer replicas (each loads the scorer model)."

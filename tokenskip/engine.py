@@ -250,8 +250,13 @@ class EngineOccupancy:
         self.steps = 0
         self.running_seqs = 0  # sum over steps of the running sequences
         self.peak_running_seqs = 0
+        # Called with (running, waiting) sequences after each step: the admission rule's view of the
+        # engine's queue (tokenskip.admission). Runs where record() does: the engine's output loop.
+        self.on_step: Callable[[int, int], None] | None = None
 
-    def record(self, num_running_reqs: int) -> None:
+    def record(self, num_running_reqs: int, num_waiting_reqs: int = 0) -> None:
+        if self.on_step is not None:
+            self.on_step(num_running_reqs, num_waiting_reqs)
         if num_running_reqs <= 0:
             return
         self.steps += 1
@@ -280,7 +285,7 @@ class EngineOccupancy:
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
                 if scheduler_stats is not None:
-                    occupancy.record(scheduler_stats.num_running_reqs)
+                    occupancy.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
 
             def log_engine_initialized(self):
                 pass
@@ -374,11 +379,13 @@ async def agenerate_safe(
     lora_path: str | None = None,
     request_prefix: str = "",
     on_result: Callable[[PromptResult], None] | None = None,
+    request_params: list | None = None,
 ) -> list[PromptResult]:
     """:func:`generate_safe` for an ``AsyncLLM``: every prompt is its own request, all in flight at once.
 
     ``on_result`` is called with each prompt's result as it finishes (live progress, long before the
-    batch's last sample).
+    batch's last sample). ``request_params``: one vLLM ``SamplingParams`` per prompt instead of
+    ``sampling``'s (benchmarks force output lengths this way); their output kind is set to final-only.
 
     The engine schedules them beside any other caller's requests (other batches), so its running set
     is refilled as sequences finish. A request that fails on its own (rejected input, engine-side
@@ -394,13 +401,21 @@ async def agenerate_safe(
 
     results, servable = _screen_prompts(prompts, engine.get_tokenizer(), engine.model_config.max_model_len)
     params = sampling.to_vllm(final_only=True)
+    if request_params is not None:
+        from vllm.sampling_params import RequestOutputKind
+
+        if len(request_params) != len(prompts):
+            raise ValueError(f"{len(request_params)} request_params for {len(prompts)} prompts")
+        for p in request_params:
+            p.output_kind = RequestOutputKind.FINAL_ONLY
     lora = _lora_request(lora_path)
     prefix = request_prefix or uuid.uuid4().hex
 
     async def serve(i: int) -> None:
         final = None
+        own = params if request_params is None else request_params[i]
         try:
-            async for out in engine.generate(prompts[i], params, f"{prefix}-{i}", lora_request=lora):
+            async for out in engine.generate(prompts[i], own, f"{prefix}-{i}", lora_request=lora):
                 final = out
         except EngineDeadError as e:
             raise EngineDead(f"vLLM engine core died: {e}") from e

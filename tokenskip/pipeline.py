@@ -114,6 +114,7 @@ class Plan:
             f"  generate   model={c.engine.model} device={c.engine.planned_device(r.generation_gpus)} actors={r.generation_actors} "
             f"cpus/actor={r.generation_cpus} gpus/actor={r.generation_gpus} batch={r.generation_batch_size} "
             f"n={c.sampling.n} T={c.sampling.temperature} max_tokens={c.sampling.max_tokens}",
+            generate.admission_plan(c),
             f"  grade      policy={c.selection.policy} cpus={r.grading_cpus} timeout={c.grading.timeout_s}s",
             _compress_line(c),
             f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
@@ -361,7 +362,8 @@ def _occupancy_text(attempt: dict[str, Any]) -> str:
         return "n/a (no generation in this attempt)"
     return (
         f"{occupancy:.2f} of max_num_seqs {attempt.get('engine_max_num_seqs')} "
-        f"({attempt.get('generation_max_concurrent_batches')} batches in flight per actor)"
+        f"({attempt.get('generation_admission')} admission, <= {attempt.get('generation_max_concurrent_batches')} "
+        "batches held per actor)"
     )
 
 
@@ -506,6 +508,7 @@ def _run_leased(
         "engine_occupancy": None if stats.engine.occupancy is None else round(stats.engine.occupancy, 4),
         "engine_max_num_seqs": stats.engine.engine_max_num_seqs or None,
         "generation_max_concurrent_batches": config.resources.generation_max_concurrent_batches,
+        "generation_admission": config.resources.generation_admission.policy,
         "wall_seconds": stats.wall_seconds,
         "progress": stats.progress,
     }

@@ -11,16 +11,28 @@ problem grouping: each output row is one problem with a list of its ``n`` sample
 stage can apply a per-problem selection policy. A problem the engine cannot serve (prompt too long,
 engine error) keeps its row with ``gen_error`` set; nothing is dropped.
 
-Continuous feeding. A blocking ``LLM.generate`` per batch lets the engine's running set drain to the
-batch's longest sample before the next batch enters; reasoning CoT lengths are long-tailed, so the
-engine spends much of each batch nearly empty, and on a GPU (memory-bound decode: throughput grows
-with the running sequences) that is lost throughput. So the stage drives vLLM v1's ``AsyncLLM``
-(:func:`tokenskip.engine.create_async_llm`) from an ``async __call__``: each prompt is its own
-request, Ray Data hands an actor up to ``max_concurrent_batches`` batches at once (its async-UDF
-support plus the actor's ``max_concurrency``, see :meth:`GenerateStage.map_batches_options`), and the engine's
-scheduler admits new sequences the step a slot frees, whichever batch they come from. A batch's row
-goes out when all of its samples are done. ``max_concurrent_batches=1`` holds the same stage to
-one batch in flight (the old behaviour, for comparison and for the smallest memory footprint).
+Continuous feeding and admission. A blocking ``LLM.generate`` per batch lets the engine's running set
+drain to the batch's longest sample before the next batch enters; reasoning CoT lengths are
+long-tailed (R1's reach 30x the median), so the engine would spend much of each batch nearly empty,
+and on a GPU (memory-bound decode: throughput grows with the running sequences) that is lost
+throughput. So the stage drives vLLM v1's ``AsyncLLM`` (:func:`tokenskip.engine.create_async_llm`)
+from an ``async __call__``: each prompt is its own request, Ray Data hands an actor up to
+``max_concurrent_batches`` batches at once (its async-UDF support plus the actor's ``max_concurrency``,
+see :meth:`GenerateStage.map_batches_options`), and :mod:`tokenskip.admission` decides which of them
+enter the engine: by default the next batch, first come first served, while the engine's waiting +
+running sequences are below a watermark (``queue_factor x max_num_seqs``), whatever the batches
+already in it are doing, so a straggler holds its own sequence and nothing else. The engine's counts
+come from its scheduler stats each step (:class:`tokenskip.engine.EngineOccupancy`). A batch's row
+goes out when all of its samples are done. ``max_concurrent_batches`` caps what one actor holds:
+that many batches' rows and their results, and at most watermark + one batch of sequences in the
+engine. ``admission.policy: batch_slots`` is the earlier rule (a batch's slot frees only when its last
+sample ends), for comparison; with ``max_concurrent_batches=1`` either rule is one batch at a time.
+
+Memory an actor holds per in-flight problem: its input row, the rendered prompt (its text and token
+ids, in the actor and the engine process) and, until its batch returns, its ``n`` samples' text and
+token ids: about ``(prompt_tokens + n x output_tokens) x ~50 bytes`` in the actor's Python objects
+(``benchmarks/actor_memory.py`` measures the actor's peak RSS). The KV cache is the engine's, sized by
+``engine.kv_cache_memory_bytes``/``gpu_memory_utilization``, not by this.
 
 Engine occupancy (mean running sequences / ``max_num_seqs`` over engine steps, see
 :class:`tokenskip.engine.EngineOccupancy`) is measured from vLLM's scheduler stats, exported as Ray
@@ -40,7 +52,6 @@ samples per problem (the point of a correctness filter) are lost; it does run on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -50,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from tokenskip.admission import AdmissionConfig, AdmissionGate, AdmissionRule
 from tokenskip.engine import (
     EngineConfig,
     EngineDead,
@@ -73,6 +85,7 @@ __all__ = [
     "OUTPUT_FIELDS",
     "SAMPLE_STRUCT",
     "GenerateStage",
+    "admission_plan",
     "engine_occupancy",
     "map_batches_args",
     "output_schema",
@@ -140,7 +153,8 @@ class GenerateStage:
         *,
         cpus: float = 1.0,
         omp_threads: int | None = None,
-        max_concurrent_batches: int = 4,
+        max_concurrent_batches: int = 16,
+        admission: AdmissionConfig | dict | None = None,
         progress: ProgressBoard | None = None,
     ):
         if max_concurrent_batches < 1:
@@ -155,12 +169,19 @@ class GenerateStage:
         self._generated = ProgressTally(progress, "generated")
         engine_start = time.perf_counter()
         self.llm = create_async_llm(self.engine_config, stat_loggers=[self.occupancy.stat_logger])
+        # The engine reports max_num_seqs once built (vLLM picks a default per device when unset).
+        self.admission = AdmissionRule(
+            AdmissionConfig.model_validate(admission or {}),
+            capacity=self.occupancy.max_num_seqs,
+            max_batches=max_concurrent_batches,
+        )
+        self.gate = AdmissionGate(self.admission)
+        self.occupancy.on_step = self.gate.engine_step  # on the event loop that serves the engine
         engine_seconds = time.perf_counter() - engine_start
         log.info("vLLM engine ready in %.1f s", engine_seconds)
         post_progress(progress, "engine_ready", seconds=round(engine_seconds, 1))
         self.tokenizer = self.llm.get_tokenizer()
         self.metrics = StageMetrics()
-        self._batch_slots: asyncio.Semaphore | None = None  # made on the loop that calls us
         self._accounted = self.occupancy.snapshot()  # engine steps already put on some batch's rows
         self.batches_in_flight = 0
         self.peak_batches_in_flight = 0  # how many batches were ever generating at once
@@ -173,8 +194,10 @@ class GenerateStage:
 
         ``max_concurrent_calls_per_actor`` lets Ray run that many of the actor's tasks (blocks) at once;
         their batches all go to the actor's one event loop (Ray Data also runs up to 4 batches of one
-        block concurrently there), where the stage admits ``max_concurrent_batches`` of them at a time.
-        Ray Data queues 2 x that many tasks per actor by default, so the next batch is already there.
+        block concurrently there), where the admission rule lets them into the engine. It is what the
+        actor holds: the engine_fullness rule needs it well above the batches the watermark takes,
+        since batches with a straggler stay held (``AdmissionRule.recommended_max_batches``). Ray Data
+        queues more tasks per actor (``max_tasks_in_flight_per_actor``), so the next batch is there.
         """
         import ray
 
@@ -200,12 +223,16 @@ class GenerateStage:
         )
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        if self._batch_slots is None:
-            self._batch_slots = asyncio.Semaphore(self.max_concurrent_batches)
-        async with self._batch_slots:
-            return await self._generate(batch)
+        sequences = batch.num_rows * self.sampling.n
+        await self.gate.enter(sequences)  # first come, first served, as the admission rule allows
+        returned = [0]
+        try:
+            return await self._generate(batch, returned)
+        finally:
+            self.gate.leave(sequences - returned[0])
 
-    async def _generate(self, batch: pa.Table) -> pa.Table:
+    async def _generate(self, batch: pa.Table, returned: list[int]) -> pa.Table:
+        """Generate ``batch``'s samples; ``returned[0]`` counts the sequences of its requests back so far."""
         check_fields(batch.schema, INPUT_FIELDS, "generate")
         started = time.perf_counter()
         prompts = []
@@ -219,8 +246,19 @@ class GenerateStage:
         self.batches_in_flight += 1
         self.peak_batches_in_flight = max(self.peak_batches_in_flight, self.batches_in_flight)
         try:
+
+            def on_result(result) -> None:
+                self._posted(result)
+                returned[0] += self.sampling.n
+                self.gate.returned(self.sampling.n)  # its sequences are out of the engine
+
             results = await agenerate_safe(
-                self.llm, prompts, self.sampling, request_prefix=uuid.uuid4().hex, on_result=self._posted
+                self.llm,
+                prompts,
+                self.sampling,
+                request_prefix=uuid.uuid4().hex,
+                on_result=on_result,
+                request_params=self.request_params(batch),
             )
         except EngineDead:
             self._die()
@@ -273,6 +311,11 @@ class GenerateStage:
         new = [pa.array(values, type=f.type) for f, values in zip(OUTPUT_FIELDS, columns, strict=True)]
         return pa.Table.from_arrays(batch.columns + new, schema=output_schema(batch.schema))
 
+    def request_params(self, batch: pa.Table) -> list | None:
+        """Per-problem vLLM ``SamplingParams`` for ``batch``, or None for the config's sampling for all
+        (the default). A seam for benchmarks that force each request's output length."""
+        return None
+
     def _posted(self, result) -> None:
         """One problem's samples are done: counted for the driver's live display, posted about once a
         second (see :class:`~tokenskip.progress.ProgressTally`)."""
@@ -307,6 +350,7 @@ def map_batches_args(config: PipelineConfig, progress: ProgressBoard | None = No
             "cpus": r.generation_cpus,
             "omp_threads": r.omp_threads,
             "max_concurrent_batches": r.generation_max_concurrent_batches,
+            "admission": r.generation_admission,
             "progress": progress,
         },
         "batch_size": r.generation_batch_size,
@@ -318,3 +362,17 @@ def map_batches_args(config: PipelineConfig, progress: ProgressBoard | None = No
             max_concurrent_batches=r.generation_max_concurrent_batches,
         ),
     }
+
+
+def admission_plan(config: PipelineConfig) -> str:
+    """The plan's line on admission: what the rule lets into each engine and what an actor holds."""
+    r, engine = config.resources, config.engine
+    config_rule = r.generation_admission
+    if engine.max_num_seqs is None:
+        return (
+            f"  admission  {config_rule.policy}: watermark {config_rule.queue_factor:g} x the engine's max_num_seqs "
+            f"(vLLM's default; set engine.max_num_seqs to plan it); holds <= {r.generation_max_concurrent_batches} "
+            f"batches = {r.generation_max_concurrent_batches * r.generation_batch_size} problems per actor"
+        )
+    rule = AdmissionRule(config_rule, engine.max_num_seqs, r.generation_max_concurrent_batches)
+    return "  " + rule.describe(r.generation_batch_size, config.sampling.n)
