@@ -67,4 +67,4 @@ def test_compress_stage_takes_one_generation_batch_of_rows_per_call(tmp_path, ti
     config = load_pipeline_config(GPU_RECIPE, {"engine.model": str(tiny_causal_lm)})
     args = compress.map_batches_args(config)
     assert args["num_gpus"] == 1
-    assert args["batch_size"] == config.resources.generation_batch_size * config.sampling.n == 256
+    assert args["batch_size"] == config.resources.generation_batch_size * config.sampling.n == 128  # 32 x 4

@@ -77,9 +77,7 @@ def _kind(data: dict) -> str:
 PIPELINE_RECIPES = [p for p in GPU_RECIPES if _kind(_load(p)) == "pipeline"]
 TRAIN_RECIPES = [p for p in GPU_RECIPES if _kind(_load(p)) == "train"]
 # As many logical GPUs as the most demanding recipe's stages hold at once, at its own resources.
-LOGICAL_GPUS = max(
-    cluster_demand(PipelineConfig.model_validate(_load(p))).gpus for p in PIPELINE_RECIPES
-)
+LOGICAL_GPUS = max(cluster_demand(PipelineConfig.model_validate(_load(p))).gpus for p in PIPELINE_RECIPES)
 
 
 def test_the_lane_finds_every_gpu_recipe():
@@ -237,7 +235,16 @@ def test_pipeline_recipe_runs_a_few_shards_on_logical_gpus(
 def test_train_recipe_builds_its_trainer_with_its_own_scaling(recipe, tmp_path, ray_with_gpus):
     from tokenskip.train.job import build_trainer
 
+    # The recipes' data lives in a placeholder bucket; building the trainer opens each domain's stream
+    # (a row count and a lazy Ray dataset), so every source becomes a small local file here.
+    rows = tmp_path / "cots.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "response": f"r{i}"}) + "\n" for i in range(8)))
+    local = {"path": str(rows), "format": "cot"}
     data = apply_overrides(_load(recipe), {"checkpoint.storage_path": str(tmp_path / "ckpt")})
+    if data.get("data"):
+        data["data"] = local
+    for domain in (data.get("tldr") or {}).get("domains", []):
+        domain["source"] = dict(local)
     config = TrainConfig.model_validate(data)
     trainer = build_trainer(config)
     scaling = trainer.scaling_config
