@@ -42,6 +42,15 @@ def resolve_builtin(path: str) -> str:
     return str(candidate)
 
 
+def portable_path(path: str) -> str:
+    """A bundled file's path as ``builtin:NAME`` again (any other unchanged): where the package is
+    installed says nothing about the content, so it stays out of run ids."""
+    resolved = Path(path)
+    if resolved.parent == BUILTIN_DATA and resolved.suffix == ".jsonl":
+        return BUILTIN_PREFIX + resolved.stem
+    return path
+
+
 def resolve_builtin_source(source: SourceConfig) -> SourceConfig:
     """``source`` reading the bundled file when its path is ``builtin:NAME``; any other unchanged."""
     if not source.path.startswith(BUILTIN_PREFIX):
@@ -253,6 +262,10 @@ class PipelineConfig(BaseModel):
         for source in content["sources"] + content["dedup"]["eval_sets"]:
             source.pop("storage_options", None)  # credentials/endpoints do not change the content
             source.pop("license", None)  # a statement about the data, not the data
+            # The same config in another checkout (CI's clone, a cluster's image) is the same run.
+            source["path"] = portable_path(source["path"])
+        if content.get("compression"):
+            content["compression"]["scorer"].pop("cache_dir", None)  # where models are cached, not which
         return config_hash(content)
 
     def resolved_run_id(self) -> str:
