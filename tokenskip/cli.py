@@ -17,6 +17,9 @@ from tokenskip.config import add_config_arguments
 EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
 EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
 EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): try again later
+# 4 and 5 are ray_jobs.refresh's (an incompatible base, a refresh held back).
+EXIT_STOPPED = 6  # SIGTERM/SIGINT: committed shards kept, lease released, report written; re-run resumes
+EXIT_NO_CAPACITY = 7  # the cluster cannot place the pools' minimum (resources.capacity_wait_s); re-run resumes
 # Commands that start engines or Ray: their log file's path is printed when they start (``run``
 # prints it once the run's folder is known, where the log moves).
 LONG_COMMANDS = ("evaluate", "train")
@@ -32,7 +35,7 @@ MODULE_COMMANDS = (
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenskip.config import load_pipeline_config, parse_overrides
-    from tokenskip.pipeline import RunRefused, make_plan, run_pipeline
+    from tokenskip.pipeline import RunRefused, RunStopped, make_plan, run_pipeline
     from tokenskip.preflight import UserError, check_run
     from tokenskip.storage import RunStore
 
@@ -61,6 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
+    except RunStopped as stopped:
+        pending = stopped.report.get("pending_shards", 0)
+        print(
+            f"tokenskip run: stopped by {stopped.signal_name}: run {plan.run_id} has "
+            f"{len(plan.shards) - pending} of {len(plan.shards)} shards committed, its lease is released "
+            "and report.txt says what is committed; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     finally:
         if run_log is not None and store.local_dir() is None:
             _upload_log(store, run_log)
@@ -341,10 +353,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from tokenskip.capacity import CapacityUnavailable
     from tokenskip.storage import LockHeld
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run's commit loop (planning, a command without a graceful stop).
+        if args.verbose:
+            traceback.print_exc()
+        resumes = "; a re-run resumes from what was committed" if args.command in ("run", "train") else ""
+        print(f"tokenskip {args.command}: interrupted{resumes}", file=sys.stderr)
+        return EXIT_STOPPED
+    except CapacityUnavailable as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"tokenskip {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_NO_CAPACITY
     except LockHeld as exc:
         if args.verbose:
             traceback.print_exc()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from tokenskip.capacity import actor_pool_args
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import COMPRESSED_SCHEMA
 from tokenskip.stages import grade
@@ -102,8 +103,6 @@ class CompressKeptStage:
 
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
-    import ray
-
     r = config.resources
     return {
         "fn": CompressKeptStage,
@@ -115,9 +114,8 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
         },
         "batch_size": None,  # whole blocks: shards stay whole for the write stage
         "batch_format": "pyarrow",
-        "compute": ray.data.ActorPoolStrategy(size=r.compression_actors),
         "num_cpus": r.compression_cpus,
         "num_gpus": r.compression_gpus,
-        "max_restarts": -1,
-        "max_task_retries": -1,
+        # An elastic pool whose lost actors' batches are redone by the driver (tokenskip.capacity).
+        **actor_pool_args(r.compression_actors),
     }

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from tokenskip.capacity import actor_pool_args
 from tokenskip.engine import (
     EngineConfig,
     EngineDead,
@@ -66,7 +67,7 @@ from tokenskip.prompts import render_prompt
 from tokenskip.stages.contract import check_fields
 
 if TYPE_CHECKING:
-    from tokenskip.config import PipelineConfig
+    from tokenskip.config import PipelineConfig, PoolSize
 
 __all__ = [
     "INPUT_FIELDS",
@@ -167,7 +168,7 @@ class GenerateStage:
 
     @staticmethod
     def map_batches_options(
-        *, actors: int, cpus: float, gpus: float, max_concurrent_batches: int
+        *, actors: PoolSize, cpus: float, gpus: float, max_concurrent_batches: int
     ) -> dict[str, Any]:
         """``map_batches`` arguments (besides the stage and its constructor kwargs) for the generation stage.
 
@@ -176,17 +177,13 @@ class GenerateStage:
         block concurrently there), where the stage admits ``max_concurrent_batches`` of them at a time.
         Ray Data queues 2 x that many tasks per actor by default, so the next batch is already there.
         """
-        import ray
-
         return {
             "batch_format": "pyarrow",
-            "compute": ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=max_concurrent_batches
-            ),
             "num_cpus": cpus,
             "num_gpus": gpus,
-            "max_restarts": -1,  # a dead engine actor is restarted and its batches retried
-            "max_task_retries": -1,
+            # An elastic pool: a dead engine actor restarts when there is room; its batches are
+            # redone by the driver rather than waiting for it (tokenskip.capacity).
+            **actor_pool_args(actors, max_concurrent_calls_per_actor=max_concurrent_batches),
         }
 
     def render(self, question: str) -> str:
