@@ -44,7 +44,11 @@ def test_bad_pool_sizes_are_one_line_errors(bad):
 
 
 def test_changing_pool_sizes_keeps_the_run_id(tmp_path):
-    data = {"dataset": "d", "sources": [{"path": str(tmp_path / "p.jsonl"), "kind": "gsm8k"}], "engine": {"model": "m"}}
+    data = {
+        "dataset": "d",
+        "sources": [{"path": str(tmp_path / "p.jsonl"), "kind": "gsm8k"}],
+        "engine": {"model": "m"},
+    }
     fixed = PipelineConfig.model_validate({**data, "resources": {"generation_actors": 2}})
     elastic = PipelineConfig.model_validate({**data, "resources": {"generation_actors": "1..8"}})
     assert fixed.resolved_run_id() == elastic.resolved_run_id()
@@ -125,6 +129,7 @@ def test_a_pool_whose_minimum_cannot_be_placed_fails_within_the_wait(tmp_path, t
     assert "\n" not in message
     assert "within 3 s" in message and "missing generation: 1 of its minimum 1 x {CPU: 3}" in message
     assert "free per node: {CPU: 2}" in message
+    print(f"failed after {elapsed:.1f} s: {message}")
     assert elapsed < 3 + 20, elapsed  # the wait, plus planning and the input shard's commit
     # The lease is released: the run can be taken up again at once.
     locks = tmp_path / "out" / config.dataset / "_locks"
