@@ -153,7 +153,9 @@ def _config(tmp_path: Path, model: Path, generation_actors: int | str) -> Path:
 
 def _run_logs(tmp_path: Path) -> str:
     """The drivers' log files (in the run's folder)."""
-    return "".join(p.read_text(errors="replace") for p in (tmp_path / "out").glob("two-nodes/runs/*/logs/*.log"))
+    return "".join(
+        p.read_text(errors="replace") for p in (tmp_path / "out").glob("two-nodes/runs/*/logs/*.log")
+    )
 
 
 def _driver(config: Path, env: dict, address: str, log: Path, *extra: str) -> subprocess.Popen:
@@ -207,7 +209,10 @@ def test_losing_a_worker_node_mid_run_keeps_every_key_exactly_once(
             assert first_exit == 7, log.read_text()[-3000:]
             last = log.read_text().strip().splitlines()[-1]
             assert last.startswith("tokenskip run: error: the cluster cannot place the run's actor pools")
-            assert f"within {CAPACITY_WAIT_S} s" in last and "missing generation: 1 of its minimum 2 x {CPU: 3}" in last
+            assert (
+                f"within {CAPACITY_WAIT_S} s" in last
+                and "missing generation: 1 of its minimum 2 x {CPU: 3}" in last
+            )
             # Resources may change between attempts: one generation actor fits on the head alone.
             rerun = _driver(config, env, address, log, "--set", "resources.generation_actors=1")
             assert rerun.wait(timeout=600) == 0, log.read_text()[-3000:]
