@@ -152,3 +152,14 @@ def test_sigterm_mid_run_keeps_commits_releases_the_lease_and_a_rerun_completes(
     ]
     assert len(keys) == len(set(keys)), "a (problem, sample) key landed twice"
     assert set(keys) == expected_keys(config, problems)
+
+
+def test_the_handlers_are_put_back_when_the_loop_starts_after_something_replaced_them():
+    # ray.init installs Ray's own SIGTERM handler (it aborts the driver); the loop starts after it.
+    with GracefulStop(grace_s=0) as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stands in for Ray's handler
+        with pytest.raises(StopRequested), stop.stoppable():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            pytest.fail("SIGTERM did not reach the graceful stop")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -55,10 +55,17 @@ class GracefulStop:
         return self.signal_name is not None
 
     def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._install()
         return self
+
+    def _install(self) -> None:
+        """(Re)install the handlers: ``ray.init`` puts Ray's own C-level SIGTERM handler in place (it
+        prints a stack and aborts), behind Python's back, so this runs again once Ray is up."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in SIGNALS:
+            previous = signal.signal(sig, self._on_signal)
+            self._previous.setdefault(sig, previous)
 
     def __exit__(self, *exc: object) -> None:
         if self._timer is not None:
@@ -95,7 +102,9 @@ class GracefulStop:
 
     @contextmanager
     def stoppable(self) -> Iterator[None]:
-        """The region a stop may end (the commit loop); a stop already due ends it at once."""
+        """The region a stop may end (the commit loop); a stop already due ends it at once. Enter it
+        after Ray has started (see :meth:`_install`)."""
+        self._install()
         self._stoppable = True
         try:
             if self.requested and self.grace_s <= 0:
