@@ -57,7 +57,7 @@ def test_changing_pool_sizes_keeps_the_run_id(tmp_path):
 def test_pools_restart_lost_actors_but_do_not_pin_their_tasks_to_them():
     import ray
 
-    fixed = actor_pool_args(PoolSize(min=2, max=2))
+    fixed = actor_pool_args(2)  # an int is a fixed size
     assert isinstance(fixed["compute"], ray.data.ActorPoolStrategy)
     assert (fixed["compute"].min_size, fixed["compute"].max_size) == (2, 2)
     assert fixed["max_restarts"] == -1 and fixed["max_task_retries"] == 0

@@ -49,18 +49,23 @@ class CapacityUnavailable(RuntimeError):
     missing). Committed shards stay committed; a re-run resumes when there is capacity."""
 
 
-def pool_strategy(size: PoolSize, **options: Any):
-    """Ray Data's actor pool for ``size``: fixed, or autoscaling between min and max. An elastic
-    pool starts at ``max`` (engines are slow to start: ask for all of them at once) and is never
-    held back by actors that cannot be placed; Ray Data scales idle ones down to ``min``."""
+def pool_strategy(size: PoolSize | int, **options: Any):
+    """Ray Data's actor pool for ``size`` (an int: fixed): fixed, or autoscaling between min and max.
+    An elastic pool starts at ``max`` (engines are slow to start: ask for all of them at once) and is
+    never held back by actors that cannot be placed; Ray Data scales idle ones down to ``min``."""
     import ray
+
+    from tokenskip.config import PoolSize
+
+    if isinstance(size, int):
+        size = PoolSize(min=size, max=size)
 
     if size.fixed:
         return ray.data.ActorPoolStrategy(size=size.min, **options)
     return ray.data.ActorPoolStrategy(min_size=size.min, max_size=size.max, initial_size=size.max, **options)
 
 
-def actor_pool_args(size: PoolSize, **options: Any) -> dict[str, Any]:
+def actor_pool_args(size: PoolSize | int, **options: Any) -> dict[str, Any]:
     """``map_batches`` arguments for an actor pool of ``size`` that survives losing actors: a dead
     actor restarts when there is room (``max_restarts=-1``), but its tasks fail rather than wait for
     it (``max_task_retries=0``), and the driver redoes their shards."""

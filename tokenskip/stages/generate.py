@@ -168,7 +168,7 @@ class GenerateStage:
 
     @staticmethod
     def map_batches_options(
-        *, actors: PoolSize, cpus: float, gpus: float, max_concurrent_batches: int
+        *, actors: PoolSize | int, cpus: float, gpus: float, max_concurrent_batches: int
     ) -> dict[str, Any]:
         """``map_batches`` arguments (besides the stage and its constructor kwargs) for the generation stage.
 
