@@ -1,5 +1,5 @@
 """Training survives a lost worker: one of two Ray Train workers is SIGKILLed (by PID, from outside)
-after the first checkpoint; the worker group restarts from that checkpoint (``checkpoint.max_failures``)
+after its second checkpoint; the worker group restarts from the latest checkpoint (``checkpoint.max_failures``)
 and the run ends with the same final loss as an uninterrupted run of the same config."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _config(tmp_path: Path, model: Path, name: str) -> TrainConfig:
 
 
 class _WorkerKiller(threading.Thread):
-    """SIGKILLs one Ray Train worker of this test's Ray once the run's first checkpoint exists."""
+    """SIGKILLs one Ray Train worker of this test's Ray once the run has checkpointed."""
 
     def __init__(self, run_dir: Path):
         super().__init__(daemon=True)
@@ -68,7 +68,9 @@ class _WorkerKiller(threading.Thread):
     def run(self) -> None:
         deadline = time.monotonic() + 600
         while not self.done.is_set() and time.monotonic() < deadline:
-            if any(self.run_dir.glob("**/trainer_state.json")):
+            # Two checkpoints on disk: the first is surely registered with Ray Train by now (a
+            # checkpoint's files land before Ray Train records it as the one to restart from).
+            if len(list(self.run_dir.glob("checkpoint_*/trainer_state.json"))) >= 2:
                 workers = [
                     p for p in psutil.Process().children(recursive=True) if _titled(p, TRAIN_WORKER_TITLE)
                 ]
