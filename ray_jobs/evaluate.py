@@ -16,7 +16,7 @@ import json
 import sys
 
 from tokenskip.config import parse_overrides
-from tokenskip.evaluate import add_arguments, evaluate, format_table, load_evaluate_config
+from tokenskip.evaluate import add_arguments, load_evaluate_config, run_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,16 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
     if args.num_gpus is None and args.num_cpus is None:
-        table = evaluate(config)
+        text, code = run_config(config)
     else:
         import ray
 
         ray.init()  # joins the job's cluster (RAY_ADDRESS) or starts a local one
-        task = ray.remote(num_gpus=args.num_gpus or 0, num_cpus=args.num_cpus or 1)(evaluate)
-        table = ray.get(task.remote(config))
-    print(format_table(table))
-    print(f"outputs under {config.output}")
-    return 0
+        task = ray.remote(num_gpus=args.num_gpus or 0, num_cpus=args.num_cpus or 1)(run_config)
+        text, code = ray.get(task.remote(config))
+    print(text)
+    return code
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def test_pool_demands_are_each_pools_minimum(tmp_path):
         ("scorer", 1, 0.0),
         ("grading", 1, 0.0),
     ]
+    plain = config.model_copy(update={"compression": None})  # plain CoTs: no scorer pool
+    assert [d.name for d in pool_demands(plain)] == ["generation", "grading"]
 
 
 def test_the_cli_maps_missing_capacity_to_its_exit_code_and_one_line(capsys):

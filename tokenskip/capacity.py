@@ -118,11 +118,10 @@ class PoolDemand:
 def pool_demands(config: PipelineConfig) -> list[PoolDemand]:
     """What the run's pools need placed at once before a pass can make progress."""
     r = config.resources
-    return [
-        PoolDemand("generation", r.generation_actors.min, r.generation_cpus, r.generation_gpus),
-        PoolDemand("scorer", r.compression_actors.min, r.compression_cpus, r.compression_gpus),
-        PoolDemand("grading", 1, r.grading_cpus),
-    ]
+    demands = [PoolDemand("generation", r.generation_actors.min, r.generation_cpus, r.generation_gpus)]
+    if config.compression is not None:  # without compression there is no scorer pool
+        demands.append(PoolDemand("scorer", r.compression_actors.min, r.compression_cpus, r.compression_gpus))
+    return [*demands, PoolDemand("grading", 1, r.grading_cpus)]
 
 
 def wait_for_capacity(demands: list[PoolDemand], timeout_s: float) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenskip.grading import split_answer_tail
 from tokenskip.pruning import validate_ratios
@@ -77,6 +77,14 @@ class CompressConfig(BaseModel):
         if len(set(ratios)) != len(ratios):
             raise ValueError(f"duplicate ratios: {ratios}")
         return ratios
+
+    @model_validator(mode="after")
+    def _forcing_for_the_target(self) -> CompressConfig:
+        # The scorer's auto forcing follows TokenSkip for the target model's family; without a
+        # target_tokenizer the dataset-building config decides (its generating model is the target).
+        if self.target_tokenizer:
+            self.scorer = self.scorer.resolve_forcing(self.target_tokenizer)
+        return self
 
 
 def _as_list(values: Any) -> list:

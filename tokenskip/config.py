@@ -82,6 +82,15 @@ class SelectionConfig(BaseModel):
         "shortest (a bias toward concise CoTs), or the first (one per problem, unbiased). Every sample not "
         "kept goes to rejects with its verdict (reason 'policy' for correct samples the policy dropped).",
     )
+    max_cot_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        # Not in the run id while unset, so runs made before this field existed keep their ids.
+        exclude_if=lambda v: v is None,
+        description="Longest CoT (generated tokens) a kept sample may have; TokenSkip keeps correct CoTs of "
+        "<= 500 tokens. Correct samples above it become rejects with reason 'too_long' before the policy "
+        "chooses, so shortest/first-correct pick among the samples that fit. None keeps every length.",
+    )
 
 
 class PoolSize(BaseModel):
@@ -231,7 +240,14 @@ class PipelineConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
-    compression: CompressConfig = Field(default_factory=CompressConfig)
+    compression: CompressConfig | None = Field(
+        default_factory=CompressConfig,
+        description="How kept CoTs are pruned. null builds a pool of plain CoTs: no scorer is loaded and no "
+        "compress stage runs; kept rows keep the same data schema with `compressions: []` (train reads "
+        "them with mix.ratios [1.0], or format cot). Their forcing (force_tokens, force_digits, "
+        "drop_consecutive) left at auto is set here from TokenSkip's choice for the target model "
+        "(compression.target_tokenizer, else engine.model): see tokenskip.scoring.tokenskip_forcing.",
+    )
     output: StorageConfig = Field(default_factory=lambda: StorageConfig(root="./outputs"))
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -239,6 +255,18 @@ class PipelineConfig(BaseModel):
     @classmethod
     def _resolve_builtin_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
         return [resolve_builtin_source(s) for s in sources]
+
+    @model_validator(mode="after")
+    def _forcing_for_the_target(self) -> PipelineConfig:
+        # Resolved here, not at scoring time, so the run id and the manifest hold the values used: a
+        # non-Qwen target resolves to the values that were the defaults before auto existed, so the
+        # run ids of such configs did not change.
+        if self.compression is not None:
+            target = self.compression.target_tokenizer or self.engine.model
+            scorer = self.compression.scorer.resolve_forcing(target)
+            if scorer is not self.compression.scorer:
+                self.compression = self.compression.model_copy(update={"scorer": scorer})
+        return self
 
     def generation_fingerprint(self) -> dict[str, Any]:
         """What determines a generated sample: model, prompt and sampling (the key's config part)."""

@@ -62,23 +62,38 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
     lines = [
         f"# {c.dataset} / {report['run_id']}",
         "",
-        "Compressed chain-of-thought data built by tokenskip (TokenSkip, arXiv 2502.12067): the model's own "
-        "CoTs for each problem, graded against the gold answer; each correct CoT pruned by token importance "
-        "to every target ratio, its digits and final-answer tail kept.",
+        (
+            "Chain-of-thought data built by tokenskip: the model's own CoTs for each problem, graded against "
+            "the gold answer; the correct ones kept whole (built without compression)."
+            if c.compression is None
+            else "Compressed chain-of-thought data built by tokenskip (TokenSkip, arXiv 2502.12067): the model's "
+            "own CoTs for each problem, graded against the gold answer; each correct CoT pruned by token "
+            "importance to every target ratio, its "
+            + ("digits and " if c.compression.scorer.force_digits else "")
+            + "final-answer tail kept."
+        ),
         "",
         "## What was run",
         "",
         f"- model: `{c.engine.model}` (n={c.sampling.n}, temperature {c.sampling.temperature}, "
         f"top_p {c.sampling.top_p}, max_tokens {c.sampling.max_tokens}, seed {c.engine.seed})",
-        f"- selection: `{c.selection.policy}`; scorer: `{c.compression.scorer.kind}` "
-        f"(`{c.compression.scorer.model}`); ratios {c.compression.ratios}",
+        f"- selection: `{c.selection.policy}`"
+        + (f", CoTs of <= {c.selection.max_cot_tokens} tokens" if c.selection.max_cot_tokens else "")
+        + (
+            "; no compression (a pool of plain CoTs: `compressions` is empty)"
+            if c.compression is None
+            else f"; scorer: `{c.compression.scorer.kind}` (`{c.compression.scorer.model}`); "
+            f"ratios {c.compression.ratios}"
+        ),
         f"- decontamination: {'on' if c.dedup.enabled and c.dedup.eval_sets else 'off'}"
         + (f" against {', '.join(s.name or s.kind for s in c.dedup.eval_sets)}" if c.dedup.eval_sets else ""),
         f"- config hash `{report.get('config_hash', c.content_hash())}` (the full config is in `_manifest.json`)",
         "",
         "## What came out",
         "",
-        f"- {counts['input_rows']} input rows, {counts['problems_to_generate']} problems, "
+        f"- {counts['input_rows']} input rows"
+        + (f" ({counts['filtered_out']} filtered out by `sources[].where`)" if counts.get("filtered_out") else "")
+        + f", {counts['problems_to_generate']} problems, "
         f"{counts['samples']} generated samples",
         f"- kept: {counts['kept_samples']} samples from {counts['kept_problems']} problems "
         f"(acceptance {counts['acceptance_rate']:.1%})",

@@ -14,11 +14,19 @@ One vLLM engine serves every ratio: all prompts of all ratios go to the engine t
 distinct ``max_tokens``, so exactly one when ``scale_max_tokens_by_ratio`` is off). An optional LoRA
 adapter (local folder or fsspec URL, copied to a local cache) is applied per request.
 
+With ``n`` samples per problem (``sampling.n``) it also reports pass@k for every ``pass_k``: the
+unbiased estimator of Chen et al. 2021 (:func:`pass_at_k`), averaged over problems; pass@1 is the
+accuracy averaged over the n samples. With ``reference: short|long`` it writes the ratio-1.0 row as
+the ``short_reference``/``long_reference`` block a TL;DR train config takes (``reference.yaml``).
+With ``sweep`` it evaluates several checkpoints and picks the most accurate one within a token
+budget, as TL;DR's checkpoint analysis does (:func:`run_sweep`, ``sweep.json``).
+
 Outputs, under ``output`` (a folder or fsspec URL): ``evaluation.parquet`` (the table),
-``evaluation.json`` (the table, the config and run facts), ``samples.parquet`` (every sample: prompt,
-response, tokens, verdict), ``accuracy_vs_tokens.png`` and, when the source had bad records,
-``source_errors.parquet``. ``evaluation.json`` is written first with ``"status": "running"`` (so a bad
-output location fails before any generation) and last with ``"status": "complete"``.
+``evaluation.json`` (the table, pass@k, the config and run facts), ``pass_at_k.parquet``,
+``samples.parquet`` (every sample: prompt, response, tokens, verdict), ``accuracy_vs_tokens.png``,
+``reference.yaml`` when asked for and, when the source had bad records, ``source_errors.parquet``.
+``evaluation.json`` is written first with ``"status": "running"`` (so a bad output location fails
+before any generation) and last with ``"status": "complete"``.
 """
 
 from __future__ import annotations
@@ -28,26 +36,30 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenskip.config import add_config_arguments
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
-from tokenskip.sources import SourceConfig, load_problems
+from tokenskip.sources import SourceConfig, load_source
+from tokenskip.train.config import ReferencePoint
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +70,9 @@ REPORT_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.parquet"
 PLOT_FILE = "accuracy_vs_tokens.png"
 SOURCE_ERRORS_FILE = "source_errors.parquet"
+PASS_FILE = "pass_at_k.parquet"
+REFERENCE_FILE = "reference.yaml"
+SWEEP_FILE = "sweep.json"
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -101,6 +116,41 @@ TABLE_SCHEMA = pa.schema(
         pa.field("n_truncated", pa.int64(), nullable=False, metadata={"doc": "cut at max_tokens"}),
     ]
 )
+
+
+PASS_SCHEMA = pa.schema(
+    [
+        pa.field("ratio", pa.float64(), nullable=False),
+        pa.field("k", pa.int64(), nullable=False),
+        pa.field(
+            "pass_at_k",
+            pa.float64(),
+            metadata={"doc": "mean over problems of the unbiased pass@k estimate from each one's n samples"},
+        ),
+        pa.field("problems", pa.int64(), nullable=False),
+        pa.field("samples_per_problem", pa.int64(), metadata={"doc": "n (null if problems differ)"}),
+    ]
+)
+
+
+class CheckpointSweepConfig(BaseModel):
+    """TL;DR's checkpoint analysis: evaluate several checkpoints, pick the best within a token budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoints: list[str] = Field(
+        min_length=1,
+        description="Checkpoints to compare, in order (earlier wins ties): LoRA adapter folders (peft "
+        "layout, local or fsspec URL; one engine of engine.model serves them all, enable_lora required) "
+        "or local full-model folders (config.json, no adapter_config.json; one engine each).",
+    )
+    token_budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="Highest mean generated tokens (at `ratio`) a checkpoint may use to be picked. None "
+        "picks the most accurate checkpoint whatever its length.",
+    )
+    ratio: float = Field(default=1.0, gt=0, le=1, description="The row of each table that is compared.")
 
 
 class EvaluateConfig(BaseModel):
@@ -167,6 +217,23 @@ class EvaluateConfig(BaseModel):
         ge=1,
         description="Evaluate only the first N problems (quick checks); None evaluates the whole set.",
     )
+    pass_k: list[int] = Field(
+        default_factory=lambda: [1],
+        min_length=1,
+        description="k of each pass@k to report, each <= sampling.n (TL;DR: n=8 at T=0.7 on AIME/AMC, "
+        "pass@1 averaged over the 8). pass@1 is always the accuracy averaged over the n samples.",
+    )
+    reference: Literal["short", "long"] | None = Field(
+        default=None,
+        description="Write the ratio-1.0 row (mean tokens, accuracy) as the short_reference / "
+        "long_reference block of a TL;DR train config (reference.yaml, also printed). Evaluate the "
+        "short- and the long-CoT reference model on the TL;DR dev set, once each.",
+    )
+    sweep: CheckpointSweepConfig | None = Field(
+        default=None,
+        description="Evaluate every checkpoint (each under output/<NN>-<name>/) and pick the best "
+        "(output/sweep.json); replaces `adapter`.",
+    )
 
     @field_validator("ratios")
     @classmethod
@@ -193,6 +260,20 @@ class EvaluateConfig(BaseModel):
         from tokenskip.config import resolve_builtin_source
 
         return resolve_builtin_source(source)
+
+    @model_validator(mode="after")
+    def _consistent_options(self) -> EvaluateConfig:
+        too_big = [k for k in self.pass_k if not 1 <= k <= self.sampling.n]
+        if too_big:
+            raise ValueError(f"pass_k values must lie in [1, sampling.n={self.sampling.n}], got {too_big}")
+        if self.reference is not None and 1.0 not in self.ratios:
+            raise ValueError("reference needs ratio 1.0 in ratios (the plain question)")
+        if self.sweep is not None:
+            if self.adapter is not None:
+                raise ValueError("sweep.checkpoints replace adapter: set one of them")
+            if self.sweep.ratio not in self.ratios:
+                raise ValueError(f"sweep.ratio {self.sweep.ratio} is not among ratios {self.ratios}")
+        return self
 
     def max_tokens_at(self, ratio: float) -> int:
         """The completion cap at ``ratio`` (TokenSkip truncates max_new_tokens x ratio to an int)."""
@@ -309,6 +390,81 @@ def summarize(samples: pa.Table) -> pa.Table:
             }
         )
     return pa.Table.from_pylist(table, schema=TABLE_SCHEMA)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from ``n`` samples of which ``c`` are correct (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code"): 1 - C(n-c, k) / C(n, k), computed as a
+    product so that large n does not overflow. pass@1 = c / n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_at_k_table(samples: pa.Table, ks: Sequence[int]) -> pa.Table:
+    """``PASS_SCHEMA`` rows (ratios descending, then k): per ratio and k, pass@k averaged over the
+    problems, each problem's from its own samples (an engine error counts as a wrong sample).
+
+    ``samples`` needs ``ratio``, ``problem_id`` and ``verdict``."""
+    counts: dict[float, dict[str, list[int]]] = {}
+    for row in samples.select(["ratio", "problem_id", "verdict"]).to_pylist():
+        n_c = counts.setdefault(row["ratio"], {}).setdefault(row["problem_id"], [0, 0])
+        n_c[0] += 1
+        n_c[1] += row["verdict"] == Verdict.correct.value
+    rows = []
+    for ratio in sorted(counts, reverse=True):
+        problems = counts[ratio].values()
+        sizes = {n for n, _ in problems}
+        fewest, per_problem = min(sizes), (next(iter(sizes)) if len(sizes) == 1 else None)
+        for k in sorted(set(ks)):
+            if k > fewest:
+                raise ValueError(f"pass@{k} at ratio {ratio}: a problem has only {fewest} samples")
+            estimate = sum(pass_at_k(n, c, k) for n, c in problems) / len(problems)
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "k": k,
+                    "pass_at_k": estimate,
+                    "problems": len(problems),
+                    "samples_per_problem": per_problem,
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=PASS_SCHEMA)
+
+
+def format_pass_at_k(table: pa.Table) -> str:
+    """One line per ratio: ``pass@1 62.50%  pass@4 87.50%  (8 problems x 4 samples)``."""
+    by_ratio: dict[float, list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        by_ratio.setdefault(row["ratio"], []).append(row)
+    lines = []
+    for ratio, rows in by_ratio.items():
+        cells = "  ".join(f"pass@{r['k']} {100 * r['pass_at_k']:.2f}%" for r in rows)
+        n = rows[0]["samples_per_problem"]
+        lines.append(f"ratio {ratio:g}: {cells}  ({rows[0]['problems']} problems x {n or 'varying'} samples)")
+    return "\n".join(lines)
+
+
+def reference_point(table: pa.Table, ratio: float = 1.0) -> ReferencePoint:
+    """(mean generated tokens, accuracy) of ``table``'s row at ``ratio``: a TL;DR reference point."""
+    rows = [r for r in table.to_pylist() if r["ratio"] == ratio]
+    if not rows:
+        raise ValueError(f"no row at ratio {ratio} to take a reference point from")
+    (row,) = rows
+    if row["mean_tokens"] is None:
+        raise ValueError(f"no sample at ratio {ratio} produced output: no token count for a reference point")
+    return ReferencePoint(tokens=round(row["mean_tokens"], 2), accuracy=round(row["accuracy"], 4))
+
+
+def reference_yaml(kind: Literal["short", "long"], point: ReferencePoint, *, measured_on: str) -> str:
+    """The ``short_reference:``/``long_reference:`` block of a TL;DR train config (``tldr:`` section),
+    with a comment saying what it was measured on."""
+    block = yaml.safe_dump({f"{kind}_reference": point.model_dump()}, sort_keys=False)
+    return (
+        f"# measured by tokenskip evaluate: {measured_on}\n# paste under `tldr:` in the train config\n{block}"
+    )
 
 
 def format_table(table: pa.Table) -> str:
@@ -474,16 +630,38 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What one evaluation measured (also written under ``output``)."""
+
+    output: str
+    table: pa.Table
+    """``TABLE_SCHEMA``: one row per ratio."""
+    pass_at_k: pa.Table
+    """``PASS_SCHEMA``: pass@k per ratio for every configured k."""
+    reference: ReferencePoint | None
+    """The ratio-1.0 reference point, when ``config.reference`` asked for it."""
+
+
 def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
-    """Run the evaluation, write every output under ``config.output`` and return the table.
+    """Run the evaluation, write every output under ``config.output`` and return the table
+    (:func:`run_evaluation` returns everything it measured)."""
+    return run_evaluation(config, llm=llm).table
+
+
+def run_evaluation(config: EvaluateConfig, *, llm=None) -> Evaluation:
+    """Run the evaluation and write every output under ``config.output``.
 
     ``llm`` reuses an engine the caller already built (it must have been built from ``config.engine``,
     with LoRA enabled when an adapter is set); None builds one.
     """
     from tokenskip.models import resolve_model
 
+    if config.sweep is not None:
+        raise ValueError("this config sweeps checkpoints: run it with run_sweep")
     started = time.time()
-    problems, source_errors = load_problems(config.source)
+    loaded = load_source(config.source)
+    problems, source_errors = loaded.problems, loaded.errors
     if config.limit is not None:
         problems = problems.slice(0, config.limit)
     if problems.num_rows == 0:
@@ -516,6 +694,8 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
     samples = generate_samples(config, problems, llm, adapter_path)
     generation_s = time.time() - generation_started
     table = summarize(samples)
+    passes = pass_at_k_table(samples, config.pass_k)
+    reference = reference_point(table) if config.reference else None
 
     report = {
         "status": "complete",
@@ -524,21 +704,165 @@ def evaluate(config: EvaluateConfig, *, llm=None) -> pa.Table:
         "source": config.source.path,
         "problems": problems.num_rows,
         "source_errors": source_errors.num_rows,
+        "source_filtered_out": loaded.filtered_out,
         "generation_seconds": round(generation_s, 3),
         "total_seconds": round(time.time() - started, 3),
         "table": table.to_pylist(),
+        "pass_at_k": passes.to_pylist(),
+        "reference": {f"{config.reference}_reference": reference.model_dump()} if reference else None,
         "config": config_json,
     }
     _write(fs, posixpath.join(root, SAMPLES_FILE), _parquet_bytes(samples))
     if source_errors.num_rows:
         _write(fs, posixpath.join(root, SOURCE_ERRORS_FILE), _parquet_bytes(source_errors))
     _write(fs, posixpath.join(root, TABLE_FILE), _parquet_bytes(table))
+    _write(fs, posixpath.join(root, PASS_FILE), _parquet_bytes(passes))
+    if reference is not None:
+        block = reference_yaml(
+            config.reference, reference, measured_on=_measured_on(config, problems.num_rows)
+        )
+        _write(fs, posixpath.join(root, REFERENCE_FILE), block.encode())
     title = os.path.basename(config.engine.model.rstrip("/")) + (" + adapter" if config.adapter else "")
     _write(fs, posixpath.join(root, PLOT_FILE), plot_accuracy_vs_tokens(table, title))
     _write(
         fs, report_path, json.dumps(report, indent=2).encode()
     )  # last: "complete" means every file is there
-    return table
+    return Evaluation(output=config.output, table=table, pass_at_k=passes, reference=reference)
+
+
+def _measured_on(config: EvaluateConfig, problems: int) -> str:
+    model = config.engine.model + (f" + {config.adapter}" if config.adapter else "")
+    s = config.sampling
+    return (
+        f"{model} on {config.source.path} ({problems} problems x n={s.n}, T={s.temperature}, "
+        f"max_tokens {s.max_tokens})"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint sweep
+
+
+class CheckpointScore(BaseModel):
+    """One checkpoint's row of a sweep: its accuracy and length at the sweep's ratio."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+    output: str = Field(description="Where its evaluation was written.")
+    accuracy: float
+    mean_tokens: float | None
+    within_budget: bool
+
+
+class SweepResult(BaseModel):
+    """The outcome of a checkpoint sweep (``sweep.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float
+    token_budget: float | None
+    scores: list[CheckpointScore]
+    best: CheckpointScore | None = Field(description="The pick; None when no checkpoint fits the budget.")
+    reason: str = Field(description="Why best is what it is, in one line.")
+
+
+def score_checkpoint(
+    checkpoint: str, output: str, table: pa.Table, *, ratio: float, token_budget: float | None
+) -> CheckpointScore:
+    """A checkpoint's sweep row from its evaluation table's row at ``ratio``."""
+    (row,) = [r for r in table.to_pylist() if r["ratio"] == ratio]
+    mean = row["mean_tokens"]
+    fits = token_budget is None or (mean is not None and mean <= token_budget)
+    return CheckpointScore(
+        checkpoint=checkpoint, output=output, accuracy=row["accuracy"], mean_tokens=mean, within_budget=fits
+    )
+
+
+def pick_checkpoint(
+    scores: Sequence[CheckpointScore], *, ratio: float, token_budget: float | None
+) -> SweepResult:
+    """The most accurate checkpoint among those within the budget; fewer tokens, then the earlier
+    checkpoint, break ties. ``best`` is None (and ``reason`` says why) when none fits."""
+    if not scores:
+        raise ValueError("a sweep needs at least one checkpoint")
+    fitting = [(i, s) for i, s in enumerate(scores) if s.within_budget]
+    if not fitting:
+        lengths = ", ".join("no output" if s.mean_tokens is None else f"{s.mean_tokens:.1f}" for s in scores)
+        reason = f"no checkpoint within the token budget {token_budget:g} (mean tokens: {lengths})"
+        return SweepResult(
+            ratio=ratio, token_budget=token_budget, scores=list(scores), best=None, reason=reason
+        )
+    _, best = max(fitting, key=lambda t: (t[1].accuracy, -(t[1].mean_tokens or 0.0), -t[0]))
+    among = "" if token_budget is None else f" among {len(fitting)} within {token_budget:g} tokens"
+    tokens = "no output" if best.mean_tokens is None else f"{best.mean_tokens:.1f} mean tokens"
+    reason = f"highest accuracy{among}: {best.accuracy:.2%} at {tokens} (ratio {ratio:g})"
+    return SweepResult(ratio=ratio, token_budget=token_budget, scores=list(scores), best=best, reason=reason)
+
+
+def checkpoint_kind(checkpoint: str) -> Literal["adapter", "model"]:
+    """``model`` for a local folder holding a full model (config.json, no adapter_config.json);
+    ``adapter`` otherwise (a peft folder, local or remote: :func:`fetch_adapter` checks it)."""
+    local = Path(checkpoint.removeprefix("file://"))
+    if not _is_remote(checkpoint) and local.is_dir() and not (local / "adapter_config.json").exists():
+        if (local / "config.json").is_file():
+            return "model"
+    return "adapter"
+
+
+def _checkpoint_folder(index: int, checkpoint: str) -> str:
+    name = posixpath.basename(checkpoint.rstrip("/")) or "checkpoint"
+    return f"{index:02d}-{name}"
+
+
+def run_sweep(config: EvaluateConfig, *, llm=None) -> SweepResult:
+    """Evaluate every checkpoint of ``config.sweep`` (each under ``output/<NN>-<name>/``, as a whole
+    evaluation) and pick the best (:func:`pick_checkpoint`); the result is written to
+    ``output/sweep.json``. Adapters share one engine (``llm``, or one built here)."""
+    from tokenskip.models import resolve_model
+
+    sweep = config.sweep
+    if sweep is None:
+        raise ValueError("the config has no sweep section")
+    kinds = [checkpoint_kind(c) for c in sweep.checkpoints]
+    if "adapter" in kinds and llm is None:
+        if not config.engine.enable_lora:
+            raise ValueError(
+                "adapter checkpoints need engine.enable_lora: true (and max_lora_rank >= their rank)"
+            )
+        llm = create_llm(config.engine.model_copy(update={"model": resolve_model(config.engine.model)}))
+    scores = []
+    base = config.model_copy(update={"sweep": None})
+    for index, (checkpoint, kind) in enumerate(zip(sweep.checkpoints, kinds, strict=True)):
+        output = posixpath.join(config.output.rstrip("/"), _checkpoint_folder(index, checkpoint))
+        if kind == "adapter":
+            one = base.model_copy(update={"adapter": checkpoint, "output": output})
+            evaluation = run_evaluation(one, llm=llm)
+        else:  # a full fine-tune: its own engine
+            engine = config.engine.model_copy(update={"model": checkpoint})
+            evaluation = run_evaluation(base.model_copy(update={"engine": engine, "output": output}))
+        log.info("checkpoint %s evaluated: %s", checkpoint, output)
+        scores.append(
+            score_checkpoint(
+                checkpoint, output, evaluation.table, ratio=sweep.ratio, token_budget=sweep.token_budget
+            )
+        )
+    result = pick_checkpoint(scores, ratio=sweep.ratio, token_budget=sweep.token_budget)
+    fs, root = fsspec.core.url_to_fs(config.output, **config.storage_options)
+    _write(fs, posixpath.join(root.rstrip("/") or "/", SWEEP_FILE), result.model_dump_json(indent=2).encode())
+    return result
+
+
+def format_sweep(result: SweepResult) -> str:
+    """The sweep as aligned text: one line per checkpoint (``*`` marks the pick), then the reason."""
+    lines = [f"checkpoint sweep at ratio {result.ratio:g}, token budget {result.token_budget}"]
+    for score in result.scores:
+        mark = "*" if result.best is not None and score.checkpoint == result.best.checkpoint else " "
+        tokens = "-" if score.mean_tokens is None else f"{score.mean_tokens:.1f}"
+        fits = "" if score.within_budget else "  over budget"
+        lines.append(f"{mark} {score.accuracy:7.2%}  {tokens:>8}  {score.checkpoint}{fits}")
+    lines.append((f"best: {result.best.checkpoint}: " if result.best else "") + result.reason)
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,10 +877,29 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
-    table = evaluate(config)
-    print(format_table(table))
-    print(f"outputs: {config.output.rstrip('/')}/{{{TABLE_FILE},{REPORT_FILE},{SAMPLES_FILE},{PLOT_FILE}}}")
-    return 0
+    text, code = run_config(config)
+    print(text)
+    return code
+
+
+def run_config(config: EvaluateConfig) -> tuple[str, int]:
+    """Run what ``config`` asks (one evaluation, or a checkpoint sweep) and return what to print and
+    the exit code: 1 when a sweep finds no checkpoint within its budget. Shared by the CLI and the
+    Ray job (which may run it as a task on a GPU node)."""
+    if config.sweep is not None:
+        result = run_sweep(config)
+        outputs = f"outputs: {config.output.rstrip('/')}/{{{SWEEP_FILE},<NN>-<checkpoint>/}}"
+        return f"{format_sweep(result)}\n{outputs}", 0 if result.best is not None else 1
+    evaluation = run_evaluation(config)
+    files = [TABLE_FILE, REPORT_FILE, PASS_FILE, SAMPLES_FILE, PLOT_FILE]
+    parts = [format_table(evaluation.table), format_pass_at_k(evaluation.pass_at_k)]
+    if evaluation.reference is not None:
+        parts.append(
+            yaml.safe_dump({f"{config.reference}_reference": evaluation.reference.model_dump()}).rstrip()
+        )
+        files.append(REFERENCE_FILE)
+    parts.append(f"outputs: {config.output.rstrip('/')}/{{{','.join(files)}}}")
+    return "\n".join(parts), 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

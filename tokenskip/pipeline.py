@@ -5,6 +5,7 @@
     -> GenerateStage      (vLLM actors, n samples per problem)    [tokenskip.stages.generate]
     -> GradeSelectStage   (verdict + selection policy)            [tokenskip.stages.grade]
     -> CompressKeptStage  (score once, prune at every ratio)      [tokenskip.stages.compress]
+       (compression: null -> keep_cots_whole: no scorer, no compressions)
     -> write_complete_shards (workers write a whole shard's parts) [tokenskip.stages.write]
     -> the driver commits each shard from its record (marker); it assembles split shards itself
     -> all shards committed -> manifest (conditional write) -> LATEST -> report
@@ -43,7 +44,7 @@ from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
 from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.shutdown import GracefulStop, StopRequested
-from tokenskip.sources import load_problems
+from tokenskip.sources import load_source
 from tokenskip.stages import compress, generate, grade, write
 from tokenskip.stages.write import decode_rows, shards_stay_whole, write_shard_rows
 from tokenskip.storage import LockHeartbeat, NotLockOwner, RunStore, ShardRecord, holding, read_manifest
@@ -101,6 +102,8 @@ class Plan:
     already_committed_run: bool = False
     load_seconds: float = 0.0
     dedup_seconds: float = 0.0
+    # Input records the sources' `where` did not select (counted, not errors).
+    filtered_out: int = 0
     # Fewer kept samples than this and the finished run is not published (a refresh raises it to a
     # fraction of the previous version's).
     min_kept_samples: int = 1
@@ -115,7 +118,8 @@ class Plan:
         lines = [
             f"dataset {c.dataset}  run {self.run_id}  output {c.output.root}",
             f"input rows {self.input_rows}: {self.problems.num_rows} problems, {self.load_errors.num_rows} load errors, "
-            f"{self.dedup_rejects.num_rows} dedup/decontamination rejects",
+            f"{self.dedup_rejects.num_rows} dedup/decontamination rejects"
+            + (f", {self.filtered_out} filtered out by sources[].where" if self.filtered_out else ""),
             f"shards {len(self.shards)} of <= {r.shard_size} problems: {len(self.shards) - len(pending)} committed, "
             f"{len(pending)} to run ({sum(s.size for s in pending)} problems x {c.sampling.n} samples)",
             "stages:",
@@ -123,8 +127,7 @@ class Plan:
             f"cpus/actor={r.generation_cpus} gpus/actor={r.generation_gpus} batch={r.generation_batch_size} "
             f"n={c.sampling.n} T={c.sampling.temperature} max_tokens={c.sampling.max_tokens}",
             f"  grade      policy={c.selection.policy} cpus={r.grading_cpus} timeout={c.grading.timeout_s}s",
-            f"  compress   scorer={c.compression.scorer.kind}:{c.compression.scorer.model} ratios={c.compression.ratios} "
-            f"actors={r.compression_actors} cpus/actor={r.compression_cpus} gpus/actor={r.compression_gpus}",
+            _compress_line(c),
             f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
             f"cpus/task={r.write_cpus}",
         ]
@@ -145,6 +148,18 @@ class Plan:
         if self.already_committed_run:
             lines.append("this run is already committed: nothing to do")
         return "\n".join(lines)
+
+
+def _compress_line(c: PipelineConfig) -> str:
+    r = c.resources
+    if c.compression is None:
+        return "  compress   none (compression: null): kept CoTs are written whole, no scorer is loaded"
+    scorer = c.compression.scorer
+    forced = ", ".join([*scorer.force_tokens, *(["digits"] if scorer.force_digits else [])]) or "nothing"
+    return (
+        f"  compress   scorer={scorer.kind}:{scorer.model} ratios={c.compression.ratios} forced={forced} "
+        f"actors={r.compression_actors} cpus/actor={r.compression_cpus} gpus/actor={r.compression_gpus}"
+    )
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
@@ -198,11 +213,12 @@ def make_plan(config: PipelineConfig) -> Plan:
     """Load, validate, deduplicate and shard the problems; look up what is already committed."""
     run_id = config.resolved_run_id()
     started = time.perf_counter()
-    problems, errors = [], []
+    problems, errors, filtered_out = [], [], 0
     for source in config.sources:
-        p, e = load_problems(source)
-        problems.append(p)
-        errors.append(e)
+        loaded = load_source(source)
+        problems.append(loaded.problems)
+        errors.append(loaded.errors)
+        filtered_out += loaded.filtered_out
     all_problems = _concat(problems, PROBLEM_SCHEMA)
     load_errors = _concat(errors, ERROR_SCHEMA)
     load_seconds = time.perf_counter() - started
@@ -227,7 +243,7 @@ def make_plan(config: PipelineConfig) -> Plan:
     return Plan(
         config=config,
         run_id=run_id,
-        input_rows=all_problems.num_rows + load_errors.num_rows,
+        input_rows=all_problems.num_rows + load_errors.num_rows + filtered_out,
         load_errors=load_errors,
         dedup_rejects=rejects,
         problems=kept,
@@ -236,6 +252,7 @@ def make_plan(config: PipelineConfig) -> Plan:
         already_committed_run=committed_run,
         load_seconds=load_seconds,
         dedup_seconds=dedup_seconds,
+        filtered_out=filtered_out,
     )
 
 
@@ -286,6 +303,7 @@ def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = N
         load_errors=plan.load_errors.num_rows,
         dedup_reasons=dedup,
         problems_to_generate=plan.problems.num_rows,
+        filtered_out=plan.filtered_out,
     )
 
 
@@ -294,7 +312,8 @@ def _summary_text(report: dict[str, Any]) -> str:
     lines = [
         f"tokenskip run report: dataset {report['dataset']}, run {report['run_id']}",
         f"  input rows        {s['input_rows']}  (load errors {s['load_errors']}, duplicates {s['dedup']['duplicate']}, "
-        f"contaminated {s['dedup']['contaminated']})",
+        f"contaminated {s['dedup']['contaminated']}"
+        + (f", filtered out by sources[].where {s['filtered_out']})" if s.get("filtered_out") else ")"),
         f"  problems          {s['problems_to_generate']} generated x n -> {s['samples']} samples",
         f"  kept              {s['kept_samples']} samples from {s['kept_problems']} problems "
         f"(acceptance {s['acceptance_rate']:.1%} of graded samples)",

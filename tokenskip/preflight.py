@@ -21,12 +21,11 @@ def run_problems(config: PipelineConfig) -> list[str]:
     problems = []
     if (problem := output_problem(config.output)) is not None:
         problems.append(problem)
-    models = {
-        "engine.model": config.engine.model,
-        "compression.scorer.model": config.compression.scorer.model,
-    }
-    if config.compression.target_tokenizer:
-        models["compression.target_tokenizer"] = config.compression.target_tokenizer
+    models = {"engine.model": config.engine.model}
+    if config.compression is not None:  # null: no scorer to load
+        models["compression.scorer.model"] = config.compression.scorer.model
+        if config.compression.target_tokenizer:
+            models["compression.target_tokenizer"] = config.compression.target_tokenizer
     for field, model in models.items():
         if (problem := model_problem(model)) is not None:
             problems.append(f"{field}: {problem}")

@@ -73,7 +73,7 @@ REJECT_SCHEMA = pa.schema(
         pa.field(
             "reason",
             pa.string(),
-            metadata={"doc": "incorrect|unparsable|timeout|duplicate|contaminated|policy"},
+            metadata={"doc": "incorrect|unparsable|timeout|duplicate|contaminated|policy|too_long"},
         ),
         pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),
         pa.field("sample_index", pa.int64(), metadata={"doc": "which sample (null for problem-level rejects)"}),

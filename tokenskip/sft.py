@@ -125,6 +125,11 @@ def _output_for(row: dict[str, Any], ratio: float, config: SFTMixConfig) -> tupl
         match = [c for c in (row.get("compressions") or []) if abs(c["target_ratio"] - ratio) < 1e-9]
         if not match:
             have = sorted(c["target_ratio"] for c in row.get("compressions") or [])
+            if not have:  # a pool built with `compression: null`
+                raise SFTMixError(
+                    f"no compression at ratio {ratio}: the record has none (built without compression); "
+                    "mix it with ratios [1.0]"
+                )
             raise SFTMixError(f"no compression at ratio {ratio} (have {have})")
         full, tokens = match[0]["text"] or "", match[0]["tokens"]
         what = f"compression {ratio}"

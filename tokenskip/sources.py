@@ -1,6 +1,7 @@
 """Problem sources: read GSM8K, MATH / MATH-500, AIME or a custom set into ``PROBLEM_SCHEMA`` rows.
 
-Every input record ends up in exactly one of two tables, so ``input records = problems + errors``:
+Every input record ends up in exactly one of two tables, or is counted as filtered out by the
+source's ``where`` (a selection, not an error), so ``input records = problems + errors + filtered``:
 
 ``PROBLEM_SCHEMA`` (:mod:`tokenskip.schema`), one row per usable problem:
 
@@ -22,7 +23,8 @@ so even those can be recovered exactly with ``errors="surrogateescape"``).
 
 Three entry points:
 
-* :func:`load_problems` - the whole source in this process (tests, small sets, eval sets).
+* :func:`load_source` - the whole source in this process: a :class:`LoadedSource` (problems, errors
+  and how many records ``where`` filtered out); :func:`load_problems` is its (problems, errors) pair.
 * :func:`normalise_rows` - one batch of already parsed records; the pipeline reads jsonl/parquet
   with Ray Data and calls it from ``map_batches``.
 * :func:`iter_raw_rows` - the tolerant reader underneath :func:`load_problems`.
@@ -156,6 +158,16 @@ class SourceConfig(BaseModel):
         description="Read at most this many input records (valid or not), in file order; None reads all. "
         "For quick runs and tests; the ids of the rows read do not change.",
     )
+    where: dict[str, list[str | int | float | bool]] | None = Field(
+        default=None,
+        # Not in the run id while unset, so runs made before this field existed keep their ids.
+        exclude_if=lambda v: v is None,
+        description="Keep only records whose fields hold one of the listed values, e.g. "
+        "{level: ['Level 4', 'Level 5']} for MATH's hardest problems (difficulty splits). Keys are input "
+        "field names (dotted paths reach nested fields); a record must match every key; a record without "
+        "the field does not match. Records it drops are counted (`filtered_out` in the plan and report), "
+        "not errors. Applied after `limit`, which counts records read. None keeps every record.",
+    )
     max_question_chars: int = Field(
         default=20_000,
         gt=0,
@@ -167,6 +179,12 @@ class SourceConfig(BaseModel):
     def _custom_needs_field_map(self) -> SourceConfig:
         if self.kind == "custom" and self.field_map is None:
             raise ValueError("kind='custom' needs a field_map naming at least the question field")
+        if self.where is not None:
+            empty = sorted(field for field, values in self.where.items() if not values)
+            if not self.where or empty:
+                raise ValueError(
+                    f"where: every field needs at least one allowed value (empty: {empty or 'the mapping'})"
+                )
         return self
 
     @property
@@ -529,21 +547,67 @@ def iter_raw_rows(config: SourceConfig) -> Iterator[RawRecord]:
             yield record
 
 
-def load_problems(config: SourceConfig) -> tuple[pa.Table, pa.Table]:
-    """Load a whole source: (problems with ``PROBLEM_SCHEMA``, errors with ``ERROR_SCHEMA``).
+def _same_value(value: Any, allowed: Any) -> bool:
+    # As JSON values compare: 4 and 4.0 are equal, "4" and 4 are not, nor true and 1.
+    if isinstance(value, bool) or isinstance(allowed, bool):
+        return isinstance(value, bool) and isinstance(allowed, bool) and value == allowed
+    if isinstance(value, str) or isinstance(allowed, str):
+        return isinstance(value, str) and isinstance(allowed, str) and value == allowed
+    return isinstance(value, numbers.Number) and value == allowed
 
-    Input records = problem rows + error rows; a bad record never stops the load. Error details start
-    with the file and line (``path:line``, or ``path#row`` for parquet).
-    """
+
+def matches_where(row: dict[str, Any], where: dict[str, list[Any]]) -> bool:
+    """Whether ``row`` holds one of the allowed values in every field of ``where`` (an absent field
+    never matches)."""
+    for field, allowed in where.items():
+        value = _lookup(row, field)
+        if value is _MISSING or not any(_same_value(value, a) for a in allowed):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class LoadedSource:
+    """A whole source, loaded: ``input records = problems + errors + filtered_out``."""
+
+    problems: pa.Table
+    """``PROBLEM_SCHEMA`` rows."""
+    errors: pa.Table
+    """``ERROR_SCHEMA`` rows: records that could not become problems."""
+    filtered_out: int
+    """Well-formed records the source's ``where`` did not select (counted, not errors)."""
+
+
+def load_source(config: SourceConfig) -> LoadedSource:
+    """Load a whole source. A bad record never stops the load; error details start with the file and
+    line (``path:line``, or ``path#row`` for parquet). A record that is an object but does not match
+    ``config.where`` is counted in ``filtered_out`` and not looked at further (a record of another
+    difficulty is not an error, even when it would be malformed)."""
     problems: list[dict] = []
     errors: list[dict] = []
+    filtered_out = 0
     for record in iter_raw_rows(config):
         if record.error is not None:
             errors.append(record.error)
+            continue
+        selected = (
+            config.where is None
+            or not isinstance(record.row, dict)
+            or matches_where(record.row, config.where)
+        )
+        if not selected:
+            filtered_out += 1
             continue
         problem, error = normalise_row(record.row, config)
         if problem is not None:
             problems.append(problem)
         else:
             errors.append({**error, "detail": f"{record.location}: {error['detail']}"})
-    return to_table(problems, PROBLEM_SCHEMA), to_table(errors, ERROR_SCHEMA)
+    return LoadedSource(to_table(problems, PROBLEM_SCHEMA), to_table(errors, ERROR_SCHEMA), filtered_out)
+
+
+def load_problems(config: SourceConfig) -> tuple[pa.Table, pa.Table]:
+    """Load a whole source: (problems with ``PROBLEM_SCHEMA``, errors with ``ERROR_SCHEMA``), as
+    :func:`load_source` without the count of records ``where`` filtered out."""
+    loaded = load_source(config)
+    return loaded.problems, loaded.errors

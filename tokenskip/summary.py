@@ -519,12 +519,14 @@ def run_counts(
     load_errors: int,
     dedup_reasons: Mapping[str, int],
     problems_to_generate: int,
+    filtered_out: int = 0,
 ) -> dict[str, Any]:
     """The run's per-stage counts (the dict :func:`tokenskip.pipeline.run_statistics` returns) from
     the merged summary of every committed shard, input shard included, and the plan's input figures.
 
     ``load_errors``: rows the loaders refused (they are among the summary's errors, so sample errors
-    are the rest); ``dedup_reasons``: the plan's dedup/decontamination rejects per reason."""
+    are the rest); ``dedup_reasons``: the plan's dedup/decontamination rejects per reason;
+    ``filtered_out``: input records the sources' ``where`` did not select."""
     reasons = summary.reasons("rejects")
     error_reasons = summary.reasons("errors")
     kept = summary.kept_samples
@@ -537,6 +539,8 @@ def run_counts(
     return {
         "input_rows": input_rows,
         "load_errors": load_errors,
+        # Only when a source's `where` dropped records: the counts of other runs stay as they were.
+        **({"filtered_out": filtered_out} if filtered_out else {}),
         "dedup": {k: dedup_reasons.get(k, 0) for k in DEDUP_REASONS},
         "problems_to_generate": problems_to_generate,
         "samples": samples,

@@ -88,10 +88,11 @@ class Funnel:
     rejects: dict[str, int]
     errors: dict[str, int]
     acceptance: float | None
+    filtered_out: int = 0  # input records the sources' `where` did not select
 
     @property
     def valid_problems(self) -> int:
-        return self.input_rows - self.load_errors
+        return self.input_rows - self.load_errors - self.filtered_out
 
     @property
     def stages(self) -> list[Bar]:
@@ -132,6 +133,7 @@ def funnel(counts: dict[str, Any]) -> Funnel:
         rejects={str(k): int(as_float(v)) for k, v in (counts.get("rejects_by_reason") or {}).items()},
         errors={str(k): int(as_float(v)) for k, v in (counts.get("errors_by_reason") or {}).items()},
         acceptance=as_float(acceptance) if acceptance is not None else None,
+        filtered_out=count("filtered_out"),
     )
 
 

@@ -131,7 +131,8 @@ def _edge_label(edge: int) -> str:
 def _funnel_section(counts: dict[str, Any]) -> str:
     f = figures.funnel(counts)
     table_rows = [
-        ("input rows", num(f.input_rows), f"load errors {num(f.load_errors)}"),
+        ("input rows", num(f.input_rows), f"load errors {num(f.load_errors)}"
+         + (f", filtered out by sources[].where {num(f.filtered_out)}" if f.filtered_out else "")),
         ("valid problems", num(f.valid_problems), ""),
         ("problems after dedup", num(f.problems), f"duplicates {f.duplicate}, contaminated {f.contaminated}"),
         ("samples generated", num(f.samples), f"sample errors {num(f.samples - f.graded)}"),

@@ -9,6 +9,9 @@ Both score each text ONCE and derive the kept words for every requested ratio fr
 
     scorer = build_scorer(ScorerConfig(kind="llmlingua2", model="path/or/hf-id"))
     scorer.prune(["Step 1: 48 / 2 = 24 ..."], [0.9, 0.5])  # -> [{0.9: "...", 0.5: "..."}]
+
+What pruning never drops (``force_tokens``, ``force_digits``, ``drop_consecutive``) defaults to
+``auto``: TokenSkip's setting for the family of the model the data is for (:func:`tokenskip_forcing`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,39 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenskip.pruning import ScoredChunk, keep_mask, reduce_rate_for, validate_ratios
 
 DEFAULT_LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
+
+AUTO = "auto"
+
+
+class Forcing(BaseModel):
+    """What pruning always keeps: one of TokenSkip's two settings, or a config's own values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    force_tokens: list[str]
+    force_digits: bool
+    drop_consecutive: bool
+
+
+# TokenSkip's LLMLingua.py: `compress_prompt(cot, rate, force_tokens=['Step', ':'],
+# force_reserve_digit=True, drop_consecutive=True)` for LLaMA-3 ...
+TOKENSKIP_LLAMA_FORCING = Forcing(force_tokens=["Step", ":"], force_digits=True, drop_consecutive=True)
+# ... and plain `compress_prompt(cot, rate)` for Qwen (llmlingua's defaults: nothing forced).
+TOKENSKIP_QWEN_FORCING = Forcing(force_tokens=[], force_digits=False, drop_consecutive=False)
+
+
+def model_family(model: str | None) -> Literal["qwen", "other"]:
+    """The family that decides TokenSkip's forcing: ``qwen`` when the model's id or folder name says
+    Qwen (Qwen/Qwen2.5-7B-Instruct, deepseek-ai/DeepSeek-R1-Distill-Qwen-7B), else ``other``. By name,
+    so the run id does not depend on a model's files; a renamed Qwen checkpoint needs explicit values."""
+    return "qwen" if model and "qwen" in model.lower() else "other"
+
+
+def tokenskip_forcing(target_model: str | None) -> Forcing:
+    """TokenSkip's forcing for data meant for ``target_model``: its Qwen setting (nothing forced) for
+    the Qwen family, its LLaMA-3 setting (``Step``, ``:``, digits, drop-consecutive) for every other
+    model and when the target is unknown (the setting this project always used)."""
+    return TOKENSKIP_QWEN_FORCING if model_family(target_model) == "qwen" else TOKENSKIP_LLAMA_FORCING
 
 
 class ScorerConfig(BaseModel):
@@ -59,20 +95,22 @@ class ScorerConfig(BaseModel):
         description="Model weights/compute dtype. float32 reproduces llmlingua on CPU exactly; half "
         "precision is ~2x faster on GPU but changes near-threshold decisions.",
     )
-    force_tokens: list[str] = Field(
-        default_factory=lambda: ["Step", ":"],
-        description="Words always kept (TokenSkip: Step and ':'), at most 100. More = structure "
-        "preserved but less room to compress at low ratios.",
+    force_tokens: list[str] | Literal["auto"] = Field(
+        AUTO,
+        description="Words always kept, at most 100. More = structure preserved but less room to compress "
+        "at low ratios. auto = TokenSkip's choice for the target model's family: ['Step', ':'] (its "
+        "LLaMA-3 setting) for every model but Qwen, [] for Qwen (plain compress_prompt).",
     )
-    force_digits: bool = Field(
-        True,
+    force_digits: bool | Literal["auto"] = Field(
+        AUTO,
         description="Always keep words containing a digit (llmlingua force_reserve_digit). Keeps the "
-        "arithmetic intact; costs compression on number-heavy CoTs.",
+        "arithmetic intact; costs compression on number-heavy CoTs. auto = TokenSkip's choice: true "
+        "except for Qwen targets.",
     )
-    drop_consecutive: bool = Field(
-        True,
+    drop_consecutive: bool | Literal["auto"] = Field(
+        AUTO,
         description="Drop a force token repeated with nothing kept in between (e.g. ': :'). Avoids "
-        "runs of bare punctuation in pruned text.",
+        "runs of bare punctuation in pruned text. auto = TokenSkip's choice: true except for Qwen targets.",
     )
     chunk_end_tokens: list[str] = Field(
         default_factory=lambda: [".", "\n"],
@@ -116,6 +154,21 @@ class ScorerConfig(BaseModel):
         "environment's credentials and endpoint.",
     )
 
+    def resolve_forcing(self, target_model: str | None) -> ScorerConfig:
+        """This config with every ``auto`` forcing field set from :func:`tokenskip_forcing` of
+        ``target_model`` (the model the data is for; None = unknown). Explicit values stay."""
+        preset = tokenskip_forcing(target_model)
+        update = {
+            name: getattr(preset, name) for name in Forcing.model_fields if getattr(self, name) == AUTO
+        }
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def forcing(self) -> Forcing:
+        """The forcing this config prunes with (``auto`` fields as for an unknown target)."""
+        resolved = self.resolve_forcing(None)
+        return Forcing(**{name: getattr(resolved, name) for name in Forcing.model_fields})
+
     @model_validator(mode="after")
     def _selfinfo_needs_a_causal_lm(self) -> ScorerConfig:
         if self.kind == "selfinfo" and self.model == DEFAULT_LLMLINGUA2_MODEL:
@@ -129,7 +182,8 @@ class Scorer(ABC):
     """Scores texts once; prunes them to any number of ratios from that one pass."""
 
     def __init__(self, config: ScorerConfig):
-        self.config = config
+        # Forcing left at auto by a caller that knows no target model: TokenSkip's LLaMA-3 setting.
+        self.config = config.resolve_forcing(None)
 
     @abstractmethod
     def score(self, texts: list[str]) -> list[list[ScoredChunk]]:
@@ -232,6 +286,11 @@ def build_scorer(config: ScorerConfig) -> Scorer:
 
 __all__ = [
     "DEFAULT_LLMLINGUA2_MODEL",
+    "TOKENSKIP_LLAMA_FORCING",
+    "TOKENSKIP_QWEN_FORCING",
+    "Forcing",
+    "model_family",
+    "tokenskip_forcing",
     "ScoredChunk",
     "Scorer",
     "ScorerConfig",

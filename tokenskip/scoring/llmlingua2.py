@@ -134,6 +134,7 @@ class LLMLingua2Scorer(Scorer):
         import torch
         from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
+        config = self.config  # forcing resolved (no "auto" left)
         if len(config.force_tokens) > MAX_FORCE_TOKENS:
             raise ValueError(f"at most {MAX_FORCE_TOKENS} force_tokens, got {len(config.force_tokens)}")
         self.model_path = resolve_model_path(config.model, config.cache_dir, config.storage_options)

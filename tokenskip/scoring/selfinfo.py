@@ -48,7 +48,7 @@ class SelfInfoScorer(Scorer):
         self.start_id = start if start is not None else self.tokenizer.eos_token_id
         positions = getattr(self.model.config, "max_position_embeddings", None) or config.max_length
         self.window = max(2, min(config.max_length, positions) - (1 if self.start_id is not None else 0))
-        self.force_set = set(config.force_tokens)
+        self.force_set = set(self.config.force_tokens)  # forcing resolved (no "auto" left)
 
     # -- text -> windows of tokens ------------------------------------------------------------------
 

@@ -10,6 +10,11 @@ which already isolates a row its scorer fails on (:mod:`tokenskip.stages.fallbac
 as that row's ``error``/``error_detail``. Such a row becomes an error row here (status ``error``, its
 ``reason``/``detail`` from the compressor, ``compress_seconds`` set), and the write stage puts it in
 the run's errors with stage ``compress``; the other rows of its batch keep their compressions.
+
+A run built without compression (``compression: null``, a pool of plain CoTs) has no compress
+stage: :func:`keep_cots_whole` takes its place (a plain task, no scorer), giving the kept rows their
+reasoning / answer tail split, ``original_tokens`` = the generated tokens and ``compressions: []``,
+so the data schema is the same and ``train`` reads it (with ``mix.ratios: [1.0]``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tokenskip.capacity import actor_pool_args
+from tokenskip.grading import split_answer_tail
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import COMPRESSED_SCHEMA
 from tokenskip.stages import grade
@@ -101,9 +107,34 @@ class CompressKeptStage:
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
+def keep_cots_whole(batch: pa.Table) -> pa.Table:
+    """``map_batches`` function of a run without compression: the kept rows get the fields a
+    compressed row has (reasoning and answer tail split as compression splits them, ``original_tokens``
+    = the generated tokens, no compressions); every other row passes through with them null."""
+    check_fields(batch.schema, INPUT_SCHEMA, "keep whole")
+    rows = batch.to_pylist()
+    for row in rows:
+        row.update(dict.fromkeys(f.name for f in OUTPUT_FIELDS))
+        if row["status"] == "kept":
+            reasoning, tail = split_answer_tail(row["cot"])
+            row.update(
+                reasoning=reasoning, answer_tail=tail, original_tokens=row["gen_tokens"], compressions=[]
+            )
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
-    """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
+    """``Dataset.map_batches`` arguments that run this stage as ``config`` says (without compression:
+    :func:`keep_cots_whole`, a task that loads nothing)."""
     r = config.resources
+    if config.compression is None:
+        return {
+            "fn": keep_cots_whole,
+            "batch_size": None,  # whole blocks: shards stay whole for the write stage
+            "batch_format": "pyarrow",
+            "num_cpus": r.grading_cpus,
+            "max_retries": -1,
+        }
     return {
         "fn": CompressKeptStage,
         "fn_constructor_kwargs": {

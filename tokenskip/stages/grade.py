@@ -3,8 +3,9 @@
 Every sample gets a verdict from :mod:`tokenskip.grading` and a ``status``:
 
 * ``kept``   - correct and chosen by the selection policy: it goes on to compression;
-* ``reject`` - incorrect / unparsable / timeout, or correct but dropped by the policy (reason
-  ``policy``); it lands in the rejects table with its verdict;
+* ``reject`` - incorrect / unparsable / timeout, correct but longer than ``max_cot_tokens`` (reason
+  ``too_long``), or correct but dropped by the policy (reason ``policy``); it lands in the rejects
+  table with its verdict;
 * ``error``  - the problem produced no sample (prompt too long, engine error); one error row per
   expected sample, so every (problem, sample index) key appears exactly once in the run.
 
@@ -12,8 +13,9 @@ Input: the generation stage's rows (:data:`INPUT_FIELDS`). Output: :data:`OUTPUT
 ``n`` rows per problem: a shard is committed once it has ``problems x n`` rows, so a problem with
 another number of samples would leave its shard waiting forever. The stage refuses such a batch
 with :class:`~tokenskip.stages.contract.RowCountMismatch` instead. Config:
-:class:`~tokenskip.grading.GradingConfig` and the policy of :class:`~tokenskip.config.SelectionConfig`,
-with the run's model, generation hash and ``n`` (:func:`map_batches_args`).
+:class:`~tokenskip.grading.GradingConfig` and the policy and length limit of
+:class:`~tokenskip.config.SelectionConfig`, with the run's model, generation hash and ``n``
+(:func:`map_batches_args`).
 """
 
 from __future__ import annotations
@@ -69,9 +71,20 @@ OUTPUT_SCHEMA = SAMPLE_ROW_SCHEMA = pa.schema(
 )
 
 
-def choose(verdicts: list[str], lengths: list[int], policy: str) -> set[int]:
-    """Indices of the correct samples the policy keeps."""
-    correct = [i for i, v in enumerate(verdicts) if v == Verdict.correct.value]
+def too_long(length: int | None, max_cot_tokens: int | None) -> bool:
+    """Whether a CoT of ``length`` generated tokens is over the selection's length limit."""
+    return max_cot_tokens is not None and length is not None and length > max_cot_tokens
+
+
+def choose(
+    verdicts: list[str], lengths: list[int], policy: str, max_cot_tokens: int | None = None
+) -> set[int]:
+    """Indices of the correct samples the policy keeps, among those within ``max_cot_tokens``."""
+    correct = [
+        i
+        for i, v in enumerate(verdicts)
+        if v == Verdict.correct.value and not too_long(lengths[i], max_cot_tokens)
+    ]
     if not correct or policy == "all-correct":
         return set(correct)
     if policy == "first-correct":
@@ -84,11 +97,20 @@ def choose(verdicts: list[str], lengths: list[int], policy: str) -> set[int]:
 class GradeSelectStage:
     """``map_batches`` callable (pyarrow in, pyarrow out)."""
 
-    def __init__(self, grading: GradingConfig, policy: str, model: str, generation_hash: str, n_samples: int):
+    def __init__(
+        self,
+        grading: GradingConfig,
+        policy: str,
+        model: str,
+        generation_hash: str,
+        n_samples: int,
+        max_cot_tokens: int | None = None,
+    ):
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self.grading = grading
         self.policy = policy
+        self.max_cot_tokens = max_cot_tokens
         self.model = model
         self.generation_hash = generation_hash
         self.n_samples = n_samples
@@ -147,7 +169,8 @@ class GradeSelectStage:
                 continue
             graded = by_problem[p_index]
             verdicts = [g.verdict.value for g in graded]
-            kept = choose(verdicts, [s["tokens"] for s in samples], self.policy)
+            lengths = [s["tokens"] for s in samples]
+            kept = choose(verdicts, lengths, self.policy, self.max_cot_tokens)
             for idx, (s, g) in enumerate(zip(samples, graded, strict=True)):
                 row = base | {
                     "key": sample_key(p["id"], self.generation_hash, idx),
@@ -160,6 +183,9 @@ class GradeSelectStage:
                 }
                 if idx in kept:
                     row |= {"status": "kept", "reason": None, "detail": None}
+                elif g.verdict == Verdict.correct and too_long(lengths[idx], self.max_cot_tokens):
+                    detail = f"CoT of {lengths[idx]} tokens, over selection.max_cot_tokens {self.max_cot_tokens}"
+                    row |= {"status": "reject", "reason": "too_long", "detail": detail}
                 elif g.verdict == Verdict.correct:
                     row |= {"status": "reject", "reason": "policy", "detail": f"not chosen by {self.policy}"}
                 else:
@@ -188,6 +214,7 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
             "model": config.engine.model,
             "generation_hash": config.generation_hash(),
             "n_samples": config.sampling.n,
+            "max_cot_tokens": config.selection.max_cot_tokens,
         },
         "batch_format": "pyarrow",
         "num_cpus": config.resources.grading_cpus,
