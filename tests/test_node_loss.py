@@ -68,6 +68,13 @@ def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
+def _titled(process: psutil.Process, title: str) -> bool:
+    try:
+        return title in " ".join(process.cmdline())
+    except psutil.Error:  # exited meanwhile, or a zombie
+        return False
+
+
 def _kill_tree(processes: list[psutil.Process]) -> None:
     for p in processes:
         try:
@@ -191,7 +198,7 @@ def test_losing_a_worker_node_mid_run_keeps_every_key_exactly_once(
             node = _tree(second)
             # Its generation actor caught running a batch (Ray's title while one runs), so the loss
             # drops work in flight.
-            generating = any(GENERATE_TASK_TITLE in " ".join(p.cmdline()) for p in node if p.is_running())
+            generating = any(_titled(p, GENERATE_TASK_TITLE) for p in node)
             committed = [p for p in shards_dir.glob("*/_shards/s-*.json")]
             if generating and committed:
                 break
