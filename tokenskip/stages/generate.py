@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tokenskip.admission import AdmissionConfig, AdmissionGate, AdmissionRule
-from tokenskip.capacity import actor_pool_args
 from tokenskip.engine import (
     EngineConfig,
     EngineDead,
@@ -79,7 +78,7 @@ from tokenskip.prompts import render_prompt
 from tokenskip.stages.contract import check_fields
 
 if TYPE_CHECKING:
-    from tokenskip.config import PipelineConfig, PoolSize
+    from tokenskip.config import PipelineConfig
 
 __all__ = [
     "INPUT_FIELDS",
@@ -189,7 +188,7 @@ class GenerateStage:
 
     @staticmethod
     def map_batches_options(
-        *, actors: PoolSize | int, cpus: float, gpus: float, max_concurrent_batches: int
+        *, actors: int, cpus: float, gpus: float, max_concurrent_batches: int
     ) -> dict[str, Any]:
         """``map_batches`` arguments (besides the stage and its constructor kwargs) for the generation stage.
 
@@ -200,13 +199,17 @@ class GenerateStage:
         since batches with a straggler stay held (``AdmissionRule.recommended_max_batches``). Ray Data
         queues more tasks per actor (``max_tasks_in_flight_per_actor``), so the next batch is there.
         """
+        import ray
+
         return {
             "batch_format": "pyarrow",
+            "compute": ray.data.ActorPoolStrategy(
+                size=actors, max_concurrent_calls_per_actor=max_concurrent_batches
+            ),
             "num_cpus": cpus,
             "num_gpus": gpus,
-            # An elastic pool: a dead engine actor restarts when there is room; its batches are
-            # redone by the driver rather than waiting for it (tokenskip.capacity).
-            **actor_pool_args(actors, max_concurrent_calls_per_actor=max_concurrent_batches),
+            "max_restarts": -1,  # a dead engine actor is restarted and its batches retried
+            "max_task_retries": -1,
         }
 
     def render(self, question: str) -> str:
