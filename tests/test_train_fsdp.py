@@ -264,7 +264,16 @@ def test_fsdp_resumes_exactly_and_intermediate_checkpoint_exports(tmp_path, tiny
             seed=0,
         )
     )
-    generated = generate(llm, [prompt], SamplingConfig(temperature=0.0, max_tokens=8))[0][0]
+    try:
+        generated = generate(llm, [prompt], SamplingConfig(temperature=0.0, max_tokens=8))[0][0]
+    finally:
+        # The in-process engine started a world-size-1 torch.distributed group in this process; later
+        # tests make their own, so it goes with the engine.
+        from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
+
+        del llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
     assert generated.token_count >= 1
     assert generated.finish_reason in {"length", "stop"}
 

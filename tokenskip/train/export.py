@@ -82,6 +82,19 @@ def export_checkpoint(
     """Write kept checkpoint ``checkpoint`` (folder or URL) as a Hugging Face model folder at
     ``out_dir`` (local) and return it. ``model``: the base model when the one recorded in the
     checkpoint's config has moved. One process, on CPU; needs the base model's memory in fp32."""
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        return _export(checkpoint, out_dir, storage_options, model)
+    finally:
+        # Loading a sharded checkpoint may start a world-size-1 default group (torch.distributed
+        # checkpoint / device mesh); one that this call started must not outlive it in the caller.
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _export(checkpoint: str, out_dir: str, storage_options: dict[str, Any] | None, model: str | None) -> str:
     import torch
     from transformers import AutoTokenizer
 
