@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tokenskip.admission import AdmissionConfig, AdmissionGate, AdmissionRule
+from tokenskip.capacity import actor_pool_args
 from tokenskip.engine import (
     EngineConfig,
     EngineDead,
@@ -78,7 +79,7 @@ from tokenskip.prompts import render_prompt
 from tokenskip.stages.contract import check_fields
 
 if TYPE_CHECKING:
-    from tokenskip.config import PipelineConfig
+    from tokenskip.config import PipelineConfig, PoolSize
 
 __all__ = [
     "INPUT_FIELDS",
@@ -188,7 +189,7 @@ class GenerateStage:
 
     @staticmethod
     def map_batches_options(
-        *, actors: int, cpus: float, gpus: float, max_concurrent_batches: int
+        *, actors: PoolSize | int, cpus: float, gpus: float, max_concurrent_batches: int
     ) -> dict[str, Any]:
         """``map_batches`` arguments (besides the stage and its constructor kwargs) for the generation stage.
 
@@ -199,17 +200,13 @@ class GenerateStage:
         since batches with a straggler stay held (``AdmissionRule.recommended_max_batches``). Ray Data
         queues more tasks per actor (``max_tasks_in_flight_per_actor``), so the next batch is there.
         """
-        import ray
-
         return {
             "batch_format": "pyarrow",
-            "compute": ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=max_concurrent_batches
-            ),
             "num_cpus": cpus,
             "num_gpus": gpus,
-            "max_restarts": -1,  # a dead engine actor is restarted and its batches retried
-            "max_task_retries": -1,
+            # An elastic pool: a dead engine actor restarts when there is room; its batches are
+            # redone by the driver rather than waiting for it (tokenskip.capacity).
+            **actor_pool_args(actors, max_concurrent_calls_per_actor=max_concurrent_batches),
         }
 
     def render(self, question: str) -> str:
