@@ -13,6 +13,7 @@ from tokenskip.capacity import (
     CapacityUnavailable,
     PoolDemand,
     actor_pool_args,
+    lost_with_an_actor,
     missing_capacity_text,
     pool_demands,
 )
@@ -66,6 +67,31 @@ def test_pools_restart_lost_actors_but_do_not_pin_their_tasks_to_them():
     # Starts at max (engines are slow to start), may run on min.
     assert (elastic.min_size, elastic.max_size, elastic.initial_size) == (1, 3, 3)
     assert elastic.max_concurrent_calls_per_actor == 4
+
+    # With no driver pass to redo them, a standalone pipeline keeps a dead actor's tasks for it.
+    retried = actor_pool_args(1, lost_tasks="retry")
+    assert retried["max_restarts"] == -1 and retried["max_task_retries"] == -1
+    with pytest.raises(ValueError, match="lost_tasks"):
+        actor_pool_args(1, lost_tasks="wait")
+
+
+def test_generation_pool_options_retry_standalone_and_redo_in_the_pipeline():
+    from tokenskip.stages.generate import GenerateStage, map_batches_args
+
+    standalone = GenerateStage.map_batches_options(actors=1, cpus=1, gpus=0, max_concurrent_batches=2)
+    assert standalone["max_task_retries"] == -1
+    config = PipelineConfig.model_validate(
+        {"dataset": "d", "sources": [{"path": "p.jsonl", "kind": "gsm8k"}], "engine": {"model": "m"}}
+    )
+    assert map_batches_args(config)["max_task_retries"] == 0
+
+
+def test_only_errors_of_dead_actors_count_as_lost_work():
+    from ray.exceptions import ActorDiedError, RayActorError
+
+    assert lost_with_an_actor([ActorDiedError(), RayActorError()])
+    assert not lost_with_an_actor([])  # nothing dropped is not lost work
+    assert not lost_with_an_actor([ActorDiedError(), ValueError("a bug in a stage")])
 
 
 def test_the_missing_capacity_line_names_the_pool_and_the_free_resources():

@@ -34,6 +34,7 @@ def _wait_for(condition, timeout_s: float = 5.0) -> None:
 
 
 def test_work_goes_on_through_the_grace_period_then_stops():
+    before = signal.getsignal(signal.SIGTERM)  # pytest or an earlier test may have set its own
     with GracefulStop(grace_s=0.5) as stop:
         with pytest.raises(StopRequested) as info, stop.stoppable():
             assert stop.admit()
@@ -50,8 +51,8 @@ def test_work_goes_on_through_the_grace_period_then_stops():
         assert committed_in_grace > 5
         elapsed = time.monotonic() - stop.requested_at
         assert 0.5 <= elapsed < 5, elapsed
-    # Handlers are restored: SIGTERM is back to its default.
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # Handlers are restored: SIGTERM is back to what it was.
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_stop_falling_due_during_a_commit_waits_for_its_end():
@@ -156,10 +157,11 @@ def test_sigterm_mid_run_keeps_commits_releases_the_lease_and_a_rerun_completes(
 
 def test_the_handlers_are_put_back_when_the_loop_starts_after_something_replaced_them():
     # ray.init installs Ray's own SIGTERM handler (it aborts the driver); the loop starts after it.
+    before = signal.getsignal(signal.SIGTERM)
     with GracefulStop(grace_s=0) as stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stands in for Ray's handler
         with pytest.raises(StopRequested), stop.stoppable():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
             pytest.fail("SIGTERM did not reach the graceful stop")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from tokenskip.config import PipelineConfig, PoolSize
@@ -36,7 +36,9 @@ __all__ = [
     "CapacityUnavailable",
     "DroppedBlocks",
     "PoolDemand",
+    "LostTasks",
     "actor_pool_args",
+    "lost_with_an_actor",
     "pool_demands",
     "pool_strategy",
     "tolerate_dropped_blocks",
@@ -65,11 +67,31 @@ def pool_strategy(size: PoolSize | int, **options: Any):
     return ray.data.ActorPoolStrategy(min_size=size.min, max_size=size.max, initial_size=size.max, **options)
 
 
-def actor_pool_args(size: PoolSize | int, **options: Any) -> dict[str, Any]:
+LostTasks = Literal["redo", "retry"]
+"""What happens to the tasks a dead actor held: ``redo`` fails them at once (the driver's next pass
+redoes their shards on the actors that remain: the pipeline, where a lost node must not hang the
+run); ``retry`` keeps them for the restarted actor (Ray's own retry: a standalone Ray Data pipeline
+with no driver pass to redo them, which waits for the actor to come back)."""
+
+
+def actor_pool_args(size: PoolSize | int, *, lost_tasks: LostTasks = "redo", **options: Any) -> dict[str, Any]:
     """``map_batches`` arguments for an actor pool of ``size`` that survives losing actors: a dead
-    actor restarts when there is room (``max_restarts=-1``), but its tasks fail rather than wait for
-    it (``max_task_retries=0``), and the driver redoes their shards."""
-    return {"compute": pool_strategy(size, **options), "max_restarts": -1, "max_task_retries": 0}
+    actor restarts when there is room (``max_restarts=-1``); its tasks fail rather than wait for it
+    (``lost_tasks="redo"``: ``max_task_retries=0``, the driver redoes their shards) or are retried on
+    it once it is back (``"retry"``: ``max_task_retries=-1``)."""
+    if lost_tasks not in ("redo", "retry"):
+        raise ValueError(f"lost_tasks must be 'redo' or 'retry', not {lost_tasks!r}")
+    retries = 0 if lost_tasks == "redo" else -1
+    return {"compute": pool_strategy(size, **options), "max_restarts": -1, "max_task_retries": retries}
+
+
+def lost_with_an_actor(errors: list[BaseException]) -> bool:
+    """Whether every one of a pass's dropped-task ``errors`` is an actor that died under its task
+    (killed, OOM, its node lost): that work is redone in another pass; any other error is the run's
+    own failure and is raised."""
+    from ray.exceptions import RayActorError
+
+    return bool(errors) and all(isinstance(e, RayActorError) for e in errors)
 
 
 def tolerate_dropped_blocks(dataset) -> None:

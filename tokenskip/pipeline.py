@@ -24,6 +24,7 @@ dataset with an empty one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -34,7 +35,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenskip.capacity import DroppedBlocks, pool_demands, tolerate_dropped_blocks, wait_for_capacity
+from tokenskip.capacity import (
+    DroppedBlocks,
+    lost_with_an_actor,
+    pool_demands,
+    tolerate_dropped_blocks,
+    wait_for_capacity,
+)
 from tokenskip.config import PipelineConfig, cluster_demand
 from tokenskip.console import RunDisplay
 from tokenskip.dataset_card import dataset_card
@@ -53,6 +60,9 @@ from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summar
 log = logging.getLogger(__name__)
 
 INPUT_SHARD = "input"
+# Passes in a row that may commit nothing because actors died under every task (a node lost as the
+# pass began, an engine killed twice) before the run fails with the actor's error.
+PASSES_WITHOUT_PROGRESS = 3
 
 
 class RunStopped(RuntimeError):
@@ -609,10 +619,13 @@ def _generate_and_commit(
     """Run the stages over the pending shards and commit each shard as its record arrives.
 
     In passes: a pass whose lost actors dropped some shards (:mod:`tokenskip.capacity`) is followed
-    by one over just those, on whatever capacity is left, as long as each pass commits something.
-    Each pass first waits (``resources.capacity_wait_s``) until the pools' minimum can be placed."""
+    by one over just those, on whatever capacity is left. A pass that commits nothing is run again
+    only while every task it dropped died with its actor (a kill, an OOM, a lost node), at most
+    ``PASSES_WITHOUT_PROGRESS`` times in a row; any other error is raised. Each pass first waits
+    (``resources.capacity_wait_s``) until the pools' minimum can be placed."""
     remaining = pending
-    for pass_number in range(1, len(pending) + 1):
+    without_progress = 0
+    for pass_number in itertools.count(1):
         if not stop.admit():
             raise StopRequested(stop.signal_name or "a signal")
         wait_for_capacity(pool_demands(config), config.resources.capacity_wait_s)
@@ -621,10 +634,13 @@ def _generate_and_commit(
         missing = [s for s in remaining if s.shard_id not in done]
         if not missing:
             return
-        if not done:
+        without_progress = 0 if done else without_progress + 1
+        if without_progress and not lost_with_an_actor(dropped.errors):
             if dropped.errors:
                 raise dropped.errors[0]
             break
+        if without_progress >= PASSES_WITHOUT_PROGRESS:
+            raise dropped.errors[0]
         log.warning(
             "pass %d: %d shards did not arrive (%d failed tasks, e.g. actors lost with a node): "
             "running them again",
