@@ -6,7 +6,9 @@ Exit codes: 0 published / up to date / budget reached (resumes next time); 3 ano
 the dataset's lock (nothing was done; the scheduler can simply try again later); 4 LATEST was built
 with another config (see ``rebuild_on_config_change``); 5 the new version was held back (empty, or it
 lost more kept samples than ``min_kept_fraction`` allows; the reason is printed, LATEST unchanged);
-1 any other error (LATEST unchanged).
+6 stopped by SIGTERM/SIGINT (committed shards kept, lock released; the next refresh resumes); 7 the
+cluster cannot place the pools' minimum (``resources.capacity_wait_s``); 1 any other error (LATEST
+unchanged).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tokenskip.config import add_config_arguments
 EXIT_LOCKED = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_REFUSED = 5
+EXIT_STOPPED = 6
+EXIT_NO_CAPACITY = 7
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refresh(args: argparse.Namespace, run_log) -> int:
+    from tokenskip.capacity import CapacityUnavailable
     from tokenskip.config import parse_overrides
     from tokenskip.console import place_log
+    from tokenskip.pipeline import RunStopped
     from tokenskip.refresh import IncompatibleBase, LockHeld, load_refresh_config, plan_refresh, refresh
     from tokenskip.storage import RunStore
 
@@ -64,6 +70,12 @@ def _refresh(args: argparse.Namespace, run_log) -> int:
     except IncompatibleBase as exc:
         print(f"refresh refused: {exc}", file=sys.stderr)
         return EXIT_INCOMPATIBLE
+    except RunStopped as stopped:
+        print(f"refresh stopped by {stopped.signal_name}: committed shards kept; the next refresh resumes", file=sys.stderr)
+        return EXIT_STOPPED
+    except CapacityUnavailable as exc:
+        print(f"refresh failed: {exc}", file=sys.stderr)
+        return EXIT_NO_CAPACITY
     result.pop("pipeline", None)  # the full run report is in runs/<version>/report.json
     print(json.dumps(result, indent=2, default=str))
     if result.get("status") == "refused":

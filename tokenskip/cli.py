@@ -18,6 +18,9 @@ from tokenskip.config import add_config_arguments
 EXIT_REFUSED = 1  # the run finished but was not published (empty); the reason is printed
 EXIT_USER_ERROR = 2  # bad config, missing input, unwritable output, unknown model: nothing was started
 EXIT_LOCKED = 3  # another writer holds the run's lease (or the refresh lock): try again later
+# 4 and 5 are refresh's (an incompatible base, a refresh held back).
+EXIT_STOPPED = 6  # SIGTERM/SIGINT: committed shards kept, lease released, report written; re-run resumes
+EXIT_NO_CAPACITY = 7  # the cluster cannot place the pools' minimum (resources.capacity_wait_s); re-run resumes
 # Commands that live in their own module (which also serves a Ray job entrypoint): (name, module,
 # help). The module documents the command in its docstring and has add_arguments(parser) and
 # run_command(args) -> exit code.
@@ -30,7 +33,7 @@ MODULE_COMMANDS = (
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokenskip.config import load_pipeline_config, parse_overrides
-    from tokenskip.pipeline import RunRefused, build_dry_run_graph, make_plan, run_pipeline
+    from tokenskip.pipeline import RunRefused, RunStopped, build_dry_run_graph, make_plan, run_pipeline
     from tokenskip.preflight import UserError, check_run
     from tokenskip.storage import RunStore
 
@@ -60,6 +63,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
+    except RunStopped as stopped:
+        pending = stopped.report.get("pending_shards", 0)
+        print(
+            f"tokenskip run: stopped by {stopped.signal_name}: run {plan.run_id} has "
+            f"{len(plan.shards) - pending} of {len(plan.shards)} shards committed, its lease is released "
+            "and report.txt says what is committed; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     finally:
         if run_log is not None and store.local_dir() is None:
             _upload_log(store, run_log)
@@ -407,11 +419,25 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def run_reporting_errors(command: str, work: Callable[[], int], *, verbose: bool = False) -> int:
     """``work()``'s exit code; a user error (:func:`_user_errors`) is one line on stderr and exit 2,
-    a held lease exit 3 (``verbose`` adds the traceback). The CLI and the job entrypoints use it."""
+    a held lease exit 3, an interrupt outside a run's commit loop exit 6, missing capacity exit 7
+    (``verbose`` adds the traceback). The CLI and the job entrypoints use it."""
+    from tokenskip.capacity import CapacityUnavailable
     from tokenskip.storage import LockHeld
 
     try:
         return work()
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run's commit loop (planning, a command without a graceful stop).
+        if verbose:
+            traceback.print_exc()
+        resumes = "; a re-run resumes from what was committed" if command in ("run", "train") else ""
+        print(f"tokenskip {command}: interrupted{resumes}", file=sys.stderr)
+        return EXIT_STOPPED
+    except CapacityUnavailable as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"tokenskip {command}: error: {exc}", file=sys.stderr)
+        return EXIT_NO_CAPACITY
     except LockHeld as exc:
         if verbose:
             traceback.print_exc()

@@ -11,10 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
 from tokenskip.admission import AdmissionConfig
 from tokenskip.compress import CompressConfig
@@ -95,12 +103,63 @@ class SelectionConfig(BaseModel):
     )
 
 
+class PoolSize(BaseModel):
+    """How many actors a stage's pool may have: fixed (``4``) or elastic (``"1..4"``: Ray Data's
+    autoscaling actor pool starts ``max`` actors, runs on as few as ``min`` when capacity is lost and
+    grows back when it returns). In YAML and ``--set``: an int or ``MIN..MAX``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(ge=1, description="Actors the run needs: fewer placeable and it fails (capacity_wait_s).")
+    max: int = Field(ge=1, description="Actors the pool grows to when the cluster has room.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolSize:
+        if self.min > self.max:
+            raise ValueError(f"pool size {self.min}..{self.max}: min is above max")
+        return self
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        """An int (fixed) or ``"MIN..MAX"`` as a PoolSize; anything else is left to pydantic's checks."""
+        if isinstance(value, bool):
+            raise ValueError(f"expected an actor count or MIN..MAX, got {value!r}")
+        if isinstance(value, int):
+            return {"min": value, "max": value}
+        if isinstance(value, str):
+            low, sep, high = value.partition("..")
+            try:
+                return {"min": int(low), "max": int(high if sep else low)}
+            except ValueError:
+                raise ValueError(f"expected an actor count or MIN..MAX (e.g. 1..4), got {value!r}") from None
+        return value
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    def __str__(self) -> str:
+        return str(self.min) if self.fixed else f"{self.min}..{self.max}"
+
+
+def _pool_size_out(size: PoolSize) -> int | str:
+    # A fixed size stays an int in manifests and dumps (as configs written before ranges existed).
+    return size.min if size.fixed else str(size)
+
+
+PoolSizeField = Annotated[PoolSize, BeforeValidator(PoolSize.parse), PlainSerializer(_pool_size_out)]
+
+
 class ResourcesConfig(BaseModel):
     """How the Ray stages are scheduled. Changing these never changes the run id."""
 
     model_config = ConfigDict(extra="forbid")
 
-    generation_actors: int = Field(default=1, ge=1, description="vLLM engine replicas (one actor each).")
+    generation_actors: PoolSizeField = Field(
+        default=PoolSize(min=1, max=1),
+        description="vLLM engine replicas (one actor each): a count, or MIN..MAX for an elastic pool that "
+        "keeps running on MIN when a node is lost and grows back to MAX when capacity returns.",
+    )
     generation_cpus: float = Field(
         default=1.0,
         gt=0,
@@ -129,8 +188,9 @@ class ResourcesConfig(BaseModel):
         "engine's waiting + running sequences are below queue_factor x max_num_seqs, so stragglers never "
         "hold admission shut.",
     )
-    compression_actors: int = Field(
-        default=1, ge=1, description="Scorer replicas (each loads the scorer model)."
+    compression_actors: PoolSizeField = Field(
+        default=PoolSize(min=1, max=1),
+        description="Scorer replicas (each loads the scorer model): a count or MIN..MAX, as generation_actors.",
     )
     compression_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per scorer actor.")
     compression_gpus: float = Field(default=0.0, ge=0, description="GPUs per scorer actor.")
@@ -161,6 +221,21 @@ class ResourcesConfig(BaseModel):
         description="Torch/OMP threads inside each actor. Ray sets OMP_NUM_THREADS to the actor's CPU "
         "count (1 for fractional actors); None uses max(1, round(cpus)).",
     )
+    capacity_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a run waits for the cluster to place every pool's minimum (generation, "
+        "scorer, grading actors) before each pass over the shards; past it the run fails with one line "
+        "naming the missing resources (committed shards stay; a re-run resumes). Raise it on an "
+        "autoscaling cluster whose new nodes take longer to join.",
+    )
+    stop_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, how long shards already in the stages may take to finish and "
+        "commit before the run stops (then: lease released, report written, exit 6). The default "
+        "leaves room for that inside Kubernetes' 30 s termination grace period.",
+    )
 
 
 class ClusterDemand(NamedTuple):
@@ -175,13 +250,14 @@ def cluster_demand(config: PipelineConfig) -> ClusterDemand:
     stalls the run), the grading actor and one write task. A run without compression starts no
     scorer pool (its keep-whole step is a task of grading's size)."""
     r = config.resources
-    scorers = 0 if config.compression is None else r.compression_actors
+    # Elastic pools start at their max (tokenskip.capacity): that is what they ask the cluster for.
+    scorers = 0 if config.compression is None else r.compression_actors.max
     return ClusterDemand(
-        cpus=r.generation_actors * r.generation_cpus
+        cpus=r.generation_actors.max * r.generation_cpus
         + scorers * r.compression_cpus
         + r.grading_cpus
         + r.write_cpus,
-        gpus=r.generation_actors * r.generation_gpus + scorers * r.compression_gpus,
+        gpus=r.generation_actors.max * r.generation_gpus + scorers * r.compression_gpus,
     )
 
 

@@ -24,6 +24,7 @@ dataset with an empty one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -34,6 +35,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tokenskip.capacity import (
+    DroppedBlocks,
+    lost_with_an_actor,
+    pool_demands,
+    tolerate_dropped_blocks,
+    wait_for_capacity,
+)
 from tokenskip.config import PipelineConfig, cluster_demand
 from tokenskip.console import RunDisplay
 from tokenskip.dataset_card import dataset_card
@@ -42,6 +50,7 @@ from tokenskip.metrics import StageMetrics, log_stage_event
 from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
 from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA, config_hash
+from tokenskip.shutdown import GracefulStop, StopRequested
 from tokenskip.sources import load_source
 from tokenskip.stages import compress, generate, grade, write
 from tokenskip.stages.write import decode_rows, shards_stay_whole, write_shard_rows
@@ -51,6 +60,20 @@ from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summar
 log = logging.getLogger(__name__)
 
 INPUT_SHARD = "input"
+# Passes in a row that may commit nothing because actors died under every task (a node lost as the
+# pass began, an engine killed twice) before the run fails with the actor's error.
+PASSES_WITHOUT_PROGRESS = 3
+
+
+class RunStopped(RuntimeError):
+    """A stop signal (SIGTERM, SIGINT) ended the attempt: the shards committed so far stay, the
+    lease is released, the report of what is committed is written; re-running the same config
+    resumes. ``report`` is that report."""
+
+    def __init__(self, signal_name: str, report: dict[str, Any]):
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name
+        self.report = report
 
 
 class RunRefused(RuntimeError):
@@ -395,7 +418,10 @@ def run_pipeline(
     manifest (a budgeted attempt); the next call with the same config goes on from there.
 
     Raises :class:`~tokenskip.storage.LockHeld` when another writer holds this run's lease (before any
-    work starts), and :class:`RunRefused` when the finished run has no problems, no kept samples or
+    work starts), :class:`RunStopped` after SIGTERM/SIGINT (in the main thread: shards that finish
+    within ``resources.stop_grace_s`` still commit, the lease is released and the report written),
+    :class:`~tokenskip.capacity.CapacityUnavailable` when the cluster cannot place the pools' minimum
+    within ``resources.capacity_wait_s``, and :class:`RunRefused` when the finished run has no problems, no kept samples or
     fewer than ``plan.min_kept_samples`` (unless ``config.output.allow_empty``): then nothing is committed,
     LATEST stays where it was, and the report says why.
     """
@@ -406,13 +432,16 @@ def run_pipeline(
         return _already_committed(config, plan)
     lease = store.lease()
     # LockHeld propagates: another writer of this run is at work.
-    with holding(lease, lease.ttl_s / 3, what="run lease") as heartbeat:
+    with (
+        GracefulStop(config.resources.stop_grace_s) as stop,
+        holding(lease, lease.ttl_s / 3, what="run lease") as heartbeat,
+    ):
         if store.is_committed():  # committed by another writer after this plan was made
             return _already_committed(config, plan)
         # Shards another writer committed since planning are not generated again.
         planned = {s.shard_id for s in plan.shards}
         plan.committed |= set(store.committed_shards()) & planned
-        return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress)
+        return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress, stop)
 
 
 def _already_committed(config: PipelineConfig, plan: Plan) -> dict[str, Any]:
@@ -456,6 +485,7 @@ def _run_leased(
     wall_start: float,
     max_shards: int | None,
     progress: bool,
+    stop: GracefulStop,
 ) -> dict[str, Any]:
     # Input-stage outcomes are a shard of their own: idempotent, so re-running writes nothing new.
     input_tables = {
@@ -470,19 +500,22 @@ def _run_leased(
     if max_shards is not None:
         pending = pending[:max_shards]
     pipeline_start = time.perf_counter()
+    stopped: str | None = None
     if pending:
         init_ray()
         expected = {s.shard_id: s.size * config.sampling.n for s in pending}
         display = _start_display(config, pending, expected) if progress else None
         try:
-            _generate_and_commit(config, store, pending, expected, stats, wall_start, display)
+            with stop.stoppable():
+                _generate_and_commit(config, store, pending, expected, stats, wall_start, display, stop)
+        except StopRequested as stopped_by:
+            stopped = stopped_by.signal_name
         finally:
             if display is not None:
                 display.close()
                 if display.board is not None:
                     display.board.close()
     pipeline_seconds = time.perf_counter() - pipeline_start
-
 
     remaining = [s for s in plan.pending if s not in pending]
     commit_start = time.perf_counter()
@@ -521,6 +554,14 @@ def _run_leased(
         "attempt": attempt,
         "committed": False,
     }
+    if stopped:
+        # Only what is committed is reported; the lease is released as run_pipeline returns.
+        attempt["commit_seconds"] = 0.0
+        report["stopped"] = stopped
+        report["pending_shards"] = len({s.shard_id for s in plan.shards} - set(store.committed_shard_ids()))
+        log_stage_event("stopped", run_id=plan.run_id, signal=stopped, shards_committed=stats.shards_committed)
+        _write_report(config, store, report)
+        raise RunStopped(stopped, report)
     if remaining:
         attempt["commit_seconds"] = 0.0
         report["pending_shards"] = len(remaining)
@@ -573,44 +614,115 @@ def _generate_and_commit(
     stats: AttemptStats,
     wall_start: float,
     display: RunDisplay | None,
+    stop: GracefulStop,
 ) -> None:
-    """Run the stages over the pending shards and commit each shard as its record arrives."""
-    ds = _build_dataset(config, pending, store, expected, display.board if display else None)
+    """Run the stages over the pending shards and commit each shard as its record arrives.
+
+    In passes: a pass whose lost actors dropped some shards (:mod:`tokenskip.capacity`) is followed
+    by one over just those, on whatever capacity is left. A pass that commits nothing is run again
+    only while every task it dropped died with its actor (a kill, an OOM, a lost node), at most
+    ``PASSES_WITHOUT_PROGRESS`` times in a row; any other error is raised. Each pass first waits
+    (``resources.capacity_wait_s``) until the pools' minimum can be placed."""
+    remaining = pending
+    without_progress = 0
+    for pass_number in itertools.count(1):
+        if not stop.admit():
+            raise StopRequested(stop.signal_name or "a signal")
+        wait_for_capacity(pool_demands(config), config.resources.capacity_wait_s)
+        with DroppedBlocks() as dropped:
+            done = _commit_pass(config, store, remaining, expected, stats, wall_start, display, stop, len(pending))
+        missing = [s for s in remaining if s.shard_id not in done]
+        if not missing:
+            return
+        without_progress = 0 if done else without_progress + 1
+        if without_progress and not lost_with_an_actor(dropped.errors):
+            if dropped.errors:
+                raise dropped.errors[0]
+            break
+        if without_progress >= PASSES_WITHOUT_PROGRESS:
+            raise dropped.errors[0]
+        log.warning(
+            "pass %d: %d shards did not arrive (%d failed tasks, e.g. actors lost with a node): "
+            "running them again",
+            pass_number,
+            len(missing),
+            len(dropped.errors),
+        )
+        remaining = missing
+    missing_ids = sorted(s.shard_id for s in remaining)
+    raise RuntimeError(
+        f"{len(missing_ids)} shards finished with missing rows: {missing_ids[:5]}; re-run to resume"
+    )
+
+
+def _commit_pass(
+    config: PipelineConfig,
+    store: RunStore,
+    shards: list[Shard],
+    expected: dict[str, int],
+    stats: AttemptStats,
+    wall_start: float,
+    display: RunDisplay | None,
+    stop: GracefulStop,
+    total_shards: int,
+) -> set[str]:
+    """One Ray Data execution over ``shards``; returns the ids of those it committed."""
+    ds = _build_dataset(config, shards, store, expected, display.board if display else None)
+    tolerate_dropped_blocks(ds)
     # Shards a worker could not write whole (a split block): their rows, until complete.
     partial: dict[str, list[pa.Table]] = defaultdict(list)
     done: set[str] = set()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for result in batch.to_pylist():
-            shard_id = result["shard_id"]
-            if result["record"] is not None:
-                # A worker wrote the parts; the driver alone commits shards (the marker).
-                record = store.commit_shard(ShardRecord.model_validate_json(result["record"]))
-            else:
-                partial[shard_id].append(decode_rows(result["rows"]))
-                if sum(t.num_rows for t in partial[shard_id]) < expected[shard_id]:
+    batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    try:
+        for batch in batches:
+            for result in batch.to_pylist():
+                with stop.committing():
+                    record = _commit_result(store, result, partial, expected)
+                if record is None:
                     continue
-                record = write_shard_rows(store, shard_id, pa.concat_tables(partial.pop(shard_id)))
-            done.add(shard_id)
-            _account(stats, record)
-            stats.shards_committed += 1
-            stats.progress.append(
-                {"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.engine.tokens_generated}
-            )
-            if display is not None:
-                display.shard_committed(ShardSummary.model_validate(record.summary) if record.summary else None)
-            log_stage_event(
-                "commit_shard",
-                shard_id=shard_id,
-                rows=sum(f.rows for f in record.files.values()),
-                shards_committed=stats.shards_committed,
-                shards_pending=len(pending),
-                tokens=stats.engine.tokens_generated,
-                t=round(time.perf_counter() - wall_start, 3),
-            )
-            note_shard_committed(shard_id, record)
-    missing = sorted(set(expected) - done)
-    if missing:
-        raise RuntimeError(f"{len(missing)} shards finished with missing rows: {missing[:5]}; re-run to resume")
+                done.add(record.shard_id)
+                _note_commit(stats, record, wall_start, display, total_shards)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # ends the execution (its actors) now, also when a stop ended the loop
+    return done
+
+
+def _commit_result(
+    store: RunStore, result: dict[str, Any], partial: dict[str, list[pa.Table]], expected: dict[str, int]
+) -> ShardRecord | None:
+    """Commit the shard ``result`` (a write-stage output row) completes, if any."""
+    shard_id = result["shard_id"]
+    if result["record"] is not None:
+        # A worker wrote the parts; the driver alone commits shards (the marker).
+        return store.commit_shard(ShardRecord.model_validate_json(result["record"]))
+    partial[shard_id].append(decode_rows(result["rows"]))
+    if sum(t.num_rows for t in partial[shard_id]) < expected[shard_id]:
+        return None
+    return write_shard_rows(store, shard_id, pa.concat_tables(partial.pop(shard_id)))
+
+
+def _note_commit(
+    stats: AttemptStats, record: ShardRecord, wall_start: float, display: RunDisplay | None, total_shards: int
+) -> None:
+    """Account, show and log one committed shard."""
+    shard_id = record.shard_id
+    _account(stats, record)
+    stats.shards_committed += 1
+    stats.progress.append({"t": round(time.perf_counter() - wall_start, 3), "tokens": stats.engine.tokens_generated})
+    if display is not None:
+        display.shard_committed(ShardSummary.model_validate(record.summary) if record.summary else None)
+    log_stage_event(
+        "commit_shard",
+        shard_id=shard_id,
+        rows=sum(f.rows for f in record.files.values()),
+        shards_committed=stats.shards_committed,
+        shards_pending=total_shards,
+        tokens=stats.engine.tokens_generated,
+        t=round(time.perf_counter() - wall_start, 3),
+    )
+    note_shard_committed(shard_id, record)
 
 
 def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[str, int]) -> RunDisplay:

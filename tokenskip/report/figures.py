@@ -298,6 +298,14 @@ def throughput(attempt: dict[str, Any]) -> Throughput:
     )
 
 
+def _pool_max(size: Any) -> float:
+    """Actors of a pool size as a config dumps it: a count, or ``"MIN..MAX"`` (an elastic pool: its
+    cost is bounded by MAX actors)."""
+    if isinstance(size, str) and ".." in size:
+        size = size.partition("..")[2]
+    return as_float(size, 1)
+
+
 def cost_figures(report: dict[str, Any], resources: Any = None) -> dict[str, Any]:
     """GPU-hours (wall time x GPUs reserved), CPU-core-hours when no GPU is used, tokens per kept sample.
 
@@ -311,12 +319,11 @@ def cost_figures(report: dict[str, Any], resources: Any = None) -> dict[str, Any
     res = resources.model_dump() if hasattr(resources, "model_dump") else (resources or None)
     gpus = cpus = None
     if res is not None:
-        gpus = as_float(res.get("generation_actors"), 1) * as_float(res.get("generation_gpus")) + as_float(
-            res.get("compression_actors"), 1
-        ) * as_float(res.get("compression_gpus"))
+        generation, scorers = _pool_max(res.get("generation_actors")), _pool_max(res.get("compression_actors"))
+        gpus = generation * as_float(res.get("generation_gpus")) + scorers * as_float(res.get("compression_gpus"))
         cpus = (
-            as_float(res.get("generation_actors"), 1) * as_float(res.get("generation_cpus"), 1)
-            + as_float(res.get("compression_actors"), 1) * as_float(res.get("compression_cpus"), 0.5)
+            generation * as_float(res.get("generation_cpus"), 1)
+            + scorers * as_float(res.get("compression_cpus"), 0.5)
             + as_float(res.get("grading_cpus"), 0.25)
         )
     tokens = as_float(attempt.get("tokens_generated"))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from tokenskip.capacity import actor_pool_args
 from tokenskip.grading import split_answer_tail
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import COMPRESSED_SCHEMA
@@ -130,8 +131,6 @@ def rows_per_generation_batch(config: PipelineConfig) -> int:
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says (without compression:
     :func:`keep_cots_whole`, a task that loads nothing)."""
-    import ray
-
     r = config.resources
     if config.compression is None:
         return {
@@ -156,9 +155,8 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
         # refuses ``batch_size=None`` with ``num_gpus`` (when it builds the graph): one value for both.
         "batch_size": rows_per_generation_batch(config),
         "batch_format": "pyarrow",
-        "compute": ray.data.ActorPoolStrategy(size=r.compression_actors),
         "num_cpus": r.compression_cpus,
         "num_gpus": r.compression_gpus,
-        "max_restarts": -1,
-        "max_task_retries": -1,
+        # An elastic pool whose lost actors' batches are redone by the driver (tokenskip.capacity).
+        **actor_pool_args(r.compression_actors),
     }

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tokenskip.admission import AdmissionConfig, AdmissionGate, AdmissionRule
+from tokenskip.capacity import LostTasks, actor_pool_args
 from tokenskip.engine import (
     EngineConfig,
     EngineDead,
@@ -78,7 +79,7 @@ from tokenskip.prompts import render_prompt
 from tokenskip.stages.contract import check_fields
 
 if TYPE_CHECKING:
-    from tokenskip.config import PipelineConfig
+    from tokenskip.config import PipelineConfig, PoolSize
 
 __all__ = [
     "INPUT_FIELDS",
@@ -188,7 +189,12 @@ class GenerateStage:
 
     @staticmethod
     def map_batches_options(
-        *, actors: int, cpus: float, gpus: float, max_concurrent_batches: int
+        *,
+        actors: PoolSize | int,
+        cpus: float,
+        gpus: float,
+        max_concurrent_batches: int,
+        lost_tasks: LostTasks = "retry",
     ) -> dict[str, Any]:
         """``map_batches`` arguments (besides the stage and its constructor kwargs) for the generation stage.
 
@@ -198,18 +204,17 @@ class GenerateStage:
         actor holds: the engine_fullness rule needs it well above the batches the watermark takes,
         since batches with a straggler stay held (``AdmissionRule.recommended_max_batches``). Ray Data
         queues more tasks per actor (``max_tasks_in_flight_per_actor``), so the next batch is there.
-        """
-        import ray
 
+        ``lost_tasks`` (:data:`tokenskip.capacity.LostTasks`): a standalone Ray Data pipeline keeps the
+        default ``retry`` (a dead actor's batches run again once it restarts); the pipeline passes
+        ``redo``, since its driver redoes dropped shards on the actors that remain.
+        """
         return {
             "batch_format": "pyarrow",
-            "compute": ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=max_concurrent_batches
-            ),
             "num_cpus": cpus,
             "num_gpus": gpus,
-            "max_restarts": -1,  # a dead engine actor is restarted and its batches retried
-            "max_task_retries": -1,
+            # A dead engine actor restarts when there is room (tokenskip.capacity).
+            **actor_pool_args(actors, lost_tasks=lost_tasks, max_concurrent_calls_per_actor=max_concurrent_batches),
         }
 
     def render(self, question: str) -> str:
@@ -354,12 +359,14 @@ def map_batches_args(config: PipelineConfig, progress: ProgressBoard | None = No
             "progress": progress,
         },
         "batch_size": r.generation_batch_size,
-        # Batches in flight per actor; actors restart after a dead engine and retry their batches.
+        # Batches in flight per actor; a dead actor's batches fail at once and the driver redoes
+        # their shards on the actors that remain (a lost node must not hold them).
         **GenerateStage.map_batches_options(
             actors=r.generation_actors,
             cpus=r.generation_cpus,
             gpus=r.generation_gpus,
             max_concurrent_batches=r.generation_max_concurrent_batches,
+            lost_tasks="redo",
         ),
     }
 

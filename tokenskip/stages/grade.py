@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from tokenskip.capacity import actor_pool_args
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import PROBLEM_SCHEMA, sample_key
@@ -203,7 +204,7 @@ class GradeSelectStage:
 
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
-    import ray
+    from tokenskip.config import PoolSize
 
     return {
         "fn": GradeSelectStage,
@@ -216,8 +217,7 @@ def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
             "max_cot_tokens": config.selection.max_cot_tokens,
         },
         "batch_format": "pyarrow",
-        "compute": ray.data.ActorPoolStrategy(size=1),
         "num_cpus": config.resources.grading_cpus,
-        "max_restarts": -1,
-        "max_task_retries": -1,
+        # One grader; if it is lost, its batches are redone by the driver (tokenskip.capacity).
+        **actor_pool_args(PoolSize(min=1, max=1)),
     }
