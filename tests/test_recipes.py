@@ -20,10 +20,13 @@ from pydantic import ValidationError
 
 import tokenskip
 from tests.fixture_data import DATA_DIR
+from tests.test_sft import _record
 from tokenskip import cli
 from tokenskip.config import PipelineConfig
 from tokenskip.evaluate import EvaluateConfig, load_evaluate_config, ratio_prompts
 from tokenskip.refresh import RefreshConfig
+from tokenskip.schema import COMPRESSED_SCHEMA, to_table
+from tokenskip.storage import RunStore, StorageConfig, read_table
 from tokenskip.train.config import TrainConfig, load_train_config
 
 CONFIGS = Path(tokenskip.__file__).parent / "configs"
@@ -307,14 +310,39 @@ def test_tokenskip_paper_prompt_is_tokenskips_byte_for_byte(tmp_path, tiny_causa
         assert prompt == expected, ratio
     assert seen[0.6] == marked and seen[1.0] == bare  # both drawn among 40 rows (seeded)
 
-    # Export: the records `tokenskip export` writes come from the same mix.
-    records = build_sft_records(table, train.data.mix, tokenizer).to_pylist()
-    inputs = {r["ratio"]: r["input"] for r in records}
-    assert inputs[0.6] == f"{QUESTION}{EOT}0.6{EOT}" and inputs[1.0] == QUESTION
-    assert all(r["instruction"] == INSTRUCTION for r in records)
+    # Export: `tokenskip export --train-config` writes the recipe's mix (its dataset moved to a local store).
+    store = StorageConfig(root=str(tmp_path / "store"))
+    dataset = _load(CONFIGS / f"{PAPER}_train.yaml")["data"]["dataset"]
+    run = RunStore(store, dataset, "r1")
+    run.write_shard(
+        "s-00", {"data": to_table([_record(f"k{i}", QUESTION) for i in range(40)], COMPRESSED_SCHEMA)}
+    )
+    run.commit({"counts": {}})
+    out = tmp_path / "export"
+    argv = ["export", "--train-config", str(CONFIGS / f"{PAPER}_train.yaml"), "--root", store.root]
+    argv += ["--storage-options", "{}", "--tokenizer", str(tiny_causal_lm), "--out", str(out)]
+    assert cli.main(argv) == 0
+    exported = out / f"{dataset}_tokenskip.json"
+    rows = json.loads(exported.read_text())
+    assert len(rows) == 40 and {r["instruction"] for r in rows} == {INSTRUCTION}
+    inputs = {r["input"] for r in rows}
+    assert f"{QUESTION}{EOT}0.6{EOT}" in inputs and QUESTION in inputs
+    assert inputs <= {QUESTION} | {f"{QUESTION}{EOT}{r}{EOT}" for r in ("0.9", "0.8", "0.7", "0.6", "0.5")}
+    expected = build_sft_records(read_table(store, dataset, "data"), train.data.mix, tokenizer)
+    assert [r["input"] for r in rows] == expected.column("input").to_pylist()  # what training builds
 
     # Evaluation: the recipe's prompts at every ratio.
     evaluation = load_evaluate_config(CONFIGS / f"{PAPER}_evaluate.yaml")
     prompts = ratio_prompts(evaluation, tokenizer, [QUESTION])
     assert prompts[0.6] == [marked] and prompts[1.0] == [bare]
     assert prompts[0.5] == [_expected_prompt(f"{QUESTION}{EOT}0.5{EOT}")]
+
+
+def test_export_from_a_train_config_needs_a_committed_dataset(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    tldr = str(CONFIGS / "tldr_r1_distill_qwen_7b_fsdp.yaml")
+    assert cli.main(["export", "--train-config", tldr, "--out", out]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "export each pool with --root/--dataset" in err
+    assert cli.main(["export", "--out", out]) == cli.EXIT_USER_ERROR
+    assert "give --root and --dataset, or --train-config" in capsys.readouterr().err
