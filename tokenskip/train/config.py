@@ -116,7 +116,7 @@ class OptimSettings(_Strict):
         ge=1,
         description="Sequences per optimiser step, whatever the worker count (the papers' recipes state "
         "this: TokenSkip 8, TL;DR 64). Accumulation is derived: global_batch_size / (per_device_batch_size "
-        "x workers), which must divide exactly. Replaces gradient_accumulation_steps (set one of them).",
+        "x workers), which must divide exactly; a gradient_accumulation_steps given too must equal it.",
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool | None = Field(
