@@ -50,3 +50,36 @@ def test_train_config_checks_and_fills_the_derived_accumulation():
         _config({"global_batch_size": 8}, workers=3)
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         _config({"global_batch_size": 0})
+
+
+@pytest.mark.slow
+def test_training_steps_take_the_global_batch_on_one_worker(tmp_path, tiny_causal_lm, ray_local):
+    """The loop reads the derived accumulation: 8 sequences per step on one worker of batch 2 (4
+    micro-steps), where the default gradient_accumulation_steps (8) would have taken 16."""
+    import json
+    from pathlib import Path
+
+    from tokenskip.train.job import run_training
+
+    rows = tmp_path / "cots.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"question": f"What is {i} + 1?", "response": f"{i + 1}."}) + "\n" for i in range(12)
+        )
+    )
+    config = TrainConfig.model_validate(
+        {
+            "name": "global-batch",
+            "model": str(tiny_causal_lm),
+            "dtype": "float32",
+            "data": {"path": str(rows), "format": "cot"},
+            "optim": {"max_steps": 2, "per_device_batch_size": 2, "global_batch_size": 8, "cutoff_len": 128},
+            "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "torch_threads": 1},
+            "checkpoint": {"storage_path": str(tmp_path / "ckpt"), "save_steps": 2, "max_failures": 0},
+        }
+    )
+    result = run_training(config)
+    assert result.error is None
+    state = json.loads((Path(result.checkpoint_path) / "trainer_state.json").read_text())
+    assert state["step"] == 2 and [a["world_size"] for a in state["attempts"]] == [1]
+    assert state["sampler"]["position"] == 2 * 8  # two steps of the global batch
