@@ -12,8 +12,9 @@ pipeline recipe then goes through
   Data wiring and placement, end to end.
 
 A training recipe builds its ``TorchTrainer`` with its own scaling (GPU workers); it is not fitted
-here (nccl needs real GPUs). A recipe the lane cannot classify fails the lane, so a new GPU recipe is
-never skipped silently.
+here (nccl needs real GPUs). An evaluation recipe holds one vLLM engine and no Ray stages: the lane has
+nothing to schedule for it (tests/test_recipes.py dry-runs every recipe). A recipe the lane cannot
+classify fails the lane, so a new GPU recipe is never skipped silently.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tokenskip
 from tests.conftest import MOTO_CREDENTIALS
 from tests.fixture_data import DATA_DIR
 from tokenskip.config import PipelineConfig, apply_overrides, cluster_demand
+from tokenskip.evaluate import EvaluateConfig
 from tokenskip.pipeline import _build_dataset, build_dry_run_graph, make_plan, run_pipeline
 from tokenskip.storage import RunStore, read_manifest, read_table
 from tokenskip.testing.tiny_models import arithmetic_problems
@@ -65,17 +67,18 @@ GPU_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if gpu_requests(_load(p))
 
 
 def _kind(data: dict) -> str:
-    for kind, model in (("pipeline", PipelineConfig), ("train", TrainConfig)):
+    for kind, model in (("pipeline", PipelineConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
         try:
             model.model_validate(data)
         except ValueError:
             continue
         return kind
-    raise AssertionError("neither a pipeline nor a training config: the GPU lane has no way to run it")
+    raise AssertionError("not a pipeline, training or evaluation config: the GPU lane has no way to run it")
 
 
 PIPELINE_RECIPES = [p for p in GPU_RECIPES if _kind(_load(p)) == "pipeline"]
 TRAIN_RECIPES = [p for p in GPU_RECIPES if _kind(_load(p)) == "train"]
+EVALUATE_RECIPES = [p for p in GPU_RECIPES if _kind(_load(p)) == "evaluate"]
 # As many logical GPUs as the most demanding recipe's stages hold at once, at its own resources.
 LOGICAL_GPUS = max(cluster_demand(PipelineConfig.model_validate(_load(p))).gpus for p in PIPELINE_RECIPES)
 
@@ -85,7 +88,16 @@ def test_the_lane_finds_every_gpu_recipe():
     # The shipped GPU recipes today; a new one is picked up by the glob above without an edit here.
     assert {"gsm8k_qwen2_5_7b_gpu.yaml", "train_qwen2_5_7b_gsm8k.yaml"} <= names
     assert "demo.yaml" not in names  # the CPU demo requests no GPU
-    assert set(GPU_RECIPES) == set(PIPELINE_RECIPES) | set(TRAIN_RECIPES)  # _kind raised otherwise
+    assert set(GPU_RECIPES) == set(PIPELINE_RECIPES) | set(TRAIN_RECIPES) | set(EVALUATE_RECIPES)
+    # The papers' recipes (issue 21): TokenSkip's data and training, TL;DR's two pools and training.
+    assert {
+        "tokenskip_paper_qwen2_5_7b_gsm8k_data",
+        "tldr_system1_qwen2_5_7b_gsm8k_data",
+        "tldr_system2_r1_distill_qwen_7b_math_data",
+    } <= {p.stem for p in PIPELINE_RECIPES}
+    assert {"tokenskip_paper_qwen2_5_7b_gsm8k_train", "tldr_r1_distill_qwen_7b_fsdp"} <= {
+        p.stem for p in TRAIN_RECIPES
+    }
     assert gpu_requests({"resources": {"generation_gpus": 0, "compression_gpus": 0.5}}) == [
         "resources.compression_gpus"
     ]
@@ -119,8 +131,9 @@ def tiny_scorer(model_cache) -> Path:
 EVAL_SETS = {"gsm8k": DATA_DIR / "gsm8k" / "test.jsonl.gz", "math": DATA_DIR / "math500" / "test.jsonl.gz"}
 
 
-def _tiny_problem_file(path: Path, kind: str, count: int) -> Path:
-    """The tiny solver's problems in the layout of source ``kind``."""
+def _tiny_problem_file(path: Path, kind: str, count: int, where: dict | None = None) -> Path:
+    """The tiny solver's problems in the layout of source ``kind``, each holding the first value of every
+    field the source's ``where`` filter asks for (so the filter keeps them)."""
     rows = []
     for p in arithmetic_problems(count):
         if kind == "gsm8k":
@@ -134,6 +147,7 @@ def _tiny_problem_file(path: Path, kind: str, count: int) -> Path:
             rows.append({"problem": p["question"], "solution": f"$\\boxed{{{p['answer']}}}$"})
         else:
             raise AssertionError(f"the GPU lane has no tiny problems for source kind {kind!r}: add a layout")
+        rows[-1] |= {field: values[0] for field, values in (where or {}).items()}
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -143,7 +157,9 @@ def _local_recipe(recipe: Path, tmp_path: Path, solver: Path, scorer: Path, prob
     data = _load(recipe)
     overrides: dict = {"output.root": str(tmp_path / "out"), "output.storage_options": {}}
     for i, source in enumerate(data["sources"]):
-        tiny = _tiny_problem_file(tmp_path / f"source-{i}.jsonl", source.get("kind", "custom"), problems)
+        tiny = _tiny_problem_file(
+            tmp_path / f"source-{i}.jsonl", source.get("kind", "custom"), problems, source.get("where")
+        )
         overrides |= {f"sources.{i}.path": str(tiny), f"sources.{i}.storage_options": {}}
     for i, eval_set in enumerate(data.get("dedup", {}).get("eval_sets") or []):
         if eval_set.get("kind") not in EVAL_SETS:
@@ -152,11 +168,6 @@ def _local_recipe(recipe: Path, tmp_path: Path, solver: Path, scorer: Path, prob
             f"dedup.eval_sets.{i}.path": str(EVAL_SETS[eval_set["kind"]]),
             f"dedup.eval_sets.{i}.storage_options": {},
         }
-    scorer_model = (
-        scorer
-        if data.get("compression", {}).get("scorer", {}).get("kind", "llmlingua2") == "llmlingua2"
-        else solver
-    )
     overrides |= {
         # Placed on CPU: the logical GPUs are scheduling tokens, the engines and scorers run on CPU.
         "engine.model": str(solver),
@@ -165,11 +176,15 @@ def _local_recipe(recipe: Path, tmp_path: Path, solver: Path, scorer: Path, prob
         "engine.max_model_len": 256,
         "engine.kv_cache_memory_bytes": 128 << 20,
         "engine.enforce_eager": True,
-        "compression.scorer.model": str(scorer_model),
-        "compression.scorer.device": "cpu",
-        "compression.scorer.dtype": "float32",
-        "compression.target_tokenizer": str(solver),
     }
+    if data.get("compression", {}) is not None:  # `compression: null` pools load no scorer
+        scorer_kind = (data.get("compression") or {}).get("scorer", {}).get("kind", "llmlingua2")
+        overrides |= {
+            "compression.scorer.model": str(scorer if scorer_kind == "llmlingua2" else solver),
+            "compression.scorer.device": "cpu",
+            "compression.scorer.dtype": "float32",
+            "compression.target_tokenizer": str(solver),
+        }
     return apply_overrides(data, overrides)
 
 
@@ -188,7 +203,8 @@ def test_pipeline_recipe_builds_its_graph_with_its_own_resources(
     store = RunStore(config.output, config.dataset, plan.run_id)
     expected = {s.shard_id: s.size * config.sampling.n for s in plan.pending}
     graph = _build_dataset(config, plan.pending, store, expected)  # what the run builds, not run
-    assert "MapBatches(GenerateStage)" in str(graph) and "MapBatches(CompressKeptStage)" in str(graph)
+    assert "MapBatches(GenerateStage)" in str(graph)
+    assert ("MapBatches(CompressKeptStage)" in str(graph)) == (config.compression is not None)
 
 
 @pytest.mark.parametrize("recipe", PIPELINE_RECIPES, ids=lambda p: p.stem)
@@ -198,10 +214,12 @@ def test_pipeline_recipe_runs_a_few_shards_on_logical_gpus(
     data = _local_recipe(recipe, tmp_path, tiny_solver, tiny_scorer, 8)
     own = PipelineConfig.model_validate(_load(recipe)).resources
     # Its GPUs per actor, one actor per pool; CPU shares and shards small enough for 2 cores.
+    # Two samples per problem, except for greedy recipes (TokenSkip's one CoT): vLLM takes n=1 only there.
+    n = 2 if data.get("sampling", {}).get("temperature", 0.0) > 0 else 1
     data = apply_overrides(
         data,
         {
-            "sampling.n": 2,
+            "sampling.n": n,
             "sampling.max_tokens": 64,
             "resources.generation_actors": 1,
             "resources.compression_actors": 1,
@@ -224,11 +242,12 @@ def test_pipeline_recipe_runs_a_few_shards_on_logical_gpus(
     assert report["committed"] is True
     assert report["attempt"]["shards_committed"] == 2
     manifest = read_manifest(config.output, config.dataset)
-    assert manifest.counts["samples"] == 8 * 2
+    assert manifest.counts["samples"] == 8 * n
     kept = read_table(config.output, config.dataset, "data")
     assert kept.num_rows == manifest.counts["kept_samples"] > 0
+    ratios = config.compression.ratios if config.compression is not None else []  # null: plain CoTs
     for row in kept.to_pylist():  # the scorer actor (on its logical GPU) compressed every kept row
-        assert [c["target_ratio"] for c in row["compressions"]] == config.compression.ratios
+        assert [c["target_ratio"] for c in row["compressions"]] == ratios
 
 
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.stem)

@@ -564,24 +564,30 @@ def _sample_rows(
     return rows
 
 
-def generate_samples(config: EvaluateConfig, problems: pa.Table, llm, adapter_path: str | None) -> pa.Table:
-    """Generate and grade every (ratio, problem) pair with one engine: ``SAMPLES_SCHEMA`` rows."""
-    tokenizer = llm.get_tokenizer()
-    problem_rows = problems.to_pylist()
-    prompts = {
+def ratio_prompts(config: EvaluateConfig, tokenizer: Any, questions: list[str]) -> dict[float, list[str]]:
+    """The generation prompt of every question at every ratio of ``config``: its delimiter, instruction
+    and system message, in the tokenizer's chat template (no ratio marker at 1.0)."""
+    return {
         ratio: [
             render_prompt(
                 tokenizer,
-                p["question"],
+                question,
                 ratio=ratio if ratio < 1.0 else None,
                 delimiter=config.delimiter,
                 instruction=config.instruction,
                 system=config.system,
             )
-            for p in problem_rows
+            for question in questions
         ]
         for ratio in config.ratios
     }
+
+
+def generate_samples(config: EvaluateConfig, problems: pa.Table, llm, adapter_path: str | None) -> pa.Table:
+    """Generate and grade every (ratio, problem) pair with one engine: ``SAMPLES_SCHEMA`` rows."""
+    tokenizer = llm.get_tokenizer()
+    problem_rows = problems.to_pylist()
+    prompts = ratio_prompts(config, tokenizer, [p["question"] for p in problem_rows])
     # All ratios sharing a cap go to the engine in one call, so its batch stays full.
     by_cap: dict[int, list[float]] = {}
     for ratio in config.ratios:

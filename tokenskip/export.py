@@ -8,7 +8,8 @@
 
 The records are exactly what ``tokenskip train`` builds from the same data with the same ``mix``
 options (one :class:`tokenskip.sft.SFTMixer` draws the ratios in row order), so a model trained
-elsewhere sees the examples ours would. The run is read through its manifest batch by batch and
+elsewhere sees the examples ours would; ``--train-config`` takes the dataset, the mix (its ratio
+delimiter included) and the tokenizer from a train config, so both read them from one file. The run is read through its manifest batch by batch and
 each record is written as it is made, so memory stays at one Parquet part plus one batch whatever
 the size of the run (a million rows included). An output file appears only once it is complete:
 locally it is written under a temporary name and renamed, on object storage an upload that fails
@@ -223,9 +224,44 @@ def export_dataset(config: ExportConfig, tokenizer: Any = None) -> ExportResult:
     return ExportResult(files=files, records=count, by_ratio=dict(sorted(by_ratio.items(), reverse=True)))
 
 
+def from_train_config(path: str) -> dict[str, Any]:
+    """The export fields of a train config: its data source (root, dataset, run, storage options), its
+    mix (the ratio delimiter included, with the config's system message where the mix has none, as
+    training does) and its tokenizer. The train config stays the one place that decides them."""
+    from tokenskip.preflight import UserError
+    from tokenskip.train.config import load_train_config
+
+    train = load_train_config(path)
+    data = train.data
+    if data is None or not data.storage_root:
+        raise UserError(
+            f"--train-config {path}: export reads a committed dataset (data.storage_root + data.dataset); "
+            "this config has none (a TL;DR config: export each pool with --root/--dataset)"
+        )
+    mix = (
+        data.mix
+        if train.system is None or data.mix.system
+        else data.mix.model_copy(update={"system": train.system})
+    )
+    return {
+        "root": data.storage_root,
+        "dataset": data.dataset,
+        "run_id": data.run_id,
+        "storage_options": data.storage_options,
+        "mix": mix.model_dump(),
+        "tokenizer": train.tokenizer or train.model,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True, help="storage root (local folder or s3://bucket/prefix)")
-    parser.add_argument("--dataset", required=True, help="dataset name under the root")
+    parser.add_argument(
+        "--train-config",
+        default=None,
+        help="a tokenskip-mode train config (YAML): export exactly what it trains on, its dataset, run, "
+        "mix (ratio delimiter included) and tokenizer; options given here override it",
+    )
+    parser.add_argument("--root", default=None, help="storage root (local folder or s3://bucket/prefix)")
+    parser.add_argument("--dataset", default=None, help="dataset name under the root")
     parser.add_argument("--run-id", default=None, help="committed run (default: LATEST)")
     parser.add_argument("--format", choices=FORMATS, default="llamafactory", help="output format")
     parser.add_argument("--out", required=True, help="output folder (local or s3://…)")
@@ -248,19 +284,23 @@ def run_command(args: argparse.Namespace) -> int:
     from tokenskip.preflight import UserError
 
     try:
-        options = json.loads(args.storage_options or "{}")
+        options = json.loads(args.storage_options) if args.storage_options else None
     except ValueError as err:
         raise UserError(f"--storage-options is not JSON ({err})") from None
-    raw = {
+    given = {
         "root": args.root,
         "dataset": args.dataset,
         "run_id": args.run_id,
-        "format": args.format,
         "output": args.out,
         "tokenizer": args.tokenizer,
         "name": args.name,
         "storage_options": options,
     }
+    given = {key: value for key, value in given.items() if value is not None}
+    base = from_train_config(args.train_config) if args.train_config else {}
+    raw = {**base, **given, "format": args.format}
+    if "root" not in raw or "dataset" not in raw:
+        raise UserError("export: give --root and --dataset, or --train-config")
     # A bad field is pydantic's ValidationError, a missing run NotCommitted: the CLI prints either as one line.
     config = ExportConfig.model_validate(apply_overrides(raw, parse_overrides(args.set)))
     try:

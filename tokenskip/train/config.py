@@ -106,7 +106,17 @@ class OptimSettings(_Strict):
         default=1, ge=1, description="Examples per worker per micro-step; more = faster, more memory."
     )
     gradient_accumulation_steps: int = Field(
-        default=8, ge=1, description="Micro-steps per optimiser step. Global batch = this x batch x workers."
+        default=8,
+        ge=1,
+        description="Micro-steps per optimiser step when global_batch_size is unset: the global batch is then "
+        "this x per_device_batch_size x workers, so it grows with the worker count.",
+    )
+    global_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sequences per optimiser step, whatever the worker count (the papers' recipes state "
+        "this: TokenSkip 8, TL;DR 64). Accumulation is derived: global_batch_size / (per_device_batch_size "
+        "x workers), which must divide exactly; a gradient_accumulation_steps given too must equal it.",
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool | None = Field(
@@ -121,6 +131,20 @@ class OptimSettings(_Strict):
         description="Max tokens per example (prompt + response); longer examples are "
         "truncated from the end of the response. TokenSkip: 2048.",
     )
+
+    def accumulation_steps(self, workers: int) -> int:
+        """Micro-steps per optimiser step on ``workers`` data-parallel workers: derived from
+        global_batch_size when it is set (so the global batch is the same on any worker count), else
+        gradient_accumulation_steps."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.per_device_batch_size * workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"optim.global_batch_size={self.global_batch_size} is not a multiple of per_device_batch_size "
+                f"x workers = {self.per_device_batch_size} x {workers} = {per_step}"
+            )
+        return self.global_batch_size // per_step
 
     def gradient_checkpointing_enabled(self, lora: bool) -> bool:
         """The effective setting: the explicit one, else on for full fine-tunes only."""
@@ -293,6 +317,24 @@ class TrainConfig(_Strict):
     failure_injection: FailureInjection | None = Field(
         default=None, description="Testing only: crash once at a step to exercise resume."
     )
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainConfig:
+        """With global_batch_size set, gradient_accumulation_steps becomes the derived value for
+        scaling.num_workers (a dumped and re-read config stays valid; code that reads the field gets
+        the right number); an explicit, different value is an error rather than silently ignored."""
+        optim = self.optim
+        if optim.global_batch_size is not None:
+            derived = optim.accumulation_steps(self.scaling.num_workers)  # a clear error now, not in workers
+            explicit = "gradient_accumulation_steps" in optim.model_fields_set
+            if explicit and optim.gradient_accumulation_steps != derived:
+                raise ValueError(
+                    f"optim.gradient_accumulation_steps={optim.gradient_accumulation_steps} contradicts "
+                    f"optim.global_batch_size={optim.global_batch_size} ({derived} on "
+                    f"{self.scaling.num_workers} workers); set only global_batch_size"
+                )
+            optim.gradient_accumulation_steps = derived
+        return self
 
     @model_validator(mode="after")
     def _mode_inputs(self) -> TrainConfig:

@@ -131,7 +131,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     names, domains, dropped = _tokenized_domains(config, tokenizer)
 
     optim = config.optim
-    global_batch = optim.per_device_batch_size * optim.gradient_accumulation_steps * world
+    accum = optim.accumulation_steps(world)  # from global_batch_size when set: the same on any world size
+    global_batch = optim.per_device_batch_size * accum * world
     epoch_sampler = EpochSampler(sum(len(d) for d in domains), global_batch, config.seed)
     total_steps = optim.max_steps or epoch_sampler.steps_for_epochs(optim.epochs)
     flat = [example for domain in domains for example in domain]
@@ -165,7 +166,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if tldr_state is not None and rank == 0:
         evaluator = DevEvaluator(config.tldr, config.model, tokenizer, config.lora.enabled, config.lora.r)
     workdir = tempfile.mkdtemp(prefix="tokenskip-train-")
-    accum = optim.gradient_accumulation_steps
     model.train()
 
     try:
