@@ -243,3 +243,26 @@ def test_dev_budget_is_checked_against_the_collective_timeout_at_config_time():
     # TL;DR's dev sampling is the default: temperature 0.7, up to 16k tokens.
     sampling = TrainConfig.model_validate(_config()).tldr.sampling
     assert (sampling.temperature, sampling.max_tokens) == (0.7, 16384)
+
+
+def test_workers_that_take_every_cpu_fail_before_training_instead_of_waiting_for_data():
+    from tokenskip.errors import UserError
+    from tokenskip.train.job import check_room_for_data_tasks
+
+    def config(resources, use_gpu=False):
+        raw = {
+            "model": "m",
+            "data": {"path": "/tmp/unused.jsonl"},
+            "scaling": {"num_workers": 2, "use_gpu": use_gpu, "resources_per_worker": resources},
+            "checkpoint": {"storage_path": "/tmp/unused"},
+        }
+        return TrainConfig.model_validate(raw)
+
+    # Two workers of one CPU on two CPUs: the tokenize tasks could never start (the run hung).
+    with pytest.raises(UserError, match="take 2 of the cluster's 2 CPUs"):
+        check_room_for_data_tasks(config({"CPU": 1}), 2.0)
+    with pytest.raises(UserError, match="take 2 of the cluster's 2 CPUs"):
+        check_room_for_data_tasks(config(None), 2.0)  # Ray Train's default: one CPU a CPU worker
+    check_room_for_data_tasks(config({"CPU": 0.5}), 2.0)  # a CPU left for them
+    check_room_for_data_tasks(config(None, use_gpu=True), 2.0)  # GPU workers take no CPU by default
+    check_room_for_data_tasks(config({"CPU": 8, "GPU": 1}, use_gpu=True), 4.0)  # Ray waits for nodes

@@ -101,6 +101,35 @@ def training_datasets(config: TrainConfig) -> dict[str, Any]:
     }
 
 
+def worker_cpus(config: TrainConfig) -> float:
+    """CPUs one training worker reserves (Ray Train's default: 1 on CPU workers, none beside a GPU)."""
+    resources = config.scaling.resources_per_worker
+    if resources is None:
+        return 0.0 if config.scaling.use_gpu else 1.0
+    return float(resources.get("CPU", 0.0))
+
+
+def check_room_for_data_tasks(config: TrainConfig, cluster_cpus: float) -> None:
+    """Fail before training when the workers would take every CPU of a cluster that holds them.
+
+    The data reach the workers through Ray Data tasks (read and tokenize, ``stream.tokenize_num_cpus``
+    CPUs each) that run beside the workers' placement group; with no CPU left they never start, and
+    every worker waits for its first batch forever: Ray Data has no timeout, and the run hangs instead
+    of failing. A cluster too small for the workers themselves is left to Ray (an autoscaler may add
+    nodes, and it then adds them for the data tasks too)."""
+    from tokenskip.errors import UserError
+
+    taken = config.scaling.num_workers * worker_cpus(config)
+    needed = config.stream.tokenize_num_cpus
+    if taken <= cluster_cpus < taken + needed:
+        raise UserError(
+            f"the {config.scaling.num_workers} training workers take {taken:g} of the cluster's "
+            f"{cluster_cpus:g} CPUs, which leaves none for the Ray Data tasks that read and tokenize "
+            f"the training data (stream.tokenize_num_cpus {needed:g} each): lower "
+            f"scaling.resources_per_worker's CPU or add CPUs"
+        )
+
+
 def source_row_counts(config: TrainConfig) -> list[int]:
     """Rows of each domain's source, in domain order (a read, no tokenization; parquet and committed
     datasets answer from metadata). They set the epoch length; the cutoff may drop a few rows."""
@@ -119,12 +148,15 @@ def build_trainer(config: TrainConfig, progress: Any = None, dev_results: Any = 
     ``progress``: a :class:`~tokenskip.progress.ProgressBoard` for the live step display;
     ``dev_results``: a :class:`~tokenskip.train.tldr.DevResultBoard` actor (TL;DR with backend 'vllm'
     on several workers)."""
+    import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tokenskip.train.loop import train_loop_per_worker
 
+    domain_rows = source_row_counts(config)  # a Ray Data read: connects to / starts Ray
+    check_room_for_data_tasks(config, ray.cluster_resources().get("CPU", 0.0))
     storage_path, storage_filesystem = storage_target(config.checkpoint)
     scaling = ScalingConfig(
         num_workers=config.scaling.num_workers,
@@ -140,7 +172,7 @@ def build_trainer(config: TrainConfig, progress: Any = None, dev_results: Any = 
     )
     loop_config: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
-        "domain_rows": source_row_counts(config),
+        "domain_rows": domain_rows,
     }
     if progress is not None:
         loop_config["progress"] = progress  # rank 0 posts each step for the driver's live display
