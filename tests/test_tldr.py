@@ -156,11 +156,32 @@ def test_dev_eval_vllm_lora_matches_transformers_fallback(tmp_path, tiny_causal_
 # --- End to end: 2 Ray Train workers, re-weighting every 2 steps, crash after step 5 -----------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def ray_two_cpus():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+DEV_DELAY_S = 20.0  # the dev evaluation's injected sleep: twice the collective timeout below
+
+
+@pytest.fixture()
+def ray_with_slow_dev_evaluation():
+    """Ray whose processes all sleep DEV_DELAY_S inside each dev evaluation (a delay point: the
+    evaluation outlasts the collective timeout however fast the machine is)."""
+    import ray
+
+    from tokenskip.failpoints import DELAY_ENV
+
+    ray.shutdown()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {DELAY_ENV: f"tldr.dev_evaluate={DEV_DELAY_S}"}},
+    )
     yield
     ray.shutdown()
 
@@ -275,16 +296,16 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
 
 @pytest.mark.slow
 def test_full_finetune_dev_loop_runs_in_vllm_actor_longer_than_the_collective_timeout(
-    tmp_path, tiny_causal_lm, ray_two_cpus
+    tmp_path, tiny_causal_lm, ray_with_slow_dev_evaluation
 ):
-    """A full fine-tune's dev evaluation runs in a vLLM actor on the exported checkpoint; each takes
-    longer than the workers' collective timeout (a fresh engine starts every time), yet the run ends
-    well: the ranks wait for it with ray.get, not in a collective."""
+    """A full fine-tune's dev evaluation runs in a vLLM actor on the exported checkpoint; each one
+    sleeps twice the workers' collective timeout (a delay point inside the evaluation), yet the run
+    ends well: the ranks wait for it with ray.get, not in a collective."""
     from tokenskip.train.job import run_training
 
-    # Long enough for training's own collectives on a busy 2-core box; the evaluation (a fresh engine
-    # plus 64 answers of up to 200 tokens) takes longer.
-    collective_timeout_s = 30
+    # Small, so the evaluation's injected sleep is surely longer; large enough for training's own
+    # collectives (ranks a few seconds apart while loading on a busy 2-core box).
+    collective_timeout_s = DEV_DELAY_S / 2
     _write_jsonl(
         tmp_path / "short.jsonl",
         [{"question": f"What is {i} + 1?", "response": f"$\\boxed{{{i + 1}}}$"} for i in range(4)],
@@ -346,7 +367,8 @@ def test_full_finetune_dev_loop_runs_in_vllm_actor_longer_than_the_collective_ti
     assert [h["step"] for h in history] == [0, 2, 4]
     for entry in history[1:]:
         assert entry["dev_backend"] == "vllm"
-        # The evaluation outlasted the collective timeout: a rank waiting in a collective would have failed.
-        assert entry["dev_seconds"] > collective_timeout_s, entry
+        # Every rank waited out the injected sleep (a lower bound, not a timing): longer than the
+        # collective timeout, which a rank waiting in a collective would have failed on.
+        assert entry["dev_seconds"] >= DEV_DELAY_S > collective_timeout_s, entry
         assert 0.0 <= entry["accuracy"] <= 1.0 and 1 <= entry["mean_tokens"] <= 200
     assert [a["start_step"] for a in state["attempts"]] == [0]

@@ -290,7 +290,10 @@ class DevEngine:
         adapter_files: dict[str, bytes] | None,
         last_number_fallback: bool,
     ) -> DevMetrics:
+        from tokenskip.failpoints import delay
+
         started = time.perf_counter()
+        delay("tldr.dev_evaluate")  # tests: an evaluation provably longer than the collective timeout
         outputs = self.generate(prompts_, sampling, name, adapter_files)
         metrics = _grade(
             [t for t, _ in outputs], [c for _, c in outputs], golds, "vllm", last_number_fallback
