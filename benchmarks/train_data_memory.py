@@ -6,8 +6,10 @@ question + full response), cycled to each size and written as one parquet file (
 Each size is one `tokenskip.train.job.run_training` on local Ray: a tiny Llama (the test suite's,
 built locally; CPU, fp32) fully fine-tuned for 20 steps by 2 Ray Train workers, batch 2 x 2
 accumulation per worker, cutoff 2,048 tokens, the data read and tokenized by Ray Data tasks and
-streamed (the default `stream` settings). The figure is rank 0's peak RSS (ru_maxrss, which the loop
-reports every step as `worker_peak_rss_mb`) at step 20; the worker processes are new for each run.
+streamed (the default `stream` settings). The figures are rank 0's peak RSS (ru_maxrss, which the
+loop reports every step as `worker_peak_rss_mb`) and its largest USS at a step's end
+(`worker_peak_uss_mb`: private memory, without the shared pages of Ray's object store that RSS counts
+once touched) at step 20; the worker processes are new for each run.
 
     python benchmarks/train_data_memory.py [--sizes 10000 100000] [--out benchmarks/results/train_data_memory.txt]
     python benchmarks/train_data_memory.py --gpu   # the same on GPU workers (bf16 weights)
@@ -92,6 +94,7 @@ def run_one(model: Path, data: Path, workdir: Path, size: int, gpu: bool) -> dic
     return {
         "rows": size,
         "peak_rss_mb": metrics["worker_peak_rss_mb"],
+        "peak_uss_mb": metrics["worker_peak_uss_mb"],
         "padding_fraction_last_step": metrics["padding_fraction"],
         "seconds": time.perf_counter() - started,
     }
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             result["load_avg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
             results.append(result)
             line = (
-                f"{size:>7} rows: worker peak RSS {result['peak_rss_mb']:.1f} MB over the first {STEPS} steps "
+                f"{size:>7} rows: worker peak RSS {result['peak_rss_mb']:.1f} MB, peak USS "
+                f"{result['peak_uss_mb']:.1f} MB over the first {STEPS} steps "
                 f"({result['seconds']:.0f} s; 1-min load average {result['load_avg_1m'][0]} before, "
                 f"{result['load_avg_1m'][1]} after)"
             )
@@ -131,12 +135,17 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(line)
     ray.shutdown()
     delta = results[-1]["peak_rss_mb"] - results[0]["peak_rss_mb"]
-    summary = f"difference {args.sizes[-1]} vs {args.sizes[0]} rows: {delta:+.1f} MB (acceptance: |difference| < 50 MB)"
+    delta_uss = results[-1]["peak_uss_mb"] - results[0]["peak_uss_mb"]
+    summary = (
+        f"difference {args.sizes[-1]} vs {args.sizes[0]} rows: RSS {delta:+.1f} MB (acceptance: "
+        f"|difference| < 50 MB), USS {delta_uss:+.1f} MB"
+    )
     print(summary)
     header = [
-        "# benchmarks/train_data_memory.py: rank 0's peak RSS (ru_maxrss) over the first 20 steps of a full",
-        "# fine-tune of a tiny Llama, 2 Ray Train workers, batch 2 x 2 per worker, cutoff 2048, on real R1",
-        f"# CoTs (cot_samples, cycled) streamed through Ray Data; {'GPU' if args.gpu else 'CPU'}, 2-core box.",
+        "# benchmarks/train_data_memory.py: rank 0's peak RSS (ru_maxrss) and peak USS (at step ends) over",
+        "# the first 20 steps of a full fine-tune of a tiny Llama, 2 Ray Train workers, batch 2 x 2 per",
+        "# worker, cutoff 2048, on real R1 CoTs (cot_samples, cycled) streamed through Ray Data;",
+        f"# {'GPU' if args.gpu else 'CPU'}, 2-core box shared with other work (load averages below).",
     ]
     Path(args.out).write_text("\n".join(header + lines + [summary]) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -215,6 +215,38 @@ def test_tokenize_task_matches_tokenize_example(tiny_causal_lm):
     assert tensors["input_ids"][0].tolist() == tensors["input_ids"][1].tolist()
 
 
+def test_tokenized_blocks_stay_small_however_many_rows_a_file_holds(tmp_path, tiny_causal_lm):
+    """One task reads and tokenizes a whole file; its output must still reach the workers in blocks of
+    one or two tokenize calls, not in blocks that grow with the file (a worker holds whole blocks)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from tokenskip.train.config import StreamSettings
+    from tokenskip.train.data import tokenized_dataset
+
+    rows = 600
+    path = tmp_path / "rows.parquet"
+    long_answer = "Step 1: 48 / 2 = 24 clips in May. Step 2: 48 + 24 = 72 clips in total. " * 4
+    pq.write_table(
+        pa.table({"question": [f"What is {i} + 1?" for i in range(rows)], "response": [long_answer] * rows}),
+        path,
+        row_group_size=200,
+    )
+    stream = StreamSettings(rows_per_task=8)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        ds = tokenized_dataset(
+            DataSourceConfig(path=str(path), format="cot"), str(tiny_causal_lm), None, 64, stream
+        )
+        sizes = [
+            entry.metadata.num_rows for bundle in ds.iter_internal_ref_bundles() for entry in bundle.blocks
+        ]
+    finally:
+        ray.shutdown()
+    assert sum(sizes) == rows
+    assert max(sizes) <= 2 * stream.rows_per_task, sizes
+
+
 def _config(**tldr_overrides) -> dict:
     settings = _tldr_settings().model_dump(mode="json")
     settings.update(tldr_overrides)

@@ -83,8 +83,9 @@ class StreamSettings(_Strict):
     rows_per_task: int = Field(
         default=64,
         ge=1,
-        description="Rows per Ray Data tokenize call (and per block streamed to the workers): small blocks "
-        "keep what a worker holds small.",
+        description="Rows per Ray Data tokenize call; a block streamed to the workers holds one or two calls' "
+        "rows (its size is capped at rows_per_task x cutoff_len int32 ids): small blocks keep what a worker "
+        "holds small, whatever the dataset's size.",
     )
     tokenize_num_cpus: float = Field(
         default=0.25,

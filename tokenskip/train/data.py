@@ -330,7 +330,7 @@ def tokenized_dataset(
     a worker iterates it, never in the training worker's own process."""
     raw = source_dataset(source)
     kind = _detect_format(raw.schema().names, source)
-    return raw.map_batches(
+    tokenized = raw.map_batches(
         tokenize_rows,
         batch_size=stream.rows_per_task,
         batch_format="pyarrow",
@@ -343,6 +343,14 @@ def tokenized_dataset(
             "cutoff_len": cutoff_len,
         },
     )
+    # Ray Data gathers a task's outputs into blocks of up to target_max_block_size (128 MiB by
+    # default), and one task reads and tokenizes a whole source file: a worker then receives blocks
+    # whose size grows with the file's rows up to that cap (about 16k R1 CoTs at cutoff 2048), and
+    # holds one (plus the next, prefetched) while it takes a few rows from it. A cap of one tokenize
+    # call's largest output (int32 ids) keeps every block at one or two calls' rows, whatever the
+    # dataset's size.
+    tokenized.context.target_max_block_size = stream.rows_per_task * cutoff_len * 4
+    return tokenized
 
 
 # --- The worker side: domain streams in a fixed order ----------------------------------------------

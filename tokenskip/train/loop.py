@@ -166,6 +166,14 @@ def _peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def _uss_mb() -> float:
+    """This process's unique set size now: its private memory, without the shared pages (Ray's object
+    store, libraries) that RSS also counts once they are touched."""
+    import psutil
+
+    return psutil.Process().memory_full_info().uss / (1 << 20)
+
+
 def _broadcast(obj: Any, world_size: int) -> Any:
     """Rank 0's ``obj`` on every rank (TL;DR weights are decided on rank 0 only)."""
     if world_size == 1:
@@ -254,6 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = DevEvaluator(config.tldr, config.model, tokenizer, config.lora.enabled, config.lora.r)
     workdir = tempfile.mkdtemp(prefix="tokenskip-train-")
     accum = optim.gradient_accumulation_steps
+    peak_uss_mb = 0.0
     model.train()
 
     try:
@@ -289,6 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 [loss_sum, token_count, slot_count, elapsed], device
             )
             state["step"] = step + 1
+            peak_uss_mb = max(peak_uss_mb, _uss_mb())
             mean_loss = total_loss / world
             state["loss_history"].append([state["step"], mean_loss])
             metrics: dict[str, Any] = {
@@ -304,6 +314,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # worker reads every stream, so its own count is the run's).
                 "rows_dropped_by_cutoff": batches.dropped,
                 "worker_peak_rss_mb": _peak_rss_mb(),  # this worker's (rank 0's in the report)
+                # The largest USS seen at a step's end: what the worker itself holds, shared pages apart.
+                "worker_peak_uss_mb": peak_uss_mb,
             }
 
             if rank == 0:
