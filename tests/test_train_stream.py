@@ -224,15 +224,16 @@ def test_tokenized_blocks_stay_small_however_many_rows_a_file_holds(tmp_path, ti
     from tokenskip.train.config import StreamSettings
     from tokenskip.train.data import tokenized_dataset
 
-    rows = 600
+    rows = 240
     path = tmp_path / "rows.parquet"
     long_answer = "Step 1: 48 / 2 = 24 clips in May. Step 2: 48 + 24 = 72 clips in total. " * 4
     pq.write_table(
         pa.table({"question": [f"What is {i} + 1?" for i in range(rows)], "response": [long_answer] * rows}),
         path,
-        row_group_size=200,
+        row_group_size=80,
     )
-    stream = StreamSettings(rows_per_task=8)
+    # One CPU a task: two task processes on the 2 CPUs, not eight (each one imports transformers).
+    stream = StreamSettings(rows_per_task=8, tokenize_num_cpus=1)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         ds = tokenized_dataset(
