@@ -156,11 +156,32 @@ def test_dev_eval_vllm_lora_matches_transformers_fallback(tmp_path, tiny_causal_
 # --- End to end: 2 Ray Train workers, re-weighting every 2 steps, crash after step 5 -----------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def ray_two_cpus():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+DEV_DELAY_S = 20.0  # the dev evaluation's injected sleep: twice the collective timeout below
+
+
+@pytest.fixture()
+def ray_with_slow_dev_evaluation():
+    """Ray whose processes all sleep DEV_DELAY_S inside each dev evaluation (a delay point: the
+    evaluation outlasts the collective timeout however fast the machine is)."""
+    import ray
+
+    from tokenskip.failpoints import DELAY_ENV
+
+    ray.shutdown()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {DELAY_ENV: f"tldr.dev_evaluate={DEV_DELAY_S}"}},
+    )
     yield
     ray.shutdown()
 
@@ -229,8 +250,9 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
                 "gradient_accumulation_steps": 1,
                 "warmup_ratio": 0.0,
             },
-            # Half a CPU per worker leaves one for the dev-engine actor.
-            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "torch_threads": 1},
+            # A quarter CPU per worker leaves one for the dev-engine actor and room for the Ray Data
+            # tasks that read and tokenize the domains.
+            "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.25}, "torch_threads": 1},
             "checkpoint": {"storage_path": str(tmp_path / "runs"), "save_steps": 2, "max_failures": 1},
             "failure_injection": {"at_step": 5, "marker_path": str(tmp_path / "failed-once")},
         }
@@ -270,3 +292,83 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
         "weight_long",
         "dev_accuracy",
     }
+
+
+@pytest.mark.slow
+def test_full_finetune_dev_loop_runs_in_vllm_actor_longer_than_the_collective_timeout(
+    tmp_path, tiny_causal_lm, ray_with_slow_dev_evaluation
+):
+    """A full fine-tune's dev evaluation runs in a vLLM actor on the exported checkpoint; each one
+    sleeps twice the workers' collective timeout (a delay point inside the evaluation), yet the run
+    ends well: the ranks wait for it with ray.get, not in a collective."""
+    from tokenskip.train.job import run_training
+
+    # Small, so the evaluation's injected sleep is surely longer; large enough for training's own
+    # collectives (ranks a few seconds apart while loading on a busy 2-core box).
+    collective_timeout_s = DEV_DELAY_S / 2
+    _write_jsonl(
+        tmp_path / "short.jsonl",
+        [{"question": f"What is {i} + 1?", "response": f"$\\boxed{{{i + 1}}}$"} for i in range(4)],
+    )
+    _write_jsonl(
+        tmp_path / "long.jsonl",
+        [
+            {"question": f"What is {i} * 2?", "response": f"{i} + {i} = {2 * i}. $\\boxed{{{2 * i}}}$"}
+            for i in range(4)
+        ],
+    )
+    _write_jsonl(
+        tmp_path / "dev.jsonl", [{"question": f"What is {i} + 3?", "answer": str(i + 3)} for i in range(64)]
+    )
+    config = TrainConfig.model_validate(
+        {
+            "name": "tldr-full",
+            "model": str(tiny_causal_lm),
+            "dtype": "float32",
+            "mode": "tldr",
+            "tldr": {
+                "domains": [
+                    {"name": "short", "role": "short", "source": {"path": str(tmp_path / "short.jsonl")}},
+                    {"name": "long", "role": "long", "source": {"path": str(tmp_path / "long.jsonl")}},
+                ],
+                "short_reference": {"tokens": 4, "accuracy": 0.5},
+                "long_reference": {"tokens": 20, "accuracy": 0.9},
+                "eval_steps": 2,
+                "dev": {"path": str(tmp_path / "dev.jsonl")},
+                "backend": "vllm",
+                "engine": {"model": "unused", "kv_cache_memory_bytes": 1 << 28, "max_model_len": 512},
+                "engine_resources": {"CPU": 1},
+                "sampling": {"max_tokens": 200},
+                "dev_timeout_s": 900,
+            },
+            "lora": {"enabled": False},
+            "optim": {
+                "learning_rate": 1e-3,
+                "max_steps": 4,
+                "per_device_batch_size": 1,
+                "gradient_accumulation_steps": 1,
+                "warmup_ratio": 0.0,
+            },
+            "scaling": {
+                "num_workers": 2,
+                "resources_per_worker": {"CPU": 0.25},
+                "torch_threads": 1,
+                "collective_timeout_s": collective_timeout_s,
+            },
+            "checkpoint": {"storage_path": str(tmp_path / "runs"), "save_steps": 4, "max_failures": 0},
+        }
+    )
+    result = run_training(config)
+    assert result.error is None, result.error
+    with open(f"{result.checkpoint_path}/trainer_state.json", encoding="utf-8") as handle:
+        state = json.load(handle)
+    assert Path(result.checkpoint_path, "model", "model.safetensors").exists()  # a full fine-tune
+    history = state["tldr"]["history"]
+    assert [h["step"] for h in history] == [0, 2, 4]
+    for entry in history[1:]:
+        assert entry["dev_backend"] == "vllm"
+        # Every rank waited out the injected sleep (a lower bound, not a timing): longer than the
+        # collective timeout, which a rank waiting in a collective would have failed on.
+        assert entry["dev_seconds"] >= DEV_DELAY_S > collective_timeout_s, entry
+        assert 0.0 <= entry["accuracy"] <= 1.0 and 1 <= entry["mean_tokens"] <= 200
+    assert [a["start_step"] for a in state["attempts"]] == [0]

@@ -5,14 +5,21 @@ runs never reach them. The value is ``point=token-file[,point=token-file...]``: 
 reaches ``point`` and manages to create ``token-file`` SIGKILLs itself; every later one goes on. Fault
 tests set it for Ray workers only (``runtime_env={"env_vars": ...}``), to kill a worker at an exact
 step, e.g. after a shard's parts are written and before its commit marker.
+
+Delay points (:func:`delay`) are their slow sibling: off unless ``TOKENSKIP_DELAYS`` is set, as
+``point=seconds[,point=seconds...]``; every process that reaches ``point`` sleeps that long. A test
+makes a step provably longer than a timeout that way, whatever the machine's speed, instead of
+asserting on how long the step happened to take.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "TOKENSKIP_FAILPOINTS"
+DELAY_ENV = "TOKENSKIP_DELAYS"
 
 
 def failpoint(name: str) -> None:
@@ -30,3 +37,17 @@ def failpoint(name: str) -> None:
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def delay(name: str) -> float:
+    """Sleep at point ``name`` for the seconds ``TOKENSKIP_DELAYS`` gives it; returns them (0 = off)."""
+    spec = os.environ.get(DELAY_ENV)
+    if not spec:
+        return 0.0
+    for item in spec.split(","):
+        point, _, seconds = item.partition("=")
+        if point.strip() == name and seconds.strip():
+            value = float(seconds)
+            time.sleep(value)
+            return value
+    return 0.0

@@ -63,6 +63,38 @@ class DataSourceConfig(_Strict):
         return self
 
 
+class StreamSettings(_Strict):
+    """How training examples reach the workers: read and tokenized in Ray Data tasks, streamed to every
+    worker in a fixed order, and grouped by length so that batches carry little padding."""
+
+    length_grouping: bool = Field(
+        default=True,
+        description="Sort each window of a domain's stream by length and serve it in batch-sized chunks "
+        "(the chunks in seeded order), and split each worker's step into micro-batches of similar length: "
+        "padding becomes a small fraction of the tokens. False keeps the stream's seeded order.",
+    )
+    window_batches: int = Field(
+        default=16,
+        ge=1,
+        description="Window of one domain's stream, in global batches, that is reordered at once (by length, "
+        "or shuffled when length_grouping is off). Each worker buffers one window per domain: larger = less "
+        "padding and a better shuffle, more worker memory (rows x tokens x 4 bytes).",
+    )
+    rows_per_task: int = Field(
+        default=64,
+        ge=1,
+        description="Rows per Ray Data tokenize call; a block streamed to the workers holds one or two calls' "
+        "rows (its size is capped at rows_per_task x cutoff_len int32 ids): small blocks keep what a worker "
+        "holds small, whatever the dataset's size.",
+    )
+    tokenize_num_cpus: float = Field(
+        default=0.25,
+        gt=0,
+        description="CPUs of each Ray Data tokenize task. Leave room for them beside the training workers' "
+        "resources_per_worker (on a CPU-only box the workers must not take every CPU).",
+    )
+
+
 class LoraSettings(_Strict):
     """LoRA adapter (peft). Disabled = full fine-tune of every weight."""
 
@@ -172,6 +204,13 @@ class ScalingSettings(_Strict):
         description="torch.set_num_threads in each worker; set 1 on small CPU machines so "
         "workers do not oversubscribe cores.",
     )
+    collective_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="Timeout of the workers' torch.distributed collectives (TorchConfig.timeout_s; Ray's "
+        "default 1800). A TL;DR run whose dev evaluation blocks other ranks in a collective (backend "
+        "'transformers' on several workers) must set it above tldr.dev_timeout_s.",
+    )
 
 
 class CheckpointSettings(_Strict):
@@ -256,8 +295,10 @@ class TLDRSettings(_Strict):
     dev: DevSetSettings = Field(description="Dev problems the current model answers at each re-weighting.")
     backend: Literal["vllm", "transformers"] = Field(
         default="vllm",
-        description="Dev generation: vLLM with the LoRA adapter per request (fast; needs vllm + enable_lora) or "
-        "transformers generate (slow, but works everywhere, e.g. CPU tests or full fine-tunes).",
+        description="Dev generation: vLLM in its own Ray actor, outside the training workers' placement group "
+        "(LoRA: the adapter per request on one engine kept for the run; full fine-tune: an engine started "
+        "on the just-exported HF checkpoint at each evaluation), or transformers generate on rank 0 (slow, "
+        "greedy; small CPU runs).",
     )
     engine: EngineConfig | None = Field(
         default=None,
@@ -271,8 +312,18 @@ class TLDRSettings(_Strict):
         "or fractions shared with the training workers' resources_per_worker.",
     )
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=1024),
-        description="Dev sampling; greedy by default so the token/accuracy signal is not sampling noise.",
+        default_factory=lambda: SamplingConfig(temperature=0.7, max_tokens=16384),
+        description="Dev sampling. Default: TL;DR's (temperature 0.7, up to 16,384 tokens), so R1-length "
+        "answers (about 7.4k tokens on average) are not cut off, which would change the pool the "
+        "re-weighting favours. Backend 'transformers' always decodes greedily.",
+    )
+    dev_timeout_s: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        description="Budget of one dev evaluation (export, engine start, generation, grading). With backend "
+        "'vllm' every rank waits for the dev actor's result with ray.get under this timeout, no collective "
+        "open; with 'transformers' the other ranks wait in a collective, so scaling.collective_timeout_s "
+        "must exceed it (checked when the config is loaded).",
     )
     last_number_fallback: bool = Field(
         default=True, description="Grade with the last-number fallback (TokenSkip-compatible evaluation)."
@@ -305,6 +356,9 @@ class TrainConfig(_Strict):
     )
     data: DataSourceConfig | None = Field(default=None, description="Training data for mode 'tokenskip'.")
     tldr: TLDRSettings | None = Field(default=None, description="Domains, references and dev set for 'tldr'.")
+    stream: StreamSettings = Field(
+        default_factory=StreamSettings, description="How training data is tokenized and streamed to workers."
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA or full fine-tune.")
     optim: OptimSettings = Field(default_factory=OptimSettings, description="Optimiser and schedule.")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings, description="Ray Train workers.")
@@ -351,7 +405,29 @@ class TrainConfig(_Strict):
                 raise ValueError(
                     "TL;DR backend 'transformers' cannot evaluate an fsdp-sharded model; use 'vllm'"
                 )
+            self._check_dev_budget()
         return self
+
+    def _check_dev_budget(self) -> None:
+        """No rank may wait in a collective whose timeout the dev evaluation can exceed, and the dev
+        engine must fit the answers it is asked for."""
+        tldr = self.tldr
+        if (
+            tldr.backend == "transformers"
+            and self.scaling.num_workers > 1
+            and self.scaling.collective_timeout_s <= tldr.dev_timeout_s
+        ):
+            raise ValueError(
+                f"TL;DR backend 'transformers' generates on rank 0 while the other ranks wait in a "
+                f"collective: scaling.collective_timeout_s ({self.scaling.collective_timeout_s:g}) must "
+                f"exceed tldr.dev_timeout_s ({tldr.dev_timeout_s:g}), or use backend 'vllm'"
+            )
+        max_len = tldr.engine.max_model_len if tldr.engine else None
+        if tldr.backend == "vllm" and max_len is not None and max_len <= tldr.sampling.max_tokens:
+            raise ValueError(
+                f"tldr.engine.max_model_len ({max_len}) leaves no room for a prompt and "
+                f"tldr.sampling.max_tokens ({tldr.sampling.max_tokens}) generated tokens"
+            )
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

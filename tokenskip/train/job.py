@@ -8,6 +8,7 @@ because Ray Train restores it from the run folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -86,14 +87,76 @@ def check_sources(config: TrainConfig) -> None:
                 raise FileNotFoundError(f"training data {source.path} does not exist")
 
 
-def build_trainer(config: TrainConfig, progress: Any = None):
+def training_datasets(config: TrainConfig) -> dict[str, Any]:
+    """One lazy Ray dataset per domain (name -> dataset): each source read and tokenized in Ray Data
+    tasks (:func:`tokenskip.train.data.tokenized_dataset`) as the workers iterate it."""
+    from tokenskip.train.data import tokenized_dataset
+    from tokenskip.train.loop import domain_names
+
+    sources = [d.source for d in config.tldr.domains] if config.mode == "tldr" else [config.data]
+    tokenizer = config.tokenizer or config.model
+    return {
+        name: tokenized_dataset(source, tokenizer, config.system, config.optim.cutoff_len, config.stream)
+        for name, source in zip(domain_names(config), sources, strict=True)
+    }
+
+
+def worker_cpus(config: TrainConfig) -> float:
+    """CPUs one training worker reserves (Ray Train's default: 1 on CPU workers, none beside a GPU)."""
+    resources = config.scaling.resources_per_worker
+    if resources is None:
+        return 0.0 if config.scaling.use_gpu else 1.0
+    return float(resources.get("CPU", 0.0))
+
+
+def check_room_for_data_tasks(config: TrainConfig, cluster_cpus: float) -> None:
+    """Fail before training when the workers would take every CPU of a cluster that holds them.
+
+    The data reach the workers through Ray Data tasks (read and tokenize, ``stream.tokenize_num_cpus``
+    CPUs each) that run beside the workers' placement group; with no CPU left they never start, and
+    every worker waits for its first batch forever: Ray Data has no timeout, and the run hangs instead
+    of failing. A cluster too small for the workers themselves is left to Ray (an autoscaler may add
+    nodes, and it then adds them for the data tasks too)."""
+    from tokenskip.errors import UserError
+
+    taken = config.scaling.num_workers * worker_cpus(config)
+    needed = config.stream.tokenize_num_cpus
+    if taken <= cluster_cpus < taken + needed:
+        raise UserError(
+            f"the {config.scaling.num_workers} training workers take {taken:g} of the cluster's "
+            f"{cluster_cpus:g} CPUs, which leaves none for the Ray Data tasks that read and tokenize "
+            f"the training data (stream.tokenize_num_cpus {needed:g} each): lower "
+            f"scaling.resources_per_worker's CPU or add CPUs"
+        )
+
+
+def source_row_counts(config: TrainConfig) -> list[int]:
+    """Rows of each domain's source, in domain order (a read, no tokenization; parquet and committed
+    datasets answer from metadata). They set the epoch length; the cutoff may drop a few rows."""
+    from tokenskip.train.data import TrainingDataError, source_dataset
+
+    sources = [d.source for d in config.tldr.domains] if config.mode == "tldr" else [config.data]
+    counts = [source_dataset(source).count() for source in sources]
+    for source, count in zip(sources, counts, strict=True):
+        if count == 0:
+            raise TrainingDataError(f"training data {source.path or source.dataset} has no rows")
+    return counts
+
+
+def build_trainer(config: TrainConfig, progress: Any = None, dev_results: Any = None):
     """The ``TorchTrainer`` for ``config`` (separate from :func:`run_training` for dry runs);
-    ``progress``: a :class:`~tokenskip.progress.ProgressBoard` for the live step display."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    ``progress``: a :class:`~tokenskip.progress.ProgressBoard` for the live step display;
+    ``dev_results``: a :class:`~tokenskip.train.tldr.DevResultBoard` actor (TL;DR with backend 'vllm'
+    on several workers)."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tokenskip.train.loop import train_loop_per_worker
 
+    domain_rows = source_row_counts(config)  # a Ray Data read: connects to / starts Ray
+    check_room_for_data_tasks(config, ray.cluster_resources().get("CPU", 0.0))
     storage_path, storage_filesystem = storage_target(config.checkpoint)
     scaling = ScalingConfig(
         num_workers=config.scaling.num_workers,
@@ -107,16 +170,51 @@ def build_trainer(config: TrainConfig, progress: Any = None):
         failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
     )
-    loop_config: dict[str, Any] = {"config": config.model_dump(mode="json")}
+    loop_config: dict[str, Any] = {
+        "config": config.model_dump(mode="json"),
+        "domain_rows": domain_rows,
+    }
     if progress is not None:
         loop_config["progress"] = progress  # rank 0 posts each step for the driver's live display
+    if dev_results is not None:
+        loop_config["dev_results"] = dev_results
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if config.scaling.use_gpu else "gloo",
+            timeout_s=int(config.scaling.collective_timeout_s),
+        ),
         scaling_config=scaling,
         run_config=run_config,
+        datasets=training_datasets(config),
+        # Not split: every worker reads every domain's stream in its stored order (preserve_order) and
+        # keeps its own slots, so the order is a pure function of (seed, step) whatever the world size.
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )
+
+
+def _needs_dev_results(config: TrainConfig) -> bool:
+    return config.mode == "tldr" and config.tldr.backend == "vllm" and config.scaling.num_workers > 1
+
+
+@contextlib.contextmanager
+def _dev_results_board(config: TrainConfig):
+    """The actor that hands TL;DR's dev results to every rank (None when the run needs none)."""
+    if not _needs_dev_results(config):
+        yield None
+        return
+    import ray
+
+    from tokenskip.train.tldr import DevResultBoard
+
+    board = ray.remote(DevResultBoard).options(num_cpus=0, max_concurrency=1000).remote()
+    try:
+        yield board
+    finally:
+        ray.kill(board)
 
 
 def run_training(config: TrainConfig, *, progress: bool = False) -> TrainResult:
@@ -130,7 +228,8 @@ def run_training(config: TrainConfig, *, progress: bool = False) -> TrainResult:
     config = resolve_paths(config.model_copy(update={"model": resolve_model(config.model)}))
     check_sources(config)
     if not progress:
-        result = build_trainer(config).fit()
+        with _dev_results_board(config) as dev_results:
+            result = build_trainer(config, dev_results=dev_results).fit()
     else:
         from tokenskip.console import StepDisplay
         from tokenskip.progress import ProgressBoard
@@ -141,7 +240,8 @@ def run_training(config: TrainConfig, *, progress: bool = False) -> TrainResult:
         display = StepDisplay(board=board, every=config.log_every)
         display.start()
         try:
-            result = build_trainer(config, progress=board).fit()
+            with _dev_results_board(config) as dev_results:
+                result = build_trainer(config, progress=board, dev_results=dev_results).fit()
         finally:
             display.close()
             board.close()

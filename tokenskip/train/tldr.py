@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,14 @@ class WeightedDomainSampler:
             raise ValueError(f"every domain needs examples: sizes {domain_sizes}")
         self.domain_sizes, self.global_batch, self.seed = list(domain_sizes), global_batch, seed
 
+    def domains_at(self, step: int, weights: list[float]) -> list[int]:
+        """The domain of each slot of step ``step``'s global batch: the draw :meth:`global_batch_at`
+        makes first, from ``default_rng([seed, step])``. The streamed loop takes each slot's example
+        from that domain's stream (:class:`tokenskip.train.data.DomainStream`) instead of by index."""
+        rng = np.random.default_rng([self.seed, step])
+        domains = rng.choice(len(self.domain_sizes), size=self.global_batch, p=np.asarray(normalise(weights)))
+        return [int(d) for d in domains]
+
     def global_batch_at(self, step: int, weights: list[float]) -> list[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, step])
         domains = rng.choice(len(self.domain_sizes), size=self.global_batch, p=np.asarray(normalise(weights)))
@@ -127,6 +136,13 @@ class TLDRState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"names": self.names, "weights": self.weights, "history": self.history}
+
+    def weights_at(self, step: int) -> list[float]:
+        """The weights step ``step`` (0-based) drew its batch with: those of the last re-weighting at or
+        before it. With the seed this fixes every past batch, so a resume recomputes how far each
+        domain's stream has gone from this history instead of saving it."""
+        entry = [h for h in self.history if h["step"] <= step][-1]
+        return [float(entry["weights"][name]) for name in self.names]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TLDRState:
@@ -158,6 +174,7 @@ class DevMetrics:
     count: int
     backend: str
     responses: list[str] = field(default_factory=list, repr=False)
+    seconds: float = 0.0  # generation and grading time
 
 
 def load_dev_set(settings: TLDRSettings) -> tuple[list[str], list[str]]:
@@ -213,12 +230,32 @@ def _generate_transformers(model: Any, tokenizer: Any, prompts_: list[str], max_
     return texts, counts
 
 
+def save_dev_checkpoint(model: Any, tokenizer: Any, out_dir: str) -> None:
+    """Write a full fine-tune's current weights as a Hugging Face folder (config, safetensors,
+    tokenizer) that the dev engine loads. A collective every rank calls: the sharded export
+    (:func:`tokenskip.train.export.save_hf_model`) gathers the weights to rank 0, which writes them,
+    so ddp and fsdp runs hand the dev engine the same kind of folder."""
+    from tokenskip.train.export import save_hf_model
+
+    save_hf_model(model, tokenizer, out_dir)
+
+
+def _grade(texts: list[str], counts: list[int], golds: list[str], backend: str, fallback: bool) -> DevMetrics:
+    from tokenskip.grading import GradingConfig, Verdict, grade_batch
+
+    grades = grade_batch(texts, golds, GradingConfig(last_number_fallback=fallback))
+    accuracy = sum(g.verdict == Verdict.correct for g in grades) / len(grades)
+    return DevMetrics(accuracy, statistics.fmean(counts), len(texts), backend, texts)
+
+
 class DevEngine:
-    """Ray actor body: one vLLM engine with LoRA enabled, kept for the whole run.
+    """Ray actor body: one vLLM engine, in its own process outside the training placement group.
 
     It lives in its own process: vLLM initialises its own torch.distributed state, which hangs inside
-    a Ray Train worker whose process group is already live. Adapters arrive as file bytes, so the
-    actor may run on any node; each goes to a fresh folder because vLLM caches adapters by path.
+    a Ray Train worker whose process group is already live. LoRA runs keep one engine for the whole
+    run and send each adapter as file bytes (so the actor may run on any node), each to a fresh
+    folder because vLLM caches adapters by path; a full fine-tune starts an engine on each exported
+    checkpoint. The actor also grades, so the training ranks receive only the metrics.
     """
 
     def __init__(self, engine_config: dict[str, Any]):
@@ -230,24 +267,97 @@ class DevEngine:
         self._root = tempfile.mkdtemp(prefix="tokenskip-dev-adapters-")
 
     def generate(
-        self, prompts_: list[str], sampling: dict[str, Any], name: str, adapter_files: dict[str, bytes]
+        self, prompts_: list[str], sampling: dict[str, Any], name: str, adapter_files: dict[str, bytes] | None
     ) -> list[tuple[str, int]]:
         from tokenskip.engine import SamplingConfig, generate
 
-        folder = os.path.join(self._root, name)
-        os.makedirs(folder, exist_ok=False)
-        for file_name, blob in adapter_files.items():
-            with open(os.path.join(folder, file_name), "wb") as handle:
-                handle.write(blob)
+        folder = None
+        if adapter_files is not None:
+            folder = os.path.join(self._root, name)
+            os.makedirs(folder, exist_ok=False)
+            for file_name, blob in adapter_files.items():
+                with open(os.path.join(folder, file_name), "wb") as handle:
+                    handle.write(blob)
         outputs = generate(self._llm, prompts_, SamplingConfig.model_validate(sampling), lora_path=folder)
         return [(o[0].text, o[0].token_count) for o in outputs]
 
+    def evaluate(
+        self,
+        prompts_: list[str],
+        golds: list[str],
+        sampling: dict[str, Any],
+        name: str,
+        adapter_files: dict[str, bytes] | None,
+        last_number_fallback: bool,
+    ) -> DevMetrics:
+        from tokenskip.failpoints import delay
+
+        started = time.perf_counter()
+        delay("tldr.dev_evaluate")  # tests: an evaluation provably longer than the collective timeout
+        outputs = self.generate(prompts_, sampling, name, adapter_files)
+        metrics = _grade(
+            [t for t, _ in outputs], [c for _, c in outputs], golds, "vllm", last_number_fallback
+        )
+        metrics.seconds = time.perf_counter() - started
+        return metrics
+
+
+class DevResultBoard:
+    """Ray actor body (async; started by the driver): hands the dev evaluation rank 0 started to every
+    rank. Each rank asks for the result of (attempt, step) with ``ray.get`` under the evaluation's
+    budget; no rank waits in a collective while the dev actor works."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._asyncio = asyncio
+        self._refs: dict[tuple[int, int], Any] = {}
+        self._events: dict[tuple[int, int], Any] = {}
+        self._served: dict[tuple[int, int], int] = {}
+
+    def _event(self, key: tuple[int, int]):
+        return self._events.setdefault(key, self._asyncio.Event())
+
+    async def put(self, key: tuple[int, int], boxed_ref: list[Any]) -> None:
+        # The ref arrives inside a list so Ray passes the reference itself, not its value.
+        self._refs[key] = boxed_ref[0]
+        self._event(key).set()
+
+    async def result(self, key: tuple[int, int], world_size: int) -> DevMetrics:
+        await self._event(key).wait()
+        metrics = await self._refs[key]
+        self._served[key] = self._served.get(key, 0) + 1
+        if self._served[key] == world_size:  # every rank has it: let the object go
+            for table in (self._refs, self._events, self._served):
+                table.pop(key, None)
+        return metrics
+
+
+@dataclass
+class PendingDev:
+    """A dev evaluation in flight, as rank 0 hands it to every rank: the dev actor's result (a Ray
+    object every rank waits for with ``ray.get``, no collective open) or, for backend 'transformers',
+    the metrics rank 0 already computed."""
+
+    ref: Any = None
+    metrics: DevMetrics | None = None
+
+    def result(self, timeout_s: float) -> DevMetrics:
+        if self.metrics is not None:
+            return self.metrics
+        import ray
+
+        return ray.get(self.ref, timeout=timeout_s)
+
 
 class DevEvaluator:
-    """Generates on the dev set with the current weights and grades the answers (rank 0 only).
+    """Generates on the dev set with the current weights and grades the answers (created on rank 0).
 
-    Backend 'vllm' starts one :class:`DevEngine` actor on first use and sends it the adapter at each
-    evaluation; 'transformers' generates with the training model in place.
+    Backend 'vllm' runs a :class:`DevEngine` actor outside the training placement group: for LoRA one
+    engine kept for the run, sent the adapter at each evaluation; for a full fine-tune a fresh engine
+    on the checkpoint :func:`save_dev_checkpoint` just wrote (on rank 0's node, unless
+    ``export_dir`` is a folder every node reads), removed after the evaluation so it holds no memory
+    between evaluations. 'transformers' generates with the training model in place.
     """
 
     def __init__(self, settings: TLDRSettings, model_path: str, tokenizer: Any, lora: bool, lora_rank: int):
@@ -258,33 +368,40 @@ class DevEvaluator:
         self.questions, self.golds = load_dev_set(settings)
         self.prompts = [render_prompt(tokenizer, q) for q in self.questions]
         self._actor = None
-        if settings.backend == "vllm" and not lora:
-            raise ValueError(
-                "TL;DR backend 'vllm' evaluates LoRA adapters; use 'transformers' for full fine-tunes"
-            )
+        self._export_dir: str | None = None
+
+    @property
+    def needs_export(self) -> bool:
+        """Whether each evaluation needs a full HF checkpoint (full fine-tune on vLLM)."""
+        return self.settings.backend == "vllm" and not self.lora
+
+    def _start_engine(self, model: str, lora: bool, pin_to_this_node: bool):
+        import ray
+
+        from tokenskip.engine import EngineConfig
+
+        base = self.settings.engine or EngineConfig(model=model)
+        update: dict[str, Any] = {"model": model, "enable_lora": lora}
+        if lora:
+            update["max_lora_rank"] = max(base.max_lora_rank, self.lora_rank)
+        config = base.model_copy(update=update)
+        resources = dict(self.settings.engine_resources)
+        strategy: Any = "DEFAULT"  # outside the training workers' placement group
+        if pin_to_this_node:  # it reads the checkpoint from this node's disk
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        actor_class = ray.remote(DevEngine).options(
+            num_cpus=resources.pop("CPU", 0.0),
+            num_gpus=resources.pop("GPU", 0.0),
+            resources=resources or None,
+            scheduling_strategy=strategy,
+        )
+        return actor_class.remote(config.model_dump(mode="json"))
 
     def _engine(self):
         if self._actor is None:
-            import ray
-
-            from tokenskip.engine import EngineConfig
-
-            base = self.settings.engine or EngineConfig(model=self.model_path)
-            config = base.model_copy(
-                update={
-                    "model": self.model_path,
-                    "enable_lora": True,
-                    "max_lora_rank": max(base.max_lora_rank, self.lora_rank),
-                }
-            )
-            resources = dict(self.settings.engine_resources)
-            actor_class = ray.remote(DevEngine).options(
-                num_cpus=resources.pop("CPU", 0.0),
-                num_gpus=resources.pop("GPU", 0.0),
-                resources=resources or None,
-                scheduling_strategy="DEFAULT",  # outside the training workers' placement group
-            )
-            self._actor = actor_class.remote(config.model_dump(mode="json"))
+            self._actor = self._start_engine(self.model_path, lora=True, pin_to_this_node=False)
         return self._actor
 
     def close(self) -> None:
@@ -293,32 +410,54 @@ class DevEvaluator:
 
             ray.kill(self._actor)
             self._actor = None
+        if self._export_dir is not None:
+            import shutil
 
-    def evaluate(self, model: Any, step: int, workdir: str) -> DevMetrics:
-        if self.settings.backend == "vllm":
-            import ray
+            shutil.rmtree(self._export_dir, ignore_errors=True)
+            self._export_dir = None
 
-            name = f"dev-adapter-step-{step:08d}"
+    def finish_round(self) -> None:
+        """After every rank has its result: a full fine-tune's engine and export go away."""
+        if self.needs_export:
+            self.close()
+
+    def submit(self, model: Any, step: int, workdir: str, export_dir: str | None = None) -> PendingDev:
+        """Start the evaluation of ``model`` at ``step``; ``export_dir`` is where
+        :func:`save_dev_checkpoint` wrote a full fine-tune (backend 'vllm')."""
+        sampling = self.settings.sampling.model_dump(mode="json")
+        name = f"dev-adapter-step-{step:08d}"
+        if self.settings.backend == "transformers":
+            started = time.perf_counter()
+            texts, counts = _generate_transformers(
+                model, self.tokenizer, self.prompts, self.settings.sampling.max_tokens
+            )
+            metrics = _grade(texts, counts, self.golds, "transformers", self.settings.last_number_fallback)
+            metrics.seconds = time.perf_counter() - started
+            return PendingDev(metrics=metrics)
+        if self.lora:
             adapter_dir = os.path.join(workdir, name)
             model.save_pretrained(adapter_dir)
-            files = {}
+            files: dict[str, bytes] | None = {}
             for file_name in sorted(os.listdir(adapter_dir)):
                 if not os.path.isfile(os.path.join(adapter_dir, file_name)):
                     continue
                 with open(os.path.join(adapter_dir, file_name), "rb") as handle:
                     files[file_name] = handle.read()
-            sampling = self.settings.sampling.model_dump(mode="json")
-            outputs = ray.get(self._engine().generate.remote(self.prompts, sampling, name, files))
-            texts = [text for text, _ in outputs]
-            counts = [count for _, count in outputs]
+            actor = self._engine()
         else:
-            texts, counts = _generate_transformers(
-                model, self.tokenizer, self.prompts, self.settings.sampling.max_tokens
-            )
-        from tokenskip.grading import GradingConfig, Verdict, grade_batch
-
-        grades = grade_batch(
-            texts, self.golds, GradingConfig(last_number_fallback=self.settings.last_number_fallback)
+            if export_dir is None:
+                raise ValueError("a full fine-tune's dev evaluation needs the exported checkpoint folder")
+            self.close()  # a previous round's engine, if its round failed before finish_round
+            self._export_dir = export_dir
+            actor = self._start_engine(export_dir, lora=False, pin_to_this_node=True)
+            files = None
+        ref = actor.evaluate.remote(
+            self.prompts, self.golds, sampling, name, files, self.settings.last_number_fallback
         )
-        accuracy = sum(g.verdict == Verdict.correct for g in grades) / len(grades)
-        return DevMetrics(accuracy, statistics.fmean(counts), len(texts), self.settings.backend, texts)
+        return PendingDev(ref=ref)
+
+    def evaluate(self, model: Any, step: int, workdir: str, export_dir: str | None = None) -> DevMetrics:
+        """Submit and wait (one process: tests, single-worker runs)."""
+        metrics = self.submit(model, step, workdir, export_dir).result(self.settings.dev_timeout_s)
+        self.finish_round()
+        return metrics
