@@ -18,6 +18,7 @@ from tokenskip.capacity import (
     pool_demands,
 )
 from tokenskip.config import PipelineConfig, PoolSize, ResourcesConfig, apply_overrides, parse_overrides
+from tokenskip.exit_codes import ExitCode
 from tokenskip.storage import StorageConfig
 
 
@@ -135,7 +136,7 @@ def test_the_cli_maps_missing_capacity_to_its_exit_code_and_one_line(capsys):
         raise CapacityUnavailable("the cluster cannot place the run's actor pools within 3 s")
 
     args = argparse.Namespace(command="run", verbose=False, func=no_capacity)
-    assert cli._dispatch(args) == cli.EXIT_NO_CAPACITY == 7
+    assert cli._dispatch(args) == ExitCode.NO_CAPACITY == 7
     err = capsys.readouterr().err
     assert err.strip() == "tokenskip run: error: the cluster cannot place the run's actor pools within 3 s"
 

@@ -3,13 +3,16 @@ before-the-work checks, and a dry run that says why rows failed to load."""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.tiny_pipeline import tiny_pipeline_config, write_problems
 from tokenskip import cli
+from tokenskip.exit_codes import ExitCode
 from tokenskip.schema import COMPRESSED_SCHEMA, to_table
 from tokenskip.storage import RunStore, StorageConfig, pin
 
@@ -45,7 +48,7 @@ def test_storage_runs_is_a_table_marking_latest_and_pins(tmp_path, capsys):
     assert b[0] == "run-b" and b[3:] == ["1", "0", "0", "LATEST"]
 
     code = cli.main(["storage", "unpin", "--root", str(tmp_path), "--dataset", DATASET, "--run-id", "run-b"])
-    assert code == cli.EXIT_USER_ERROR and "'run-b' of 'tiny-arith' is not pinned" in capsys.readouterr().err
+    assert code == ExitCode.USER_ERROR and "'run-b' of 'tiny-arith' is not pinned" in capsys.readouterr().err
     assert (
         cli.main(["storage", "unpin", "--root", str(tmp_path), "--dataset", DATASET, "--run-id", "run-a"])
         == 0
@@ -64,10 +67,10 @@ def test_compress_checks_output_first_and_drops_a_stale_errors_file(tmp_path, ti
     blocker.write_text("x")
     base = ["compress", "--input", str(cots), "--scorer", "selfinfo", "--model", str(tiny_causal_lm)]
     code = cli.main([*base, "--output", str(blocker / "out.parquet")])
-    assert code == cli.EXIT_USER_ERROR and "is a file" in capsys.readouterr().err
+    assert code == ExitCode.USER_ERROR and "is a file" in capsys.readouterr().err
 
     code = cli.main([*base, "--output", str(tmp_path / "out.parquet"), "--model", str(tmp_path / "missing")])
-    assert code == cli.EXIT_USER_ERROR and "no such folder" in capsys.readouterr().err
+    assert code == ExitCode.USER_ERROR and "no such folder" in capsys.readouterr().err
 
     stale = tmp_path / "out.errors.parquet"
     stale.write_bytes(b"an earlier run's errors")
@@ -124,6 +127,12 @@ def test_every_subcommand_is_listed_and_a_broken_one_fails_the_cli(monkeypatch, 
     assert listed.returncode == 0
     for command in ("run", "compress", "storage", "train", "evaluate"):
         assert command in listed.stdout
+    registered = [command.name for command in cli.COMMANDS]
+    assert "refresh" in registered and len(set(registered)) == len(registered)
+    for name in registered:  # each on its own line of the subcommand list
+        assert re.search(rf"^ {{4}}{name} ", listed.stdout, re.MULTILINE), name
+    for code in ExitCode:  # the epilog is the exit-code table
+        assert f"  {code.value}  {code.summary}" in listed.stdout
     broken = subprocess.run(
         [
             sys.executable,
@@ -180,7 +189,7 @@ def test_show_prints_the_summary_and_examples_with_dropped_words_marked(tmp_path
         "ratio 0.5 (achieved 0.64, 9 tokens" in out and "[-First-] add 3 [-and-] 4 [-to-] [-get-] 7." in out
     )
     assert out.count(tail) >= 3  # original and both ratios keep the answer tail
-    assert cli.main(["show", "--root", str(tmp_path), "--dataset", "nope"]) == cli.EXIT_USER_ERROR
+    assert cli.main(["show", "--root", str(tmp_path), "--dataset", "nope"]) == ExitCode.USER_ERROR
 
 
 def test_no_library_module_imports_the_cli():
@@ -202,3 +211,56 @@ def test_no_library_module_imports_the_cli():
                 names = [node.module]
             offenders += [f"{path.relative_to(package)}: {n}" for n in names if n == "tokenskip.cli"]
     assert offenders == []
+
+
+# Each Ray job entrypoint and the tokenskip command it runs.
+RAY_JOBS = {"build_dataset": "run", "train_sft": "train", "evaluate": "evaluate", "refresh": "refresh"}
+
+
+def test_each_ray_job_is_a_thin_wrapper_around_its_tokenskip_command(monkeypatch, capsys):
+    import importlib
+    import sys
+
+    jobs = Path(__file__).resolve().parents[1] / "ray_jobs"
+    assert sorted(p.stem for p in jobs.glob("*.py") if p.stem != "__init__") == sorted(RAY_JOBS)
+    for module_name, command in RAY_JOBS.items():
+        path = jobs / f"{module_name}.py"
+        tree = ast.parse(path.read_text())
+        imports = [
+            (node.module, alias.name)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        ]
+        functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+        # No options, handling or exit codes of its own: one main() that hands its arguments on.
+        assert imports == [("tokenskip.cli", "main")] and functions == ["main"], module_name
+        assert len(path.read_text().splitlines()) <= 20, module_name
+
+        # Its --help is the command's own, from the arguments `ray job submit` gives it (sys.argv).
+        monkeypatch.setattr(sys, "argv", [f"ray_jobs/{module_name}.py", "--help"])
+        with pytest.raises(SystemExit) as job_help:
+            importlib.import_module(f"ray_jobs.{module_name}").main()
+        job_out = capsys.readouterr().out
+        with pytest.raises(SystemExit) as command_help:
+            cli.main([command, "--help"])
+        assert job_help.value.code == command_help.value.code == 0
+        assert job_out == capsys.readouterr().out and job_out.startswith(f"usage: tokenskip {command} ")
+
+
+def test_one_set_of_exit_codes_the_readme_explains():
+    """Exit codes are defined once (tokenskip.exit_codes), no module keeps numbers of its own, and the
+    README's table has exactly those codes."""
+    root = Path(__file__).resolve().parents[1]
+    own = []
+    for path in [*(root / "tokenskip").rglob("*.py"), *(root / "ray_jobs").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+            own += [f"{path.relative_to(root)}: {name}" for name in names if name.startswith("EXIT_")]
+    assert own == []
+    readme = (root / "README.md").read_text()
+    section = readme.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| (\d+) \|", section, re.MULTILINE)
+    assert [int(row) for row in rows] == [code.value for code in ExitCode]
+    assert ExitCode.REFUSED == 5 and ExitCode.FAILED == 1  # a run not published and a refresh held back

@@ -15,6 +15,7 @@ import yaml
 
 from tokenskip import cli
 from tokenskip.console import console_logging
+from tokenskip.exit_codes import ExitCode
 
 
 @pytest.fixture
@@ -30,8 +31,8 @@ def _staged(staging: Path) -> list[Path]:
 
 
 def test_short_commands_leave_no_staging_log(tmp_path, staging, capsys):
-    assert cli.main(["storage", "runs", "--root", str(tmp_path), "--dataset", "nope"]) == cli.EXIT_USER_ERROR
-    assert cli.main(["show", "--root", str(tmp_path), "--dataset", "nope"]) == cli.EXIT_USER_ERROR
+    assert cli.main(["storage", "runs", "--root", str(tmp_path), "--dataset", "nope"]) == ExitCode.USER_ERROR
+    assert cli.main(["show", "--root", str(tmp_path), "--dataset", "nope"]) == ExitCode.USER_ERROR
     assert _staged(staging) == []
     assert "log:" not in capsys.readouterr().err
 

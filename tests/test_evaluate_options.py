@@ -265,3 +265,47 @@ def test_sweep_picks_the_checkpoint_that_answers_with_pass_at_k_and_reference(tm
         assert block == {
             "long_reference": {"tokens": round(score.mean_tokens, 2), "accuracy": round(score.accuracy, 4)}
         }
+
+
+def test_num_gpus_runs_the_evaluation_as_one_ray_task_started_by_init_ray(tmp_path, monkeypatch, capsys):
+    """``--num-gpus``/``--num-cpus`` (``tokenskip evaluate`` and the Ray job alike) start Ray through
+    ``init_ray`` (quiet console, a loopback-bound local Ray), never a bare ``ray.init()``, and run the
+    evaluation as one task reserving them; without either it runs in the driver, without Ray."""
+    import ray
+
+    import tokenskip.evaluate as evaluate_module
+    import tokenskip.ray_runtime as ray_runtime
+    from ray_jobs.evaluate import main as evaluate_job
+    from tokenskip.cli import main as cli_main
+
+    config = tmp_path / "eval.yaml"
+    source = {"path": str(tmp_path / "test.jsonl"), "kind": "gsm8k"}
+    config.write_text(yaml.safe_dump({"engine": {"model": "m"}, "source": source, "output": str(tmp_path / "out")}))
+    calls: list = []
+
+    def remote(**resources):
+        def task_of(fn):
+            class Task:
+                def remote(self, cfg):
+                    calls.append(resources)
+                    return fn(cfg)
+
+            return Task()
+
+        return task_of
+
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda: calls.append("init_ray"))
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: pytest.fail("a bare ray.init()"))
+    monkeypatch.setattr(ray, "remote", remote)
+    monkeypatch.setattr(ray, "get", lambda result: result)
+    monkeypatch.setattr(evaluate_module, "run_config", lambda cfg: (f"the table of {cfg.engine.model}", 0))
+
+    assert evaluate_job(["--config", str(config), "--num-gpus", "1"]) == 0
+    assert calls == ["init_ray", {"num_gpus": 1.0, "num_cpus": 1}]
+    assert "the table of m" in capsys.readouterr().out
+    calls.clear()
+    assert cli_main(["evaluate", "--config", str(config), "--num-cpus", "2"]) == 0
+    assert calls == ["init_ray", {"num_gpus": 0, "num_cpus": 2.0}]
+    calls.clear()
+    assert cli_main(["evaluate", "--config", str(config)]) == 0
+    assert calls == [] and "the table of m" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from tests.test_sft import _record
 from tokenskip import cli
 from tokenskip.config import PipelineConfig
 from tokenskip.evaluate import EvaluateConfig, load_evaluate_config, ratio_prompts
+from tokenskip.exit_codes import ExitCode
 from tokenskip.refresh import RefreshConfig
 from tokenskip.schema import COMPRESSED_SCHEMA, to_table
 from tokenskip.storage import RunStore, StorageConfig, read_table
@@ -341,8 +342,8 @@ def test_tokenskip_paper_prompt_is_tokenskips_byte_for_byte(tmp_path, tiny_causa
 def test_export_from_a_train_config_needs_a_committed_dataset(tmp_path, capsys):
     out = str(tmp_path / "out")
     tldr = str(CONFIGS / "tldr_r1_distill_qwen_7b_fsdp.yaml")
-    assert cli.main(["export", "--train-config", tldr, "--out", out]) == cli.EXIT_USER_ERROR
+    assert cli.main(["export", "--train-config", tldr, "--out", out]) == ExitCode.USER_ERROR
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "export each pool with --root/--dataset" in err
-    assert cli.main(["export", "--out", out]) == cli.EXIT_USER_ERROR
+    assert cli.main(["export", "--out", out]) == ExitCode.USER_ERROR
     assert "give --root and --dataset, or --train-config" in capsys.readouterr().err

@@ -19,9 +19,9 @@ import yaml
 from pydantic import ValidationError
 
 import tokenskip.refresh as refresh_module
-from ray_jobs.refresh import EXIT_INCOMPATIBLE, EXIT_LOCKED
 from ray_jobs.refresh import main as refresh_job
 from tests.tiny_pipeline import DATASET, tiny_pipeline_data, tiny_source, write_problems
+from tokenskip.exit_codes import ExitCode
 from tokenskip.refresh import (
     IncompatibleBase,
     RefreshConfig,
@@ -147,7 +147,7 @@ def test_a_refused_refresh_names_each_differing_field_with_both_values(tmp_path,
     assert "sampling.max_tokens: LATEST 160, this config 192; sampling.n: LATEST 2, this config 4" in message
     assert "sampling.temperature" not in message  # only the fields that differ
     args = ["--config", str(example)] + [f"--set={k}={v}" for k, v in overrides.items()]
-    assert refresh_job(args) == EXIT_INCOMPATIBLE
+    assert refresh_job(args) == ExitCode.INCOMPATIBLE_BASE
     assert "sampling.n: LATEST 2, this config 4" in capsys.readouterr().err
     # a processing field (carried rows would be wrong) is named the same way
     with pytest.raises(
@@ -191,7 +191,7 @@ def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, mo
     other.acquire()
     with pytest.raises(LockHeld, match="other-refresh"):
         refresh(config, now=_at(2))
-    assert refresh_job(["--config", str(job_yaml)]) == EXIT_LOCKED
+    assert refresh_job(["--config", str(job_yaml)]) == ExitCode.LOCKED
     assert "refresh refused" in capsys.readouterr().err
     assert latest_run_id(output, DATASET) == v1
     assert read_in_progress(config.pipeline) is None  # refused before any work
@@ -276,7 +276,7 @@ def test_refresh_lifecycle_on_s3(tmp_path, tiny_solver, ray_local, s3_bucket, mo
     changed = config3.pipeline.model_dump(mode="json")
     changed["sampling"]["temperature"] = 0.5
     job_yaml.write_text(yaml.safe_dump(config3.model_dump(mode="json") | {"pipeline": changed}))
-    assert refresh_job(["--config", str(job_yaml)]) == EXIT_INCOMPATIBLE
+    assert refresh_job(["--config", str(job_yaml)]) == ExitCode.INCOMPATIBLE_BASE
     with pytest.raises(IncompatibleBase, match="generation config"):
         plan_refresh(load_refresh_config(str(job_yaml)))
     assert latest_run_id(output, DATASET) == v3

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs.refresh import EXIT_REFUSED
 from ray_jobs.refresh import main as refresh_job
 from tests.tiny_pipeline import expected_keys, tiny_pipeline_config, tiny_problems, write_problems
 from tokenskip import cli
 from tokenskip.config import PipelineConfig
+from tokenskip.exit_codes import ExitCode
 from tokenskip.pipeline import make_plan, run_pipeline
 from tokenskip.refresh import RefreshConfig, refresh
 from tokenskip.schema import COMPRESSED_SCHEMA, problem_id, sample_key, to_table
@@ -94,7 +94,7 @@ def test_resume_after_shard_size_change_then_an_all_wrong_run_is_not_published(
     code, err = _run_cli(
         ["run", "--no-progress", "--config", str(_config_file(tmp_path, wrong_config))], capsys
     )
-    assert code == cli.EXIT_REFUSED
+    assert code == ExitCode.REFUSED
     refusal = [line for line in err.splitlines() if line.startswith("tokenskip run:")]
     assert len(refusal) == 1 and "0 kept samples of 12" in refusal[0] and "incorrect 12" in refusal[0]
     run_id = wrong_config.resolved_run_id()
@@ -173,7 +173,7 @@ def test_a_run_with_no_problems_is_refused_and_leaves_latest(tmp_path, tiny_caus
         path = _config_file(tmp_path, config, f"{name.replace(' ', '-')}.yaml")
         for attempt in range(2):  # the re-run refuses again: it is not "already committed"
             code, err = _run_cli(["run", "--no-progress", "--config", str(path)], capsys)
-            assert code == cli.EXIT_REFUSED, (name, attempt, err)
+            assert code == ExitCode.REFUSED, (name, attempt, err)
             lines = [line for line in err.splitlines() if line.startswith("tokenskip run:")]
             assert len(lines) == 1 and "0 problems loaded" in lines[0], (name, err)
         assert latest_run_id(output, DATASET) == "kept", name
@@ -216,7 +216,7 @@ def test_refresh_never_publishes_a_shrunken_version(tmp_path, tiny_causal_lm):
     config_path = tmp_path / "refresh.yaml"
     config_path.write_text(yaml.safe_dump({"pipeline": contaminating}))
 
-    assert refresh_job(["--config", str(config_path)]) == EXIT_REFUSED
+    assert refresh_job(["--config", str(config_path)]) == ExitCode.REFUSED
     assert latest_run_id(output, DATASET) == "v-20260101-000000"
 
     published = refresh(RefreshConfig.model_validate({"pipeline": contaminating, "min_kept_fraction": 0.0}))
@@ -233,18 +233,18 @@ def test_storage_commands_need_a_run_id_and_an_existing_dataset(tmp_path, tiny_c
     root = ["--root", output.root]
 
     code, err = _run_cli(["storage", "set-latest", *root, "--dataset", DATASET], capsys)
-    assert code == cli.EXIT_USER_ERROR and "--run-id is required" in err
+    assert code == ExitCode.USER_ERROR and "--run-id is required" in err
     assert latest_run_id(output, DATASET) == "r1"  # untouched, not {"run_id": null}
     for command in (["pin"], ["unpin"]):
-        assert _run_cli(["storage", *command, *root, "--dataset", DATASET], capsys)[0] == cli.EXIT_USER_ERROR
+        assert _run_cli(["storage", *command, *root, "--dataset", DATASET], capsys)[0] == ExitCode.USER_ERROR
 
     code, err = _run_cli(
         ["storage", "runs", "--root", str(tmp_path / "nowhere"), "--dataset", DATASET], capsys
     )
-    assert code == cli.EXIT_USER_ERROR and "does not exist" in err
+    assert code == ExitCode.USER_ERROR and "does not exist" in err
     for command in (["runs"], ["set-latest", "--run-id", "r1"], ["pin", "--run-id", "r1"]):
         code, err = _run_cli(["storage", *command, *root, "--dataset", "typo"], capsys)
-        assert code == cli.EXIT_USER_ERROR and "dataset 'typo' not found" in err, command
+        assert code == ExitCode.USER_ERROR and "dataset 'typo' not found" in err, command
     assert _run_cli(["storage", "set-latest", *root, "--dataset", DATASET, "--run-id", "r1"], capsys)[0] == 0
 
 
@@ -269,7 +269,7 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
         run_pipeline(config, progress=False)
     assert time.perf_counter() - started < 10 and ray_starts == []  # no engine, no Ray
     code, err = _run_cli(["run", "--no-progress", "--config", str(_config_file(tmp_path, config))], capsys)
-    assert code == cli.EXIT_LOCKED and "another-host:1234" in err
+    assert code == ExitCode.LOCKED and "another-host:1234" in err
     assert not store.committed_shards() and ray_starts == []
     holder.release()
 
@@ -312,11 +312,11 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_causal_lm, capsys):
         for dry in ([], ["--dry-run"]):
             code, err = _run_cli(["run", "--config", str(path), *dry], capsys)
             lines = err.strip().splitlines()
-            assert code == cli.EXIT_USER_ERROR, (name, err)
+            assert code == ExitCode.USER_ERROR, (name, err)
             assert len(lines) == 1 and lines[0].startswith("tokenskip run: error:"), (name, err)
             assert expected[name] in lines[0], (name, err)
     code, err = _run_cli(["run", "--verbose", "--config", str(tmp_path / "bad-config.yaml")], capsys)
-    assert code == cli.EXIT_USER_ERROR and "Traceback (most recent call last)" in err
+    assert code == ExitCode.USER_ERROR and "Traceback (most recent call last)" in err
     assert not (tmp_path / "out").exists()  # nothing was written for any of them
 
 

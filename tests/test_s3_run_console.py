@@ -8,7 +8,7 @@ import logging
 import boto3
 
 from tests.tiny_pipeline import tiny_pipeline_config
-from tokenskip import cli
+from tokenskip.commands import run as run_cmd
 from tokenskip.console import RunLog
 from tokenskip.schema import COMPRESSED_SCHEMA, to_table
 from tokenskip.storage import RunStore, StorageConfig
@@ -26,7 +26,7 @@ def test_s3_run_log_is_copied_into_the_run_folder(s3_bucket, tmp_path, caplog):
     try:
         logging.getLogger("tokenskip.test").warning("a record of the run")
         with caplog.at_level(logging.WARNING):
-            cli._upload_log(store, run_log)
+            run_cmd._upload_log(store, run_log)
     finally:
         logging.getLogger("tokenskip.test").removeHandler(run_log.handler)
         run_log.handler.close()
@@ -52,7 +52,7 @@ def test_s3_run_console_end_reads_the_run_as_printed(s3_bucket, tmp_path):
     store.write_shard("s-1", {"data": rows}, problem_ids=["k1", "k2"])
     store.commit({"counts": {}})
 
-    text = cli._where_the_data_is(config, store)
+    text = run_cmd._where_the_data_is(config, store)
     lines = text.splitlines()
     assert lines[0].startswith(f"data: s3://{bucket}/ds/{DATASET}/runs/r1 ")
     snippet = [line.removeprefix("  ") for line in lines[lines.index("read it:") + 1 : -1]]

@@ -14,6 +14,7 @@ import tokenskip
 from ray_jobs.evaluate import main as evaluate_job
 from tests.tiny_pipeline import tiny_pipeline_config, tiny_problems, write_problems
 from tokenskip import cli
+from tokenskip.exit_codes import ExitCode
 from tokenskip.storage import StorageConfig
 
 CONFIGS = Path(tokenskip.__file__).parent / "configs"
@@ -56,10 +57,10 @@ def hub_out_of_reach(monkeypatch):
 
 def test_shipped_evaluate_example_without_credentials_is_one_line(no_s3_credentials, capsys):
     example = str(CONFIGS / "evaluate_example.yaml")
-    assert cli.main(["evaluate", "--config", example, "--set", "limit=2"]) == cli.EXIT_USER_ERROR
+    assert cli.main(["evaluate", "--config", example, "--set", "limit=2"]) == ExitCode.USER_ERROR
     line = _one_line_error(capsys, "evaluate")
     assert "S3 credentials" in line and "Unable to locate credentials" in line
-    assert evaluate_job(["--config", example, "--set", "limit=2"]) == cli.EXIT_USER_ERROR
+    assert evaluate_job(["--config", example, "--set", "limit=2"]) == ExitCode.USER_ERROR
     assert "S3 credentials" in _one_line_error(capsys, "evaluate")
 
 
@@ -75,7 +76,7 @@ def test_gpu_recipe_dry_run_without_credentials_is_one_line(
         "compression.target_tokenizer": model,
     }.items():
         argv += ["--set", f"{key}={value}"]
-    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert cli.main(argv) == ExitCode.USER_ERROR
     assert "S3 credentials: Unable to locate credentials" in _one_line_error(capsys, "run")
 
 
@@ -84,7 +85,7 @@ def test_compress_without_cot_field_names_the_fields_the_file_has(tmp_path, tiny
     cots.write_text(json.dumps({"question": "1 + 1?", "response": "2. The answer is 2."}) + "\n")
     argv = ["compress", "--input", str(cots), "--output", str(tmp_path / "out.parquet")]
     argv += ["--scorer", "selfinfo", "--model", str(tiny_causal_lm)]
-    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert cli.main(argv) == ExitCode.USER_ERROR
     line = _one_line_error(capsys, "compress")
     assert "no 'cot' field" in line and "question, response" in line and "--cot-field" in line
     assert not (tmp_path / "out.parquet").exists()
@@ -94,7 +95,7 @@ def test_compress_with_the_default_scorer_and_no_hub_is_one_line(tmp_path, hub_o
     cots = tmp_path / "cots.jsonl"
     cots.write_text(json.dumps({"cot": "2. The answer is 2."}) + "\n")
     argv = ["compress", "--input", str(cots), "--output", str(tmp_path / "out.parquet")]
-    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    assert cli.main(argv) == ExitCode.USER_ERROR
     line = _one_line_error(capsys, "compress")
     assert "microsoft/llmlingua-2-xlm-roberta-large-meetingbank" in line
     assert "hub could not be asked" in line and "--skip-model-check" in line
@@ -117,7 +118,7 @@ def test_unresolvable_model_fails_run_and_dry_run_before_any_engine(
 
     monkeypatch.setattr(tokenskip.pipeline, "run_pipeline", no_engine)
     for dry in (["--dry-run"], []):
-        assert cli.main(["run", "--config", str(path), *dry]) == cli.EXIT_USER_ERROR, dry
+        assert cli.main(["run", "--config", str(path), *dry]) == ExitCode.USER_ERROR, dry
         line = _one_line_error(capsys, "run")
         assert "engine.model: model 'no-such-org/no-such-model-xyz'" in line and "--skip-model-check" in line
     assert not (tmp_path / "out").exists()
@@ -143,7 +144,7 @@ def test_relative_output_root_inside_a_ray_job_is_refused_with_one_line(
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
     for root in ("outputs-relative", "./outputs", "file://outputs"):
         argv = ["run", "--dry-run", "--config", str(path), "--set", f"output.root={root}"]
-        assert cli.main(argv) == cli.EXIT_USER_ERROR
+        assert cli.main(argv) == ExitCode.USER_ERROR
         line = _one_line_error(capsys, "run")
         assert f"output root {root!r} is relative" in line and "absolute path" in line and "s3://" in line
     for root in (str(tmp_path / "absolute"),):

@@ -207,11 +207,6 @@ def redirect_worker_output() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
 
 
-def worker_log_path() -> str | None:
-    """The log file a local Ray's workers should write to (None: verbose, or none configured)."""
-    return os.environ.get(WORKER_LOG_ENV)
-
-
 def _clock(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds < 0:
         return "--:--"

@@ -876,7 +876,9 @@ def format_sweep(result: SweepResult) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``tokenskip evaluate``: the table on stdout, the outputs under ``output``."""
+    """``tokenskip evaluate``: the table on stdout, the outputs under ``output``. With ``--num-gpus`` or
+    ``--num-cpus`` the evaluation runs as one Ray task reserving them: a job's driver usually runs on
+    the head node, which may have no GPU, and the task puts the vLLM engine on a node that has one."""
     from tokenskip.config import parse_overrides
     from tokenskip.console import place_log
 
@@ -885,7 +887,16 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(config.model_dump(mode="json"), indent=1))
         return 0
     place_log(getattr(args, "run_log", None), config.output)  # the log goes with the outputs
-    text, code = run_config(config)
+    if args.num_gpus is None and args.num_cpus is None:
+        text, code = run_config(config)
+    else:
+        import ray
+
+        from tokenskip.ray_runtime import init_ray
+
+        init_ray()  # joins the job's cluster (RAY_ADDRESS) or starts a local one, as every command does
+        task = ray.remote(num_gpus=args.num_gpus or 0, num_cpus=args.num_cpus or 1)(run_config)
+        text, code = ray.get(task.remote(config))
     print(text)
     return code
 
@@ -915,4 +926,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         config_help="YAML EvaluateConfig (see tokenskip/configs/evaluate_example.yaml)",
         dry_run_help="validate and print the config, do not run",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=float,
+        default=None,
+        help="run as a Ray task reserving this many GPUs (engine.tensor_parallel_size for vLLM on GPU)",
+    )
+    parser.add_argument(
+        "--num-cpus", type=float, default=None, help="run as a Ray task reserving this many CPUs"
     )
