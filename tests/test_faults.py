@@ -303,10 +303,10 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
     tables = _assert_every_key_once(output, config, problems)
     errors = tables["errors"].to_pylist()
     too_long_key = sample_key(problem_id(SOURCE, long_question), config.generation_hash(), 0)
-    assert [(e["key"], e["reason"], e["stage"]) for e in errors] == [
+    assert [(e["key"], e["error"], e["stage"]) for e in errors] == [
         (too_long_key, "prompt_too_long", "generate")
     ]
-    assert "max_model_len is 256" in errors[0]["detail"]
+    assert "max_model_len is 256" in errors[0]["error_detail"]
     assert report["counts"]["errors_by_reason"] == {"prompt_too_long": 1}
 
 

@@ -150,9 +150,9 @@ class Plan:
                 f"{r.shard_size}: split shards are assembled and written by the driver"
             )
         if self.load_errors.num_rows:
-            reasons = Counter(self.load_errors.column("reason").to_pylist())
+            reasons = Counter(self.load_errors.column("error").to_pylist())
             lines.append("load errors: " + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()))
-            first = self.load_errors.column("detail")[0].as_py() or ""
+            first = self.load_errors.column("error_detail")[0].as_py() or ""
             lines.append(f"  first: {first[:200]}")
         if not c.dedup.enabled or not c.dedup.eval_sets:
             lines.append(
