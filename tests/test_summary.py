@@ -15,7 +15,7 @@ import pytest
 
 from tokenskip.pipeline import INPUT_SHARD, Plan, run_statistics
 from tokenskip.report import render_html
-from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, to_table
+from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, current_error_columns, to_table
 from tokenskip.storage import RunStore, StorageConfig, read_table
 from tokenskip.summary import (
     TOKEN_BIN_EDGES,
@@ -300,6 +300,18 @@ def test_marker_without_summary_field_still_parses_and_is_summarised_from_files(
     assert _rounded(merged.model_dump(exclude={"engine"})) == _rounded(
         merge(ShardSummary.from_tables(t) for t in [input_tables(), *shards]).model_dump(exclude={"engine"})
     )
+
+
+def test_an_errors_part_written_with_the_old_column_names_is_summarised_by_its_errors(tmp_path):
+    """Errors tables written before errors were ``error``/``error_detail`` said ``reason``/``detail``."""
+    shard = make_shard(0)
+    old_names = {"error": "reason", "error_detail": "detail"}
+    shard["errors"] = shard["errors"].rename_columns([old_names.get(n, n) for n in ERROR_SCHEMA.names])
+    store = RunStore(StorageConfig(root=str(tmp_path)), DATASET, "r1")
+    record = store.write_shard("s-0000", shard)  # no summary: summarised from the files
+    assert shard["errors"].num_rows and record.summary is None
+    assert summary_from_files(store, record).errors == ShardSummary.from_tables(make_shard(0)).errors
+    assert current_error_columns(shard["errors"]).equals(make_shard(0)["errors"])
 
 
 def test_fallback_reads_each_file_checked(tmp_path):
