@@ -28,6 +28,7 @@ import platform
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 
@@ -76,6 +77,7 @@ def run_once(args, model: str, problems: int, workdir: Path) -> dict:
     from tokenskip import pipeline
     from tokenskip.config import PipelineConfig
     from tokenskip.stages import generate
+    from tokenskip.storage import RunStore
     from tokenskip.testing.tiny_models import arithmetic_problems
 
     path = workdir / f"problems-{problems}.jsonl"
@@ -124,8 +126,7 @@ def run_once(args, model: str, problems: int, workdir: Path) -> dict:
         }
     )
     stage = _sampling_stage_class()
-    original_args, original_note = generate.map_batches_args, pipeline.note_shard_committed
-    commits: list[float] = []
+    original_args = generate.map_batches_args
 
     def map_batches_args(cfg, progress=None):
         kwargs = original_args(cfg, progress)
@@ -133,18 +134,20 @@ def run_once(args, model: str, problems: int, workdir: Path) -> dict:
         kwargs["fn_constructor_kwargs"] = {**kwargs["fn_constructor_kwargs"], "trace_path": trace_path}
         return kwargs
 
-    def note(shard_id, record):
-        if record is not None:  # a generated shard (the input shard's call has no record)
-            commits.append(time.time())
-        original_note(shard_id, record)
-
-    generate.map_batches_args, pipeline.note_shard_committed = map_batches_args, note
+    generate.map_batches_args = map_batches_args
     try:
         started = time.perf_counter()
         report = pipeline.run_pipeline(config, progress=False)
         wall = time.perf_counter() - started
     finally:
-        generate.map_batches_args, pipeline.note_shard_committed = original_args, original_note
+        generate.map_batches_args = original_args
+    # When each generated shard's record was made: its parts written, its commit right after.
+    store = RunStore(config.output, config.dataset, report["run_id"])
+    commits = [
+        datetime.fromisoformat(r.created_at).timestamp()
+        for r in store.iter_committed_shards()
+        if r.shard_id != pipeline.INPUT_SHARD
+    ]
     done, peaks = [], (0, 0)
     for line in open(trace_path):
         kind, *values = line.split()

@@ -112,8 +112,8 @@ def shard_tables(shard: int, kept_rows: int, cots: list[dict], rng: random.Rando
             roll = rng.random()
             if roll < ERROR_RATE:
                 stage = rng.choice(["generate", "compress"])
-                errors.append({"key": key, "problem_id": pid, "stage": stage, "reason": f"{stage}_error",
-                               "detail": "RuntimeError: engine died", "raw": json.dumps({"question": c["question"]})})  # fmt: skip
+                errors.append({"key": key, "problem_id": pid, "stage": stage, "error": f"{stage}_error",
+                               "error_detail": "RuntimeError: engine died", "raw": json.dumps({"question": c["question"]})})  # fmt: skip
             elif roll < ERROR_RATE + (1 - ERROR_RATE) * (1 - ACCEPTANCE):
                 rejects.append({"key": key, "problem_id": pid, "stage": "grade",
                                 "reason": rng.choice(["incorrect"] * 8 + ["unparsable", "timeout"]),
@@ -136,7 +136,7 @@ def shard_tables(shard: int, kept_rows: int, cots: list[dict], rng: random.Rando
 def input_tables():
     from tokenskip.schema import ERROR_SCHEMA, REJECT_SCHEMA, to_table
 
-    errors = [{"key": None, "problem_id": None, "stage": "load", "reason": "invalid_json", "raw": "{"}
+    errors = [{"key": None, "problem_id": None, "stage": "sources", "error": "invalid_json", "raw": "{"}
               for _ in range(LOAD_ERRORS)]  # fmt: skip
     rejects = [
         {"key": f"d{i}", "problem_id": f"d{i}", "stage": "dedup", "reason": "duplicate"}

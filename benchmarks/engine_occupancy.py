@@ -204,7 +204,7 @@ def run_stage_mode(args, mode: str, engine, sampling, questions: list[str], forc
     out = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     wall = time.perf_counter() - started
 
-    rows = out.select(["samples", "gen_error", "bench_gen_started_at", "bench_finished_at"]).to_pylist()
+    rows = out.select(["samples", "error", "bench_gen_started_at", "bench_finished_at"]).to_pylist()
     lengths = [s["tokens"] for r in rows for s in r["samples"] or []]
     finish: dict[str, int] = {}
     for r in rows:
@@ -220,7 +220,7 @@ def run_stage_mode(args, mode: str, engine, sampling, questions: list[str], forc
         "admission": admission.policy,
         "max_batches_held": held,
         "problems": out.num_rows,
-        "errors": sum(1 for r in rows if r["gen_error"]),
+        "errors": sum(1 for r in rows if r["error"]),
         "batches": len(batches),
         "most_batches_generating_at_once": _most_overlapping(batches),
         **_summary(

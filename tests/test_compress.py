@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tests.fixture_data import read_jsonl
 from tokenskip.compress import ADDED_COLUMNS, CompressConfig, Compressor, _join, compress_file
 from tokenskip.grading import split_answer_tail
-from tokenskip.schema import COMPRESSION_STRUCT, ERROR_SCHEMA
+from tokenskip.schema import COMPRESS_STAGE, COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig
 
 RATIOS = [0.9, 0.7, 0.5]
@@ -159,7 +159,8 @@ def test_compress_file_jsonl_to_parquet(config, cots, tmp_path):
 
     errors = pq.read_table(summary["errors_output"])
     assert errors.schema == ERROR_SCHEMA
-    err = {r["reason"]: r for r in errors.to_pylist()}
+    err = {r["error"]: r for r in errors.to_pylist()}
+    assert {r["stage"] for r in errors.to_pylist()} == {COMPRESS_STAGE}  # the compress stage's, bad lines too
     assert err["invalid_json"]["raw"] == "{not json"  # the bad input is kept verbatim
     assert json.loads(err["empty_cot"]["raw"])["id"] == "empty" and err["empty_cot"]["key"] == "empty"
 

@@ -59,8 +59,9 @@ def _generated(samples_by_problem: dict[str, list[str]]) -> pa.Table:
             "shard_id": "s-test",
             "samples": [{"text": t, "tokens": len(t.split()), "finish_reason": "stop"} for t in samples],
             "prompt_tokens": 12,
-            "gen_error": None,
-            "gen_error_detail": None,
+            "stage": None,
+            "error": None,
+            "error_detail": None,
             "gen_seconds": 0.5,
             "gen_engine_steps": 4.0,
             "gen_engine_running_seqs": 8.0,
@@ -186,7 +187,7 @@ def test_where_selects_records_by_field_and_counts_what_it_drops(tmp_path):
     loaded = load_source(source)
     assert loaded.problems["question"].to_pylist() == ["Hard one", "Harder one"]
     assert loaded.filtered_out == 3
-    assert sorted(loaded.errors["reason"].to_pylist()) == ["invalid_json", "missing_answer"]
+    assert sorted(loaded.errors["error"].to_pylist()) == ["invalid_json", "missing_answer"]
     assert loaded.problems.num_rows + loaded.errors.num_rows + loaded.filtered_out == len(MATH_ROWS) + 1
     assert [t.num_rows for t in load_problems(source)] == [2, 2]
     everything = load_source(source.model_copy(update={"where": None}))

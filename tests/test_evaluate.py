@@ -329,6 +329,6 @@ def test_cli_evaluate_tiny_solver_on_vllm(tmp_path, tiny_solver, s3_bucket, caps
     assert report["table"] == table.to_pylist()
     assert "storage_options" not in report["config"] and "adapter_storage_options" not in report["config"]
     with fs.open(f"{bucket}/eval/source_errors.parquet", "rb") as f:
-        assert pq.read_table(f)["reason"].to_pylist() == ["empty_question"]
+        assert pq.read_table(f)["error"].to_pylist() == ["empty_question"]
     png = fs.cat(f"{bucket}/eval/accuracy_vs_tokens.png")
     assert png.startswith(PNG_MAGIC) and len(png) > 5000

@@ -28,6 +28,7 @@ from tests.tiny_pipeline import (
 )
 from tokenskip.config import PipelineConfig
 from tokenskip.engine import SamplingConfig, generate_safe
+from tokenskip.failpoints import ENV as FAILPOINTS_ENV
 from tokenskip.grading import Grader, GradingConfig, Verdict
 from tokenskip.pipeline import make_plan, run_pipeline
 from tokenskip.schema import ERROR_SCHEMA, problem_id, sample_key
@@ -303,10 +304,10 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
     tables = _assert_every_key_once(output, config, problems)
     errors = tables["errors"].to_pylist()
     too_long_key = sample_key(problem_id(SOURCE, long_question), config.generation_hash(), 0)
-    assert [(e["key"], e["reason"], e["stage"]) for e in errors] == [
+    assert [(e["key"], e["error"], e["stage"]) for e in errors] == [
         (too_long_key, "prompt_too_long", "generate")
     ]
-    assert "max_model_len is 256" in errors[0]["detail"]
+    assert "max_model_len is 256" in errors[0]["error_detail"]
     assert report["counts"]["errors_by_reason"] == {"prompt_too_long": 1}
 
 
@@ -315,29 +316,36 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
 # ---------------------------------------------------------------------------------------------
 
 
-# The CLI driver, SIGKILLing itself right after its ``kill_after``-th shard commit (the input shard
-# counts as the 0th; workers write the others, the driver learns of each from its record): an exact
-# stage boundary, with no race against a watcher.
-_KILLING_DRIVER = """
-import os, signal, sys
-from tokenskip import cli, pipeline
-kill_after = int(sys.argv[1])
-commits = []
-note_shard_committed = pipeline.note_shard_committed
+def test_a_failpoint_fires_once_with_its_signal(tmp_path):
+    """``point=token`` SIGKILLs the first process to reach the point, ``point:SIGTERM=token`` sends
+    SIGTERM instead; once the token exists, later processes go on. Other points are untouched."""
+    import os
+    import subprocess
+    import sys
 
-def note_then_die(shard_id, record):
-    note_shard_committed(shard_id, record)
-    commits.append(shard_id)
-    if kill_after >= 0 and len(commits) > kill_after:
-        os.kill(os.getpid(), signal.SIGKILL)
+    script = "from tokenskip.failpoints import failpoint; failpoint('other'); failpoint('here'); print('on')"
 
-pipeline.note_shard_committed = note_then_die
-sys.exit(cli.main(sys.argv[2:]))
-"""
+    def reach(spec: str) -> subprocess.CompletedProcess:
+        env = os.environ | {FAILPOINTS_ENV: spec}
+        return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+    killed = tmp_path / "killed.token"
+    assert reach(f"here={killed}").returncode == -9 and killed.read_text() != ""
+    assert (reach(f"here={killed}").returncode, reach(f"here={killed}").stdout) == (0, "on\n")
+    terminated = tmp_path / "terminated.token"
+    assert reach(f"nowhere={killed},here:SIGTERM={terminated}").returncode == -15
+    assert reach(f"here:SIGTERM={terminated}").returncode == 0
 
 
-def _run_cli(config_path: Path, log_path: Path, kill_after: int = -1, timeout_s: float = 480.0) -> int:
-    """Run ``tokenskip run`` as a driver process; returns its exit status (-9: it was SIGKILLed)."""
+# The CLI driver. A failpoint (tokenskip.failpoints) SIGKILLs it right after the input shard's
+# commit or after its first generated shard's (workers write those, the driver learns of each from
+# its record): an exact stage boundary, with no race against a watcher.
+_CLI_DRIVER = "import sys; from tokenskip import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def _run_cli(config_path: Path, log_path: Path, failpoint: str | None = None, timeout_s: float = 480.0) -> int:
+    """Run ``tokenskip run`` as a driver process, with ``failpoint`` (``point=token-file``) set for
+    it; returns its exit status (-9: it was SIGKILLed)."""
     import os
     import subprocess
     import sys
@@ -345,13 +353,15 @@ def _run_cli(config_path: Path, log_path: Path, kill_after: int = -1, timeout_s:
     import psutil
 
     # Its own local Ray (no RAY_ADDRESS), as a fresh driver on a machine would start.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAILPOINTS_ENV)} | {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
     }
+    if failpoint:
+        env[FAILPOINTS_ENV] = failpoint
     argv = ["run", "--config", str(config_path), "--no-progress"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _KILLING_DRIVER, str(kill_after), *argv],
+            [sys.executable, "-c", _CLI_DRIVER, *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -402,13 +412,13 @@ def test_driver_killed_at_stage_boundaries_resumes_without_regenerating(tmp_path
 
     log_path = tmp_path / "runs.log"
     # (a) killed right after the input shard is written, before any generation shard.
-    assert _run_cli(config_path, log_path, kill_after=0) == -9
+    assert _run_cli(config_path, log_path, f"input-shard-committed={tmp_path / 'a.token'}") == -9
     assert (shards_dir / "input.json").exists() and problem_shards() == set()
     assert not (run_dir / "_MANIFEST.json").exists()
 
     # (b) killed right after the first generation shard commit (the input shard is rewritten first,
     # idempotently: same content, nothing new).
-    assert _run_cli(config_path, log_path, kill_after=1) == -9
+    assert _run_cli(config_path, log_path, f"shard-committed={tmp_path / 'b.token'}") == -9
     committed = problem_shards()
     assert len(committed) == 1
     assert not (run_dir / "_MANIFEST.json").exists()

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from tokenskip.engine import EngineConfig, EngineDead, SamplingConfig
+from tokenskip.schema import GENERATE_STAGE
 from tokenskip.stages.generate import OUTPUT_FIELDS, GenerateStage, engine_occupancy
 
 pytestmark = pytest.mark.slow
@@ -124,13 +125,14 @@ def test_rows_schema_n_samples_and_a_too_long_prompt_isolated(continuous, loop):
     rows = out.to_pylist()
     assert [r["id"] for r in rows] == ["a", "long", "b"]  # input order, one row per problem
     for r in (rows[0], rows[2]):
-        assert r["gen_error"] is None
+        assert r["error"] is None
         assert len(r["samples"]) == SAMPLING.n
         assert all(1 <= s["tokens"] <= SAMPLING.max_tokens and s["text"] for s in r["samples"])
         assert r["prompt_tokens"] > 0
     long_row = rows[1]
-    assert long_row["gen_error"] == "prompt_too_long" and long_row["samples"] == []
-    assert "max_model_len is 128" in long_row["gen_error_detail"]
+    assert long_row["error"] == "prompt_too_long" and long_row["samples"] == []
+    assert long_row["stage"] == GENERATE_STAGE and all(r["stage"] is None for r in rows if r is not long_row)
+    assert "max_model_len is 128" in long_row["error_detail"]
     # Occupancy is carried on the rows: 2 prompts x 2 samples in an 8-sequence engine.
     assert out.column("gen_engine_max_num_seqs").to_pylist() == [MAX_NUM_SEQS] * 3
     longest = max(s["tokens"] for r in rows for s in r["samples"])
@@ -155,7 +157,7 @@ def test_batches_in_flight_overlap_and_fill_the_engine(continuous, one_batch, lo
 
     for outs in (overlapped, serial):
         assert [r["id"] for t in outs for r in t.to_pylist()] == [f"p{i}" for i in range(8)]
-        assert all(len(r["samples"]) == 2 and r["gen_error"] is None for t in outs for r in t.to_pylist())
+        assert all(len(r["samples"]) == 2 and r["error"] is None for t in outs for r in t.to_pylist())
     assert continuous.peak_batches_in_flight >= 2
     assert one_batch.peak_batches_in_flight == 1
     # One batch can never fill more than half of the engine; overlapping ones do.
@@ -228,7 +230,7 @@ def test_ray_restarts_the_actor_after_its_engine_dies(tiny_causal_lm, ray_local,
     assert len(set(pids)) >= 2  # ... its actor died and Ray started another
     rows = out.to_pylist()
     assert [r["id"] for r in rows] == problems.column("id").to_pylist()
-    assert all(r["gen_error"] is None and len(r["samples"]) == 2 for r in rows)  # no rows lost to it
+    assert all(r["error"] is None and len(r["samples"]) == 2 for r in rows)  # no rows lost to it
 
 
 def test_early_batches_return_first_in_a_run_far_larger_than_the_engine(continuous, loop):
@@ -251,7 +253,7 @@ def test_early_batches_return_first_in_a_run_far_larger_than_the_engine(continuo
         del continuous._posted
     rows = [r for t in outs for r in t.to_pylist()]
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(80)]
-    assert all(len(r["samples"]) == 2 and r["gen_error"] is None for r in rows)
+    assert all(len(r["samples"]) == 2 and r["error"] is None for r in rows)
     assert len(finished) == 80
     assert continuous.gate.peak_admitted <= 4
     assert first_back[0] < 0.2 * 80

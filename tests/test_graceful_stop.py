@@ -22,6 +22,7 @@ from tests.tiny_pipeline import (
     write_problems,
 )
 from tokenskip.config import PipelineConfig
+from tokenskip.failpoints import ENV as FAILPOINTS_ENV
 from tokenskip.shutdown import GracefulStop, StopRequested
 from tokenskip.storage import StorageConfig, read_table
 
@@ -77,29 +78,18 @@ def test_a_second_signal_stops_at_once_and_a_stop_outside_the_loop_waits_for_it(
             pytest.fail("the second signal did not stop the loop")
 
 
-# A driver that SIGTERMs itself right after its first generation shard commit: an exact boundary.
-_SIGTERM_DRIVER = """
-import os, signal, sys
-from tokenskip import cli, pipeline
-note_shard_committed = pipeline.note_shard_committed
-
-def note_then_terminate(shard_id, record):
-    note_shard_committed(shard_id, record)
-    if shard_id != pipeline.INPUT_SHARD and not os.environ.get("SIGNALLED"):
-        os.environ["SIGNALLED"] = "1"
-        os.kill(os.getpid(), signal.SIGTERM)
-
-pipeline.note_shard_committed = note_then_terminate
-sys.exit(cli.main(sys.argv[1:]))
-"""
+_CLI_DRIVER = "import sys; from tokenskip import cli; sys.exit(cli.main(sys.argv[1:]))"
 
 
-def _driver(script: str, argv: list[str], timeout_s: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+def _driver(argv: list[str], failpoint: str | None = None, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """``tokenskip`` as a driver process, with ``failpoint`` (tokenskip.failpoints) set for it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAILPOINTS_ENV)} | {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0"
     }
+    if failpoint:
+        env[FAILPOINTS_ENV] = failpoint
     return subprocess.run(
-        [sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=timeout_s
+        [sys.executable, "-c", _CLI_DRIVER, *argv], env=env, capture_output=True, text=True, timeout=timeout_s
     )
 
 
@@ -123,7 +113,8 @@ def test_sigterm_mid_run_keeps_commits_releases_the_lease_and_a_rerun_completes(
     run_dir = tmp_path / "out" / DATASET / "runs" / config.resolved_run_id()
     argv = ["run", "--config", str(config_path), "--no-progress"]
 
-    stopped = _driver(_SIGTERM_DRIVER, argv)
+    # The driver SIGTERMs itself right after its first generated shard's commit: an exact boundary.
+    stopped = _driver(argv, failpoint=f"shard-committed:SIGTERM={tmp_path / 'sigterm.token'}")
     output_text = stopped.stdout + stopped.stderr
     assert stopped.returncode == 6, output_text[-3000:]
     assert "Traceback" not in output_text
@@ -142,7 +133,7 @@ def test_sigterm_mid_run_keeps_commits_releases_the_lease_and_a_rerun_completes(
     assert report["counts"]["samples"] == 2 * len(committed)  # what is committed, nothing else
     assert (run_dir / "report.txt").exists() and (run_dir / "report.html").exists()
 
-    rerun = _driver("import sys; from tokenskip import cli; sys.exit(cli.main(sys.argv[1:]))", argv)
+    rerun = _driver(argv)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["committed"] is True and report["attempt"]["shards_resumed"] == len(committed)

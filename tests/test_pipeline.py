@@ -119,8 +119,8 @@ def test_s3_run_bad_input_and_greedy_parity(tmp_path, tiny_solver, ray_local, s3
     # Every malformed problem is an error row with a reason; nothing was dropped.
     load_errors = [e for e in errors.to_pylist() if e["stage"] != "generate" and e["stage"] != "compress"]
     assert len(load_errors) == len(bad)
-    assert all(e["reason"] for e in load_errors)
-    reasons = {e["reason"] for e in load_errors}
+    assert all(e["error"] for e in load_errors)
+    reasons = {e["error"] for e in load_errors}
     assert {"empty_question", "missing_answer", "wrong_type", "question_too_long", "invalid_json"} <= reasons
     assert "invalid_unicode" in reasons or any("unicode" in r for r in reasons)
     # input = kept + rejects + errors (n = 1: one sample row per valid problem)

@@ -173,7 +173,7 @@ def test_number_answers_are_stringified_and_rows_map_one_to_one():
     ]
     problems, errors = normalise_rows(rows, config)
     assert [p["answer"] for p in problems] == ["42", "2.5", "3", "-1"]
-    assert [(e["reason"], e["stage"]) for e in errors] == [("wrong_type", "sources")] * 2
+    assert [(e["error"], e["stage"]) for e in errors] == [("wrong_type", "sources")] * 2
     # The bool answer's problem key is computable, the int question's is not.
     assert errors[0]["key"] == problem_id("gsm8k", "q bool") and errors[1]["key"] is None
     assert pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA).num_rows == 4
@@ -228,7 +228,7 @@ def test_json_documents_original_math_layout_and_compression(fixture_data, tmp_p
     problems, errors = load_problems(
         SourceConfig(path=str(tmp_path / "lines.json"), format="json", kind="gsm8k")
     )
-    assert (problems.num_rows, errors["reason"].to_pylist()) == (0, ["invalid_json"])
+    assert (problems.num_rows, errors["error"].to_pylist()) == (0, ["invalid_json"])
     assert json.loads(errors["raw"][0].as_py()) == (tmp_path / "lines.json").read_text()
 
 
@@ -352,15 +352,15 @@ def test_malformed_records_all_become_errors_with_their_reason(tmp_path):
     problems, errors = load_problems(SourceConfig(path=str(path), kind="gsm8k", split="train"))
     assert problems.num_rows + errors.num_rows == len(cases)
     assert errors.num_rows == len(expected_errors)
-    assert set(errors["reason"].to_pylist()) <= set(ERROR_REASONS)
+    assert set(errors["error"].to_pylist()) <= set(ERROR_REASONS)
     assert set(errors["stage"].to_pylist()) == {"sources"}
 
     # Map every error back to its input line through "path:line" in the detail.
     physical = body.split(b"\n")
     by_line = {}
     for error in errors.to_pylist():
-        match = re.match(rf"{re.escape(str(path))}:(\d+): ", error["detail"])
-        assert match, error["detail"]
+        match = re.match(rf"{re.escape(str(path))}:(\d+): ", error["error_detail"])
+        assert match, error["error_detail"]
         by_line[int(match.group(1))] = error
     seen_reasons = []
     error_of_case = {}
@@ -373,7 +373,7 @@ def test_malformed_records_all_become_errors_with_their_reason(tmp_path):
             assert number not in by_line
             continue
         error = error_of_case[len(seen_reasons) - 1] = by_line[number]
-        assert error["reason"] == expected, (expected, error["detail"], line[:80])
+        assert error["error"] == expected, (expected, error["error_detail"], line[:80])
         # Nothing dropped: `raw` gives back the input, byte for byte or value for value.
         restored = json.loads(error["raw"])
         if expected in ("invalid_json",) or (expected == "invalid_unicode" and isinstance(restored, str)):

@@ -14,6 +14,7 @@ import asyncio
 import pyarrow as pa
 import pytest
 
+from tokenskip import schema
 from tokenskip.compress import CompressConfig
 from tokenskip.grading import GradingConfig
 from tokenskip.pipeline import INPUT_SHARD, Plan, run_statistics
@@ -36,7 +37,7 @@ POISON = "BOOM the scorer cannot read this step, yet 1 and 4 make 5. The answer 
 TOO_LONG_DETAIL = "prompt has 300 tokens; the engine's max_model_len is 128"
 
 
-def _problem(pid: str, question: str, answer: str, samples: list[str], gen_error: str | None = None) -> dict:
+def _problem(pid: str, question: str, answer: str, samples: list[str], error: str | None = None) -> dict:
     return {
         "id": pid,
         "question": question,
@@ -47,8 +48,9 @@ def _problem(pid: str, question: str, answer: str, samples: list[str], gen_error
         "shard_id": SHARD,
         "samples": [{"text": t, "tokens": len(t.split()), "finish_reason": "stop"} for t in samples],
         "prompt_tokens": 12,
-        "gen_error": gen_error,
-        "gen_error_detail": TOO_LONG_DETAIL if gen_error else None,
+        "stage": "generate" if error else None,
+        "error": error,
+        "error_detail": TOO_LONG_DETAIL if error else None,
         "gen_seconds": 0.5,
         "gen_engine_steps": 4.0,
         "gen_engine_running_seqs": 8.0,
@@ -67,7 +69,7 @@ def _generated(problems: list[dict]) -> pa.Table:
 PROBLEMS = [
     _problem("p1", "What is 2 + 3?", "5", [CORRECT, WRONG]),
     _problem("p2", "What is 1 + 4?", "5", [POISON, OTHER_CORRECT]),
-    _problem("p3", "What is 9 + 9? " * 40, "18", [], gen_error="prompt_too_long"),
+    _problem("p3", "What is 9 + 9? " * 40, "18", [], error="prompt_too_long"),
 ]
 
 
@@ -164,8 +166,8 @@ def test_grade_emits_its_declared_schema_and_n_rows_per_problem(graded):
     assert (rows["p1", 1]["status"], rows["p1", 1]["reason"]) == ("reject", "incorrect")
     assert rows["p2", 0]["status"] == rows["p2", 1]["status"] == "kept"  # all-correct keeps both
     for i in range(N):  # the problem without samples: one error row per expected sample
-        assert (rows["p3", i]["status"], rows["p3", i]["reason"]) == ("error", "prompt_too_long")
-        assert rows["p3", i]["detail"] == TOO_LONG_DETAIL and rows["p3", i]["cot"] is None
+        assert (rows["p3", i]["status"], rows["p3", i]["error"]) == ("error", "prompt_too_long")
+        assert rows["p3", i]["error_detail"] == TOO_LONG_DETAIL and rows["p3", i]["cot"] is None
     assert len({r["key"] for r in rows.values()}) == len(rows)
 
 
@@ -182,8 +184,8 @@ def test_grade_refuses_a_batch_without_its_input_fields(grader):
     batch = _generated(PROBLEMS[:1])
     with pytest.raises(StageContractError, match="grade stage: .*'shard_id' is missing"):
         grader(batch.drop_columns(["shard_id"]))
-    with pytest.raises(StageContractError, match="'gen_error' is missing"):
-        grader(batch.drop_columns(["gen_error"]))
+    with pytest.raises(StageContractError, match="'error' is missing"):
+        grader(batch.drop_columns(["error"]))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -209,8 +211,8 @@ def test_compress_emits_its_declared_schema_and_compresses_only_kept_rows(compre
 def test_a_row_whose_compression_fails_becomes_an_error_row(compressed):
     out, calls = compressed
     failed = _by_key(out)["p2", 0]
-    assert (failed["status"], failed["reason"]) == ("error", "scoring_error")
-    assert "RuntimeError: scorer exploded on this text" in failed["detail"]
+    assert (failed["status"], failed["error"]) == ("error", "scoring_error")
+    assert "RuntimeError: scorer exploded on this text" in failed["error_detail"]
     assert failed["compressions"] is None and failed["compress_seconds"] is not None
     assert failed["cot"] == POISON and failed["verdict"] == "correct"  # the sample is kept whole
     # One retry layer: the poisoned chunk of 2 once, then each of its rows alone; the next chunk once.
@@ -231,8 +233,8 @@ def test_compress_error_rows_and_empty_cots_land_in_the_errors_table(compressor_
     )
     tables = write.split_outcomes(compressor_stage(blank))
     assert tables["data"].num_rows == 0
-    assert tables["errors"].select(["problem_id", "stage", "reason"]).to_pylist() == [
-        {"problem_id": "p4", "stage": "compress", "reason": "empty_cot"}
+    assert tables["errors"].select(["problem_id", "stage", "error"]).to_pylist() == [
+        {"problem_id": "p4", "stage": "compress", "error": "empty_cot"}
     ]
 
 
@@ -252,12 +254,12 @@ def test_split_outcomes_makes_the_runs_three_tables(compressed):
         {"problem_id": "p1", "stage": "grade", "reason": "incorrect", "cot": WRONG}
     ]
     errors = sorted(tables["errors"].to_pylist(), key=lambda r: r["key"])
-    assert sorted((r["problem_id"], r["stage"], r["reason"]) for r in errors) == [
+    assert sorted((r["problem_id"], r["stage"], r["error"]) for r in errors) == [
         ("p2", "compress", "scoring_error"),
         ("p3", "generate", "prompt_too_long"),
         ("p3", "generate", "prompt_too_long"),
     ]
-    assert all(r["detail"] and r["raw"] and r["key"] for r in errors)
+    assert all(r["error_detail"] and r["raw"] and r["key"] for r in errors)
     with pytest.raises(ValueError, match="unknown status 'lost'"):
         write.split_outcomes(
             out.set_column(out.schema.get_field_index("status"), "status", pa.array(["lost"] * out.num_rows))
@@ -267,7 +269,7 @@ def test_split_outcomes_makes_the_runs_three_tables(compressed):
 def _input_tables() -> dict[str, pa.Table]:
     """The input shard: one load error and one duplicate, as make_plan hands them to the run."""
     errors = pa.Table.from_pylist(
-        [{"stage": "sources", "reason": "invalid_json", "detail": "line 3", "source": "x.jsonl", "raw": "{"}],
+        [{"stage": "sources", "error": "invalid_json", "error_detail": "line 3", "source": "x.jsonl", "raw": "{"}],
         schema=ERROR_SCHEMA,
     )
     rejects = pa.Table.from_pylist(
@@ -313,12 +315,92 @@ def test_write_stage_writes_the_shard_and_run_statistics_count_it(compressed, tm
     # The committed run's errors output holds the compression error beside the others.
     store.commit({"counts": counts})
     errors = read_table(store.config, DATASET, "errors")
-    assert sorted(zip(errors["stage"].to_pylist(), errors["reason"].to_pylist(), strict=True)) == [
+    assert sorted(zip(errors["stage"].to_pylist(), errors["error"].to_pylist(), strict=True)) == [
         ("compress", "scoring_error"),
         ("generate", "prompt_too_long"),
         ("generate", "prompt_too_long"),
         ("sources", "invalid_json"),
     ]
+
+
+# -------------------------------------------------------------------------------------------------
+# Stage names: each stage writes its own on its rows; the schema docs and the card list the same
+
+
+def test_every_stage_module_names_itself_from_the_declared_stages():
+    from tokenskip import dedup, sources
+
+    modules = [sources, dedup, generate, grade, compress, write]
+    assert tuple(m.STAGE for m in modules) == schema.STAGES  # pipeline order, one constant each
+    assert set(schema.ERROR_STAGES) | set(schema.REJECT_STAGES) <= set(schema.STAGES)
+
+
+def test_every_error_row_names_a_declared_stage_its_own(compressed, tmp_path):
+    """The error rows each error-making stage produces (bad source records, a prompt the engine could
+    not serve, a CoT the scorer could not compress), through the write stage's split, and the reject
+    rows (duplicates, graded-out samples): each names the stage that made it, a declared one."""
+    from tokenskip.dedup import DedupConfig, dedup_and_decontaminate
+    from tokenskip.sources import SourceConfig, load_problems
+
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"question": "What is 1 + 1?"}\n{not json\n{"question": ["a"], "answer": "1"}\n')
+    _, load_errors = load_problems(SourceConfig(path=str(source), kind="gsm8k"))
+    out, _ = compressed
+    tables = write.split_outcomes(out)
+    errors = pa.concat_tables([load_errors, tables["errors"]]).to_pylist()
+    by_stage = {(e["stage"], e["error"]) for e in errors}
+    assert by_stage == {
+        (schema.SOURCES_STAGE, "missing_answer"),
+        (schema.SOURCES_STAGE, "invalid_json"),
+        (schema.SOURCES_STAGE, "wrong_type"),
+        (schema.GENERATE_STAGE, "prompt_too_long"),
+        (schema.COMPRESS_STAGE, "scoring_error"),
+    }
+    assert all(e["stage"] in schema.ERROR_STAGES and e["error"] and e["error_detail"] for e in errors)
+
+    twice = pa.Table.from_pylist(
+        [{"id": f"d{i}", "question": "What is 2 + 3?", "answer": "5", "source": "test", "split": "test"}
+         for i in range(2)],
+        schema=PROBLEM_SCHEMA,
+    )  # fmt: skip
+    _, dedup_rejects = dedup_and_decontaminate(twice, DedupConfig())
+    rejects = pa.concat_tables([dedup_rejects, tables["rejects"]]).to_pylist()
+    assert {(r["stage"], r["reason"]) for r in rejects} == {
+        (schema.DEDUP_STAGE, "duplicate"),
+        (schema.GRADE_STAGE, "incorrect"),
+    }
+    assert all(r["stage"] in schema.REJECT_STAGES for r in rejects)
+
+
+def test_the_write_stage_refuses_an_error_row_that_no_stage_claimed(compressed):
+    out, _ = compressed
+    unclaimed = out.set_column(out.schema.get_field_index("stage"), "stage", pa.nulls(out.num_rows, pa.string()))
+    with pytest.raises(ValueError, match=r"\(error\) has stage None, expected one of sources, generate, compress"):
+        write.split_outcomes(unclaimed.filter(pa.compute.equal(unclaimed["status"], "error")))
+    with pytest.raises(ValueError, match=r"\(reject\) has stage None, expected one of dedup, grade"):
+        write.split_outcomes(unclaimed.filter(pa.compute.equal(unclaimed["status"], "reject")))
+
+
+def test_the_dataset_card_lists_the_declared_stages():
+    import re
+
+    from tokenskip.config import PipelineConfig
+    from tokenskip.dataset_card import dataset_card
+
+    config = PipelineConfig.model_validate(
+        {"dataset": "d", "sources": [{"path": "x.jsonl", "kind": "gsm8k"}], "engine": {"model": "m"}}
+    )
+    counts = {
+        "input_rows": 1, "problems_to_generate": 1, "samples": 1, "kept_samples": 1, "kept_problems": 1,
+        "acceptance_rate": 1.0, "rejects_by_reason": {}, "errors_by_reason": {}, "achieved_ratio": {},
+    }  # fmt: skip
+    card = dataset_card(config, {"run_id": "r", "counts": counts})
+    tables = {m.group(1): m.group(2) for m in re.finditer(r"### (\w+): .*?\n(.*?)\n\n", card, re.S)}
+    stage_lists = {
+        kind: re.search(r"\| `stage` \| string \| [^:|]*: ([^|]*) \|", tables[kind]).group(1).split(", ")
+        for kind in ("errors", "rejects")
+    }
+    assert stage_lists == {"errors": list(schema.ERROR_STAGES), "rejects": list(schema.REJECT_STAGES)}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from tokenskip.pipeline import INPUT_SHARD, Plan, run_statistics
 from tokenskip.report import render_html
-from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, to_table
+from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, current_error_columns, to_table
 from tokenskip.storage import RunStore, StorageConfig, read_table
 from tokenskip.summary import (
     TOKEN_BIN_EDGES,
@@ -58,7 +58,7 @@ def make_shard(shard: int, problems: int = 6, n: int = 4, seed: int = 0) -> dict
                 rejects.append({"key": key, "problem_id": pid, "stage": "grade", "reason": reason})
             else:
                 stage = rng.choice(["generate", "compress"])
-                errors.append({"key": key, "problem_id": pid, "stage": stage, "reason": f"{stage}_error"})
+                errors.append({"key": key, "problem_id": pid, "stage": stage, "error": f"{stage}_error"})
     return {
         "data": to_table(data, COMPRESSED_SCHEMA),
         "rejects": to_table(rejects, REJECT_SCHEMA),
@@ -71,8 +71,8 @@ def input_tables() -> dict[str, pa.Table]:
         {"key": f"d{i}", "problem_id": f"d{i}", "stage": "dedup", "reason": "duplicate"} for i in range(3)
     ]
     rejects += [{"key": "c0", "problem_id": "c0", "stage": "dedup", "reason": "contaminated"}]
-    errors = [{"key": None, "problem_id": None, "stage": "load", "reason": "invalid_json"} for _ in range(2)]
-    errors += [{"key": "e", "problem_id": None, "stage": "load", "reason": None}]  # a null reason
+    errors = [{"key": None, "problem_id": None, "stage": "load", "error": "invalid_json"} for _ in range(2)]
+    errors += [{"key": "e", "problem_id": None, "stage": "load", "error": None}]  # a null reason
     return {"rejects": to_table(rejects, REJECT_SCHEMA), "errors": to_table(errors, ERROR_SCHEMA)}
 
 
@@ -174,7 +174,7 @@ def old_run_statistics(plan: Plan, data: pa.Table, rejects: pa.Table, errors: pa
     """run_statistics as it was before summaries (tables of every committed part, read whole): the
     oracle the summaries must reproduce key for key."""
     reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
-    error_reasons = Counter(errors.column("reason").to_pylist()) if errors.num_rows else Counter()
+    error_reasons = Counter(errors.column("error").to_pylist()) if errors.num_rows else Counter()
     input_errors = plan.load_errors.num_rows
     sample_errors = sum(error_reasons.values()) - input_errors
     dedup = (
@@ -244,7 +244,7 @@ def _write_run(root: str, shards: list[dict[str, pa.Table]], inputs, with_summar
 def test_run_statistics_from_summaries_equals_the_table_computation(tmp_path, with_summary):
     shards = [make_shard(i, seed=3) for i in range(9)]
     inputs = input_tables()
-    inputs["errors"] = inputs["errors"].filter(pa.compute.is_valid(inputs["errors"]["reason"]))
+    inputs["errors"] = inputs["errors"].filter(pa.compute.is_valid(inputs["errors"]["error"]))
     choose = {"all": lambda i: True, "none": lambda i: False, "mixed": lambda i: i % 2 == 0}[with_summary]
     store = _write_run(str(tmp_path), shards, inputs, choose)
     markers = store.committed_shards()
@@ -300,6 +300,18 @@ def test_marker_without_summary_field_still_parses_and_is_summarised_from_files(
     assert _rounded(merged.model_dump(exclude={"engine"})) == _rounded(
         merge(ShardSummary.from_tables(t) for t in [input_tables(), *shards]).model_dump(exclude={"engine"})
     )
+
+
+def test_an_errors_part_written_with_the_old_column_names_is_summarised_by_its_errors(tmp_path):
+    """Errors tables written before errors were ``error``/``error_detail`` said ``reason``/``detail``."""
+    shard = make_shard(0)
+    old_names = {"error": "reason", "error_detail": "detail"}
+    shard["errors"] = shard["errors"].rename_columns([old_names.get(n, n) for n in ERROR_SCHEMA.names])
+    store = RunStore(StorageConfig(root=str(tmp_path)), DATASET, "r1")
+    record = store.write_shard("s-0000", shard)  # no summary: summarised from the files
+    assert shard["errors"].num_rows and record.summary is None
+    assert summary_from_files(store, record).errors == ShardSummary.from_tables(make_shard(0)).errors
+    assert current_error_columns(shard["errors"]).equals(make_shard(0)["errors"])
 
 
 def test_fallback_reads_each_file_checked(tmp_path):

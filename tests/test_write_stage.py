@@ -23,6 +23,7 @@ def _rows(shard_id: str, problems: list[str], n: int = 2) -> list[dict]:
             "gen_tokens": 7,
             "gen_seconds": 0.5,
             "status": "reject",
+            "stage": "grade",
             "reason": "incorrect",
             "verdict": "incorrect",
         }

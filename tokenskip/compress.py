@@ -1,7 +1,8 @@
-"""Compression stage: CoT -> reasoning + answer tail -> pruned reasoning at every target ratio.
+"""CoT compression, the library: CoT -> reasoning + answer tail -> pruned reasoning at every target ratio.
 
 TokenSkip prunes the reasoning of a correct CoT to several ratios and trains on
-``question<eos>ratio<eos>compressed CoT``. This stage does the pruning for a batch of CoTs:
+``question<eos>ratio<eos>compressed CoT``. :class:`Compressor` does the pruning for a batch of CoTs
+(the pipeline's compress stage, :mod:`tokenskip.stages.compress`, runs it on the kept samples):
 
 * each CoT is split by :func:`tokenskip.grading.split_answer_tail` into the prunable reasoning and
   the final-answer tail, which is never pruned (a pruned answer would teach wrong answers);
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tokenskip.grading import split_answer_tail
 from tokenskip.pruning import validate_ratios
-from tokenskip.schema import COMPRESSION_STRUCT, ERROR_SCHEMA
+from tokenskip.schema import COMPRESS_STAGE, COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig, build_scorer
 from tokenskip.stages.fallback import batch_then_rows, error_text
 
@@ -221,10 +222,10 @@ def _read_rows(path: str, storage_options: dict | None) -> tuple[list[dict], lis
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                bad.append({"reason": "invalid_json", "detail": f"line {lineno}: {e}", "raw": text})
+                bad.append({"error": "invalid_json", "error_detail": f"line {lineno}: {e}", "raw": text})
                 continue
             if not isinstance(row, dict):
-                bad.append({"reason": "invalid_json", "detail": f"line {lineno}: not an object", "raw": text})
+                bad.append({"error": "invalid_json", "error_detail": f"line {lineno}: not an object", "raw": text})
                 continue
             rows.append(row)
     return rows, bad
@@ -339,9 +340,9 @@ def compress_file(
     kept: list[dict] = []
     errors: list[dict] = [
         {
-            "stage": "compress",
-            "reason": b["reason"],
-            "detail": b["detail"],
+            "stage": COMPRESS_STAGE,
+            "error": b["error"],
+            "error_detail": b["error_detail"],
             "source": input_path,
             "raw": b["raw"],
         }
@@ -360,9 +361,9 @@ def compress_file(
                     errors.append(
                         {
                             "key": row.get("key") or (str(row["id"]) if row.get("id") is not None else None),
-                            "stage": "compress",
-                            "reason": out["error"][j],
-                            "detail": out["error_detail"][j],
+                            "stage": COMPRESS_STAGE,
+                            "error": out["error"][j],
+                            "error_detail": out["error_detail"][j],
                             "source": input_path,
                             "raw": json.dumps(row, default=str, ensure_ascii=False),
                         }
@@ -402,7 +403,7 @@ def compress_file(
         "rows_in": len(rows) + len(bad_lines),
         "rows_out": len(kept),
         "errors": len(errors),
-        "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
+        "errors_by_reason": dict(Counter(e["error"] for e in errors)),
         "mean_achieved_ratio": {
             r: (sum(achieved[r]) / len(achieved[r]) if achieved[r] else math.nan) for r in config.ratios
         },

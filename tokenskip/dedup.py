@@ -28,12 +28,12 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenskip.schema import REJECT_SCHEMA, config_hash, normalise_text, to_table
+from tokenskip.schema import DEDUP_STAGE, REJECT_SCHEMA, config_hash, normalise_text, to_table
 from tokenskip.sources import SourceConfig, load_problems
 
 log = logging.getLogger(__name__)
 
-STAGE = "dedup"
+STAGE = DEDUP_STAGE
 
 _WORD = re.compile(r"\w+")
 
@@ -148,7 +148,7 @@ class Decontaminator:
                     "eval set %s: %d rows could not be loaded and are not in the index (reasons: %s)",
                     eval_config.path,
                     errors.num_rows,
-                    sorted(set(errors["reason"].to_pylist())),
+                    sorted(set(errors["error"].to_pylist())),
                 )
             index.add(f"{eval_config.source_name}:{eval_config.split}", problems)
         return index

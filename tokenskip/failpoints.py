@@ -1,10 +1,16 @@
 """Named points where a process can be made to die, to prove that recovery works.
 
 Off unless ``TOKENSKIP_FAILPOINTS`` is set (one environment lookup per point passed), so production
-runs never reach them. The value is ``point=token-file[,point=token-file...]``: the first process that
-reaches ``point`` and manages to create ``token-file`` SIGKILLs itself; every later one goes on. Fault
-tests set it for Ray workers only (``runtime_env={"env_vars": ...}``), to kill a worker at an exact
-step, e.g. after a shard's parts are written and before its commit marker.
+runs never reach them. The value is ``point[:SIGNAL]=token-file[,...]``: the first process that
+reaches ``point`` and manages to create ``token-file`` sends itself the signal (SIGKILL unless the
+point names another, e.g. ``shard-committed:SIGTERM=...`` for a graceful stop); every later one goes
+on. Fault tests set it for Ray workers only (``runtime_env={"env_vars": ...}``), to kill a worker at
+an exact step, e.g. after a shard's parts are written and before its commit marker, or for a driver
+process, to stop it at a stage boundary.
+
+The points (``failpoint(name)`` calls): ``shard-parts-written`` in :mod:`tokenskip.storage.runs`;
+``input-shard-committed`` and ``shard-committed`` in the driver (:mod:`tokenskip.pipeline`), after
+the input shard and after each generated shard is committed.
 
 Delay points (:func:`delay`) are their slow sibling: off unless ``TOKENSKIP_DELAYS`` is set, as
 ``point=seconds[,point=seconds...]``; every process that reaches ``point`` sleeps that long. A test
@@ -28,15 +34,18 @@ def failpoint(name: str) -> None:
         return
     for item in spec.split(","):
         point, _, token = item.partition("=")
-        if point.strip() != name or not token:
+        point, _, signal_name = point.strip().partition(":")
+        if point != name or not token:
             continue
+        signum = signal.Signals[signal_name or "SIGKILL"]  # a misspelt name fails loudly, in the test
         try:
             fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return  # fired already: recovery must now succeed
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
+        return
 
 
 def delay(name: str) -> float:

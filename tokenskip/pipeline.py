@@ -46,6 +46,7 @@ from tokenskip.config import PipelineConfig, cluster_demand
 from tokenskip.console import RunDisplay
 from tokenskip.dataset_card import dataset_card
 from tokenskip.dedup import dedup_and_decontaminate
+from tokenskip.failpoints import failpoint
 from tokenskip.metrics import StageMetrics, log_stage_event
 from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
@@ -150,9 +151,9 @@ class Plan:
                 f"{r.shard_size}: split shards are assembled and written by the driver"
             )
         if self.load_errors.num_rows:
-            reasons = Counter(self.load_errors.column("reason").to_pylist())
+            reasons = Counter(self.load_errors.column("error").to_pylist())
             lines.append("load errors: " + ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()))
-            first = self.load_errors.column("detail")[0].as_py() or ""
+            first = self.load_errors.column("error_detail")[0].as_py() or ""
             lines.append(f"  first: {first[:200]}")
         if not c.dedup.enabled or not c.dedup.eval_sets:
             lines.append(
@@ -493,7 +494,7 @@ def _run_leased(
         "errors": plan.load_errors.cast(ERROR_SCHEMA),
     }
     store.write_shard(INPUT_SHARD, input_tables, summary=ShardSummary.from_tables(input_tables))
-    note_shard_committed(INPUT_SHARD, None)
+    failpoint("input-shard-committed")  # fault tests stop the driver at this exact boundary
 
     stats = AttemptStats()
     pending = plan.pending
@@ -599,11 +600,6 @@ def _account(stats: AttemptStats, record: ShardRecord) -> None:
     if engine is None:
         return
     stats.engine = stats.engine.merged(engine)
-
-
-def note_shard_committed(shard_id: str, record: ShardRecord | None) -> None:
-    """Called on the driver as each shard of the attempt is known committed (the input shard first,
-    with no record). A hook point: fault tests stop the driver at these exact boundaries."""
 
 
 def _generate_and_commit(
@@ -722,7 +718,7 @@ def _note_commit(
         tokens=stats.engine.tokens_generated,
         t=round(time.perf_counter() - wall_start, 3),
     )
-    note_shard_committed(shard_id, record)
+    failpoint("shard-committed")  # fault tests stop the driver at this exact boundary
 
 
 def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[str, int]) -> RunDisplay:

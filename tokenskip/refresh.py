@@ -44,7 +44,13 @@ from tokenskip import dedup as dedup_stage
 from tokenskip import sources as sources_stage
 from tokenskip.config import PipelineConfig, load_config
 from tokenskip.pipeline import INPUT_SHARD, Plan, RunRefused, make_plan, run_pipeline, shard_problems
-from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA, config_hash
+from tokenskip.schema import (
+    COMPRESSED_SCHEMA,
+    ERROR_SCHEMA,
+    REJECT_SCHEMA,
+    config_hash,
+    current_error_columns,
+)
 from tokenskip.storage import (
     FileRecord,
     Lock,
@@ -318,7 +324,10 @@ def carried_shards(
         tables = {}
         for kind, record in sorted(by_shard[shard_id].items()):
             # Checked against the manifest: a damaged previous version stops the refresh.
-            table = store.read_part(record, manifest.schemas[kind].to_arrow()).cast(CANONICAL_SCHEMAS[kind])
+            table = store.read_part(record, manifest.schemas[kind].to_arrow())
+            if kind == "errors":
+                table = current_error_columns(table)
+            table = table.cast(CANONICAL_SCHEMAS[kind])
             mask = _generated_mask(table)
             if len(drop):
                 mask = pc.and_(

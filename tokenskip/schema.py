@@ -4,8 +4,16 @@ Every table the project writes has one of these schemas, so a reader never guess
 
 * ``PROBLEM_SCHEMA`` - a problem to solve (loaded by :mod:`tokenskip.sources`).
 * ``COMPRESSED_SCHEMA`` - a correct CoT with its pruned versions at every target ratio.
-* ``REJECT_SCHEMA`` - a row that left the main path on purpose (wrong answer, duplicate, ...).
-* ``ERROR_SCHEMA`` - a row that could not be processed (malformed input, engine error, ...).
+* ``REJECT_SCHEMA`` - a row that left the main path on purpose (wrong answer, duplicate, ...): the
+  ``stage`` that rejected it (one of :data:`REJECT_STAGES`), its ``reason`` and ``detail``.
+* ``ERROR_SCHEMA`` - a row that could not be processed (malformed input, engine error, ...): the
+  ``stage`` that could not process it (one of :data:`ERROR_STAGES`), its ``error`` and
+  ``error_detail``, the names an error has wherever it is carried (engine results, the compressor's
+  output, the stages' rows).
+
+The stage names are declared here once (:data:`STAGES`); each stage module binds its own as
+``STAGE`` and writes it on the rows it takes off the main path, and the ``stage`` fields' docs (which
+every dataset card prints) are built from the same constants.
 
 Keys are content hashes (see :func:`problem_id` and :func:`sample_key`): resume, deduplication and
 incremental refresh use them and nothing else.
@@ -20,6 +28,23 @@ import unicodedata
 from typing import Any
 
 import pyarrow as pa
+
+# The dataset build's stages, in pipeline order, as the ``stage`` column of rejects and errors names
+# them. The modules: tokenskip.sources, tokenskip.dedup, tokenskip.stages.{generate,grade,compress,write}
+# (the ``tokenskip compress`` command is the compress stage run on a file).
+SOURCES_STAGE = "sources"
+DEDUP_STAGE = "dedup"
+GENERATE_STAGE = "generate"
+GRADE_STAGE = "grade"
+COMPRESS_STAGE = "compress"
+WRITE_STAGE = "write"
+STAGES = (SOURCES_STAGE, DEDUP_STAGE, GENERATE_STAGE, GRADE_STAGE, COMPRESS_STAGE, WRITE_STAGE)
+# The stages that write error rows: records that are not problems, problems the engine could not
+# serve (the grade stage copies the generate stage's error onto each of the problem's n sample rows),
+# CoTs the scorer could not compress. Grading gives every sample a verdict and never fails a row.
+ERROR_STAGES = (SOURCES_STAGE, GENERATE_STAGE, COMPRESS_STAGE)
+# The stages that write reject rows: duplicate or contaminated problems, graded-out samples.
+REJECT_STAGES = (DEDUP_STAGE, GRADE_STAGE)
 
 PROBLEM_SCHEMA = pa.schema(
     [
@@ -69,7 +94,9 @@ REJECT_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False, metadata={"doc": "sample key, or problem key for dedup"}),
         pa.field("problem_id", pa.string(), metadata={"doc": "problem key"}),
-        pa.field("stage", pa.string(), metadata={"doc": "stage that rejected the row"}),
+        pa.field(
+            "stage", pa.string(), metadata={"doc": f"stage that rejected the row: {', '.join(REJECT_STAGES)}"}
+        ),
         pa.field(
             "reason",
             pa.string(),
@@ -89,13 +116,28 @@ ERROR_SCHEMA = pa.schema(
         pa.field(
             "problem_id", pa.string(), metadata={"doc": "problem key, null when the input was unusable"}
         ),
-        pa.field("stage", pa.string(), metadata={"doc": "stage where it failed: load, generate, grade, compress"}),
-        pa.field("reason", pa.string(), metadata={"doc": "short machine-readable reason"}),
-        pa.field("detail", pa.string(), metadata={"doc": "human-readable explanation"}),
+        pa.field(
+            "stage", pa.string(), metadata={"doc": f"stage that could not process it: {', '.join(ERROR_STAGES)}"}
+        ),
+        pa.field("error", pa.string(), metadata={"doc": "short machine-readable error, e.g. prompt_too_long"}),
+        pa.field("error_detail", pa.string(), metadata={"doc": "human-readable explanation"}),
         pa.field("source", pa.string(), metadata={"doc": "data set name"}),
         pa.field("raw", pa.string(), metadata={"doc": "the offending input, JSON-encoded, nothing dropped"}),
     ]
 )
+
+# Errors tables written before errors had one name called their error ``reason``/``detail``.
+_LEGACY_ERROR_COLUMNS = {"reason": "error", "detail": "error_detail"}
+
+
+def current_error_columns(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """An errors table (or batch) with today's column names, whichever names it was written with:
+    the one place that reads errors tables of datasets written before ``error``/``error_detail``."""
+    names = table.schema.names
+    if "error" in names or not any(old in names for old in _LEGACY_ERROR_COLUMNS):
+        return table
+    return table.rename_columns([_LEGACY_ERROR_COLUMNS.get(name, name) for name in names])
+
 
 _WS = re.compile(r"\s+")
 

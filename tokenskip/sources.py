@@ -16,8 +16,9 @@ source's ``where`` (a selection, not an error), so ``input records = problems + 
   the text before ``####``, MATH ``solution``), ``source_id`` (the set's own id) and every other
   input field, so nothing of the input is lost.
 
-``ERROR_SCHEMA``, one row per record that could not become a problem, with ``stage="sources"``, a
-machine-readable ``reason`` (see :data:`ERROR_REASONS`), a ``detail`` naming the file and line, and
+``ERROR_SCHEMA``, one row per record that could not become a problem, with ``stage`` =
+:data:`STAGE` (``sources``), a machine-readable ``error`` (see :data:`ERROR_REASONS`), an
+``error_detail`` naming the file and line, and
 ``raw`` = the offending input JSON-encoded (bytes that are not UTF-8 survive as ``\\udcXX`` escapes,
 so even those can be recovered exactly with ``errors="surrogateescape"``).
 
@@ -45,9 +46,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenskip.grading.extract import find_last_boxed
-from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, problem_id, to_table
+from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, SOURCES_STAGE, problem_id, to_table
 
-STAGE = "sources"
+STAGE = SOURCES_STAGE
 
 ERROR_REASONS = {
     "invalid_json": "the line (or, for format json, the file) is not valid JSON",
@@ -379,9 +380,9 @@ def _metadata(row: dict[str, Any], fields: FieldMap, split_solution: str | None)
     return raw_json(extra)
 
 
-def error_row(reason: str, detail: str, source: str, raw: str, key: str | None = None) -> dict[str, Any]:
-    """An ``ERROR_SCHEMA`` row of this stage."""
-    return {"key": key, "stage": STAGE, "reason": reason, "detail": detail, "source": source, "raw": raw}
+def error_row(error: str, detail: str, source: str, raw: str, key: str | None = None) -> dict[str, Any]:
+    """An ``ERROR_SCHEMA`` row of this stage: ``error`` is one of :data:`ERROR_REASONS`."""
+    return {"key": key, "stage": STAGE, "error": error, "error_detail": detail, "source": source, "raw": raw}
 
 
 def normalise_row(row: Any, config: SourceConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -602,7 +603,7 @@ def load_source(config: SourceConfig) -> LoadedSource:
         if problem is not None:
             problems.append(problem)
         else:
-            errors.append({**error, "detail": f"{record.location}: {error['detail']}"})
+            errors.append({**error, "error_detail": f"{record.location}: {error['error_detail']}"})
     return LoadedSource(to_table(problems, PROBLEM_SCHEMA), to_table(errors, ERROR_SCHEMA), filtered_out)
 
 

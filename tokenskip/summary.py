@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenskip.schema import current_error_columns
+
 if TYPE_CHECKING:
     from tokenskip.storage import RunStore, ShardRecord
 
@@ -377,12 +379,16 @@ def _add_counts(into: dict[str, dict[str, int]], more: Mapping[str, Mapping[str,
             target[reason] = target.get(reason, 0) + n
 
 
-def _stage_reason_counts(table: pa.Table | pa.RecordBatch) -> dict[str, dict[str, int]]:
+# The column that says why a row of each kind is there: a reject's reason, an error's error.
+_REASON_COLUMN = {"rejects": "reason", "errors": "error"}
+
+
+def _stage_reason_counts(table: pa.Table | pa.RecordBatch, kind: str) -> dict[str, dict[str, int]]:
     n = table.num_rows
     names = table.schema.names
     columns = {
-        c: (table.column(c) if c in names else pa.nulls(n, pa.string())).cast(pa.string())
-        for c in ("stage", "reason")
+        name: (table.column(c) if c in names else pa.nulls(n, pa.string())).cast(pa.string())
+        for name, c in (("stage", "stage"), ("reason", _REASON_COLUMN[kind]))
     }
     grouped = pa.table(columns).group_by(["stage", "reason"]).aggregate([([], "count_all")])
     out: dict[str, dict[str, int]] = {}
@@ -427,7 +433,7 @@ class SummaryAccumulator:
             self.dist.add_data(batch)
         elif kind in ("rejects", "errors"):
             if batch.num_rows:
-                _add_counts(getattr(self, kind), _stage_reason_counts(batch))
+                _add_counts(getattr(self, kind), _stage_reason_counts(batch, kind))
         else:
             raise ValueError(f"unknown kind {kind!r}; expected data, rejects or errors")
 
@@ -476,7 +482,7 @@ def merge(summaries: Iterable[ShardSummary]) -> ShardSummary:
 # From storage
 
 _COLUMNS = {"data": ["problem_id", "original_tokens", "compressions"], "rejects": ["stage", "reason"],
-            "errors": ["stage", "reason"]}  # fmt: skip
+            "errors": ["stage", "error", "reason"]}  # fmt: skip  (reason: errors written before "error")
 
 
 def summary_from_files(store: RunStore, record: ShardRecord) -> ShardSummary:
@@ -489,7 +495,7 @@ def summary_from_files(store: RunStore, record: ShardRecord) -> ShardSummary:
         names = record.schemas[kind].to_arrow().names
         columns = [c for c in _COLUMNS[kind] if c in names]
         for batch in store.iter_part_batches(record, kind, columns=columns):
-            acc.add_batch(kind, batch)
+            acc.add_batch(kind, current_error_columns(batch) if kind == "errors" else batch)
     summary = acc.finish_shard()
     summary.engine = None
     return summary

@@ -8,6 +8,8 @@
 Each module declares the Arrow fields its stage requires (``INPUT_FIELDS``) and the ones it
 produces (``OUTPUT_FIELDS`` appended to its input, or a whole ``OUTPUT_SCHEMA``), and the stage
 checks a batch against them (:mod:`.contract`), so a stage fed the wrong rows fails with the missing
-field's name instead of a ``KeyError`` deep inside. :mod:`tokenskip.pipeline` only wires them.
+field's name instead of a ``KeyError`` deep inside. Each module's ``STAGE`` is its name from
+:data:`tokenskip.schema.STAGES`, the ``stage`` it writes on the reject and error rows it makes.
+:mod:`tokenskip.pipeline` only wires them.
 Nothing is imported here: a write worker should not load the generation stage's dependencies.
 """

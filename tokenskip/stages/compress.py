@@ -1,4 +1,5 @@
-"""Compression stage: the ``kept`` sample rows get their compressions; every other row passes through.
+"""The pipeline's compress stage (Ray Data): the ``kept`` sample rows get their compressions; every
+other row passes through.
 
 Input: the grade stage's sample rows (:data:`INPUT_SCHEMA`). Output: :data:`OUTPUT_SCHEMA`, the same
 rows with :data:`OUTPUT_FIELDS` appended, filled for the kept rows the stage compressed. Config:
@@ -7,9 +8,9 @@ rows with :data:`OUTPUT_FIELDS` appended, filled for the kept rows the stage com
 
 The scoring itself is :class:`tokenskip.compress.Compressor` (score once, prune at every ratio),
 which already isolates a row its scorer fails on (:mod:`tokenskip.stages.fallback`) and reports it
-as that row's ``error``/``error_detail``. Such a row becomes an error row here (status ``error``, its
-``reason``/``detail`` from the compressor, ``compress_seconds`` set), and the write stage puts it in
-the run's errors with stage ``compress``; the other rows of its batch keep their compressions.
+as that row's ``error``/``error_detail``. Such a row becomes an error row here (status ``error``,
+``stage`` = :data:`STAGE`, the compressor's ``error``/``error_detail``), and the write stage puts it
+in the run's errors; the other rows of its batch keep their compressions.
 
 A run built without compression (``compression: null``, a pool of plain CoTs) has no compress
 stage: :func:`keep_cots_whole` takes its place (a plain task, no scorer), giving the kept rows their
@@ -27,13 +28,15 @@ import pyarrow as pa
 from tokenskip.capacity import actor_pool_args
 from tokenskip.grading import split_answer_tail
 from tokenskip.metrics import StageMetrics
-from tokenskip.schema import COMPRESSED_SCHEMA
+from tokenskip.schema import COMPRESS_STAGE, COMPRESSED_SCHEMA
 from tokenskip.stages import grade
 from tokenskip.stages.contract import check_fields
 
 if TYPE_CHECKING:
     from tokenskip.compress import CompressConfig
     from tokenskip.config import PipelineConfig
+
+STAGE = COMPRESS_STAGE
 
 INPUT_SCHEMA = grade.OUTPUT_SCHEMA
 
@@ -43,7 +46,7 @@ OUTPUT_FIELDS = [
     pa.field("answer_tail", pa.string()),
     pa.field("original_tokens", pa.int64()),
     COMPRESSED_SCHEMA.field("compressions"),
-    # Set on every row the stage worked on (compressed or failed): the mark of a compression error.
+    # Set on every row the stage worked on (compressed or failed): its share of the scoring time.
     pa.field("compress_seconds", pa.float64()),
 ]
 
@@ -84,7 +87,7 @@ class CompressKeptStage:
         self.metrics = StageMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        check_fields(batch.schema, INPUT_SCHEMA, "compress")
+        check_fields(batch.schema, INPUT_SCHEMA, STAGE)
         rows = batch.to_pylist()
         kept = [i for i, r in enumerate(rows) if r["status"] == "kept"]
         for row in rows:
@@ -95,15 +98,17 @@ class CompressKeptStage:
             out = self.torch_thread.run(self.compressor, {"cot": [rows[i]["cot"] for i in chunk]})
             for j, i in enumerate(chunk):
                 if out["error"][j]:
-                    rows[i].update(status="error", reason=out["error"][j], detail=out["error_detail"][j])
-                    self.metrics.record_errors("compress", out["error"][j])
+                    rows[i].update(
+                        status="error", stage=STAGE, error=out["error"][j], error_detail=out["error_detail"][j]
+                    )
+                    self.metrics.record_errors(STAGE, out["error"][j])
                 else:
                     rows[i].update({name: out[name][j] for name in _COMPRESSED_COLUMNS})
         seconds = time.perf_counter() - started
         for i in kept:
             rows[i]["compress_seconds"] = seconds / len(kept)
-        self.metrics.record_rows("compress", len(kept))
-        self.metrics.record_stage_seconds("compress", seconds if kept else 0.0)
+        self.metrics.record_rows(STAGE, len(kept))
+        self.metrics.record_stage_seconds(STAGE, seconds if kept else 0.0)
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 

@@ -9,7 +9,8 @@ fields (:func:`map_batches_args` maps a :class:`~tokenskip.config.PipelineConfig
 A callable class for Ray Data's ``map_batches`` (one engine per actor, built once). It keeps the
 problem grouping: each output row is one problem with a list of its ``n`` samples, so the grading
 stage can apply a per-problem selection policy. A problem the engine cannot serve (prompt too long,
-engine error) keeps its row with ``gen_error`` set; nothing is dropped.
+engine error, no sample returned) keeps its row with ``error``/``error_detail`` set and ``stage`` =
+:data:`STAGE`; nothing is dropped.
 
 Continuous feeding and admission. A blocking ``LLM.generate`` per batch lets the engine's running set
 drain to the batch's longest sample before the next batch enters; reasoning CoT lengths are
@@ -76,6 +77,7 @@ from tokenskip.models import resolve_model
 from tokenskip.progress import ProgressBoard, ProgressTally
 from tokenskip.progress import post as post_progress
 from tokenskip.prompts import render_prompt
+from tokenskip.schema import GENERATE_STAGE
 from tokenskip.stages.contract import check_fields
 
 if TYPE_CHECKING:
@@ -85,6 +87,7 @@ __all__ = [
     "INPUT_FIELDS",
     "OUTPUT_FIELDS",
     "SAMPLE_STRUCT",
+    "STAGE",
     "GenerateStage",
     "admission_plan",
     "engine_occupancy",
@@ -93,6 +96,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+STAGE = GENERATE_STAGE
 
 SAMPLE_STRUCT = pa.struct(
     [
@@ -109,8 +114,10 @@ INPUT_FIELDS = [pa.field("question", pa.string())]
 OUTPUT_FIELDS = [
     pa.field("samples", pa.list_(SAMPLE_STRUCT)),
     pa.field("prompt_tokens", pa.int64()),
-    pa.field("gen_error", pa.string()),
-    pa.field("gen_error_detail", pa.string()),
+    # Set on a problem the engine could not serve (then ``samples`` is empty), else null.
+    pa.field("stage", pa.string(), metadata={"doc": "the stage that made the error: generate"}),
+    pa.field("error", pa.string()),
+    pa.field("error_detail", pa.string()),
     pa.field("gen_seconds", pa.float64()),
     # Engine steps and running sequences summed over them, each step counted once per actor (in the
     # first batch to finish after it) and spread evenly over that batch's rows, so sums over any set
@@ -144,7 +151,7 @@ def _in_ray_actor() -> bool:
 
 
 class GenerateStage:
-    """``map_batches`` callable: adds ``samples``/``prompt_tokens``/``gen_error``/``gen_engine_*`` columns."""
+    """``map_batches`` callable: adds ``samples``/``prompt_tokens``/``stage``/``error``/``gen_engine_*`` columns."""
 
     def __init__(
         self,
@@ -238,7 +245,7 @@ class GenerateStage:
 
     async def _generate(self, batch: pa.Table, returned: list[int]) -> pa.Table:
         """Generate ``batch``'s samples; ``returned[0]`` counts the sequences of its requests back so far."""
-        check_fields(batch.schema, INPUT_FIELDS, "generate")
+        check_fields(batch.schema, INPUT_FIELDS, STAGE)
         started = time.perf_counter()
         prompts = []
         render_errors: dict[int, str] = {}
@@ -284,6 +291,9 @@ class GenerateStage:
             if i in render_errors:
                 errors.append("prompt_render_error")
                 details.append(render_errors[i])
+            elif r.error is None and not r.generations:  # nothing to grade: the problem's n rows are errors
+                errors.append("no_output")
+                details.append("the engine returned no sample")
             else:
                 errors.append(r.error)
                 details.append(r.error_detail)
@@ -293,19 +303,20 @@ class GenerateStage:
         self._accounted = now
         rows = batch.num_rows
         tokens = sum(g.token_count for r in results for g in r.generations)
-        self.metrics.record_rows("generate", rows)
+        self.metrics.record_rows(STAGE, rows)
         self.metrics.record_tokens(tokens)
-        self.metrics.record_stage_seconds("generate", elapsed)
-        self.metrics.record_engine_steps("generate", steps, running, self.occupancy.max_num_seqs)
-        for reason in errors:
-            if reason:
-                self.metrics.record_errors("generate", reason)
+        self.metrics.record_stage_seconds(STAGE, elapsed)
+        self.metrics.record_engine_steps(STAGE, steps, running, self.occupancy.max_num_seqs)
+        for error in errors:
+            if error:
+                self.metrics.record_errors(STAGE, error)
         # Wall time of the call, spread over its rows, so per-stage throughput can be reported. With
         # several batches in flight the calls overlap, so these add up to more than the wall time.
         per_row = elapsed / max(1, rows)
         columns = [
             samples,
             prompt_tokens,
+            [STAGE if error else None for error in errors],
             errors,
             details,
             [per_row] * rows,

@@ -7,7 +7,11 @@ Every sample gets a verdict from :mod:`tokenskip.grading` and a ``status``:
   ``too_long``), or correct but dropped by the policy (reason ``policy``); it lands in the rejects
   table with its verdict;
 * ``error``  - the problem produced no sample (prompt too long, engine error); one error row per
-  expected sample, so every (problem, sample index) key appears exactly once in the run.
+  expected sample, so every (problem, sample index) key appears exactly once in the run. The rows
+  carry the generation stage's ``stage``/``error``/``error_detail`` as it wrote them.
+
+A reject row says ``stage`` = :data:`STAGE` and why (``reason``/``detail``); grading never fails a
+row, so this stage writes no error of its own.
 
 Input: the generation stage's rows (:data:`INPUT_FIELDS`). Output: :data:`OUTPUT_SCHEMA`, exactly
 ``n`` rows per problem: a shard is committed once it has ``problems x n`` rows, so a problem with
@@ -27,12 +31,14 @@ import pyarrow as pa
 from tokenskip.capacity import actor_pool_args
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.metrics import StageMetrics
-from tokenskip.schema import PROBLEM_SCHEMA, sample_key
+from tokenskip.schema import GRADE_STAGE, PROBLEM_SCHEMA, sample_key
 from tokenskip.stages import generate
 from tokenskip.stages.contract import RowCountMismatch, check_fields
 
 if TYPE_CHECKING:
     from tokenskip.config import PipelineConfig
+
+STAGE = GRADE_STAGE
 
 # The problem fields the sample rows copy, the shard a problem belongs to, what generation added.
 INPUT_FIELDS = [
@@ -65,8 +71,13 @@ OUTPUT_SCHEMA = SAMPLE_ROW_SCHEMA = pa.schema(
         pa.field("verdict", pa.string()),
         pa.field("extracted_answer", pa.string()),
         pa.field("status", pa.string()),
+        # The stage that took the row off the main path (a reject's or an error's), null when kept.
+        pa.field("stage", pa.string()),
+        # A reject's reason; an error's error (the names of REJECT_SCHEMA and ERROR_SCHEMA).
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_detail", pa.string()),
     ]
 )
 
@@ -117,11 +128,11 @@ class GradeSelectStage:
         self.metrics = StageMetrics()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        check_fields(batch.schema, INPUT_FIELDS, "grade")
+        check_fields(batch.schema, INPUT_FIELDS, STAGE)
         problems = batch.to_pylist()
         for p in problems:
             samples = p["samples"] or []
-            if samples and not p["gen_error"] and len(samples) != self.n_samples:
+            if not p["error"] and len(samples) != self.n_samples:
                 raise RowCountMismatch(
                     f"grade stage: problem {p['id']!r} (shard {p['shard_id']!r}) has {len(samples)} samples, "
                     f"expected n={self.n_samples}: its shard would never reach problems x n rows"
@@ -154,7 +165,7 @@ class GradeSelectStage:
                 "gen_engine_max_num_seqs": p.get("gen_engine_max_num_seqs"),
             }
             samples = p["samples"] or []
-            if p.get("gen_error") or not samples:
+            if p["error"]:
                 for idx in range(self.n_samples):
                     rows.append(
                         base
@@ -162,8 +173,9 @@ class GradeSelectStage:
                             "key": sample_key(p["id"], self.generation_hash, idx),
                             "sample_index": idx,
                             "status": "error",
-                            "reason": p.get("gen_error") or "no_output",
-                            "detail": p.get("gen_error_detail") or "the engine returned no sample",
+                            "stage": p["stage"],
+                            "error": p["error"],
+                            "error_detail": p["error_detail"],
                         }
                     )
                 continue
@@ -182,23 +194,24 @@ class GradeSelectStage:
                     "extracted_answer": g.extracted_answer,
                 }
                 if idx in kept:
-                    row |= {"status": "kept", "reason": None, "detail": None}
+                    row |= {"status": "kept"}
                 elif g.verdict == Verdict.correct and too_long(lengths[idx], self.max_cot_tokens):
                     detail = f"CoT of {lengths[idx]} tokens, over selection.max_cot_tokens {self.max_cot_tokens}"
-                    row |= {"status": "reject", "reason": "too_long", "detail": detail}
+                    row |= {"status": "reject", "stage": STAGE, "reason": "too_long", "detail": detail}
                 elif g.verdict == Verdict.correct:
-                    row |= {"status": "reject", "reason": "policy", "detail": f"not chosen by {self.policy}"}
+                    detail = f"not chosen by {self.policy}"
+                    row |= {"status": "reject", "stage": STAGE, "reason": "policy", "detail": detail}
                 else:
-                    row |= {"status": "reject", "reason": g.verdict.value, "detail": g.detail}
+                    row |= {"status": "reject", "stage": STAGE, "reason": g.verdict.value, "detail": g.detail}
                 rows.append(row)
         if len(rows) != batch.num_rows * self.n_samples:  # every branch above yields n rows a problem
             raise RowCountMismatch(
                 f"grade stage: {len(rows)} sample rows for {batch.num_rows} problems x n={self.n_samples}"
             )
-        self.metrics.record_rows("grade", len(rows))
+        self.metrics.record_rows(STAGE, len(rows))
         for r in rows:
             if r["status"] == "reject":  # generation errors are counted by the generation stage
-                self.metrics.record_rejects("grade", r["reason"])
+                self.metrics.record_rejects(STAGE, r["reason"])
         return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
+from tokenskip.schema import (
+    COMPRESSED_SCHEMA,
+    ERROR_SCHEMA,
+    ERROR_STAGES,
+    REJECT_SCHEMA,
+    REJECT_STAGES,
+    WRITE_STAGE,
+)
 from tokenskip.stages import compress
 from tokenskip.stages.contract import check_fields
 from tokenskip.storage import RunStore, ShardRecord
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INPUT_SCHEMA",
+    "STAGE",
     "OUTPUT_SCHEMA",
     "WRITE_RESULT_SCHEMA",
     "decode_rows",
@@ -48,6 +56,8 @@ __all__ = [
     "write_shard_parts",
     "write_shard_rows",
 ]
+
+STAGE = WRITE_STAGE
 
 INPUT_SCHEMA = compress.OUTPUT_SCHEMA
 
@@ -81,18 +91,18 @@ def decode_rows(data: bytes) -> pa.Table:
 
 def split_outcomes(rows: pa.Table) -> dict[str, pa.Table]:
     """Sample rows -> the run's three tables with their schemas: ``data`` (kept, compressed),
-    ``rejects`` (graded out, stage ``grade``) and ``errors``. An error row is the compress stage's
-    when that stage worked on it (``compress_seconds`` set), else the generation's (the grade stage
-    turns a problem without samples into n error rows)."""
+    ``rejects`` and ``errors``, each row with the ``stage`` the stage that made it wrote. A reject or
+    error row whose stage is not one the schema declares for it is a stage's bug: it raises."""
     data, rejects, errors = [], [], []
     for r in rows.to_pylist():
         if r["status"] == "kept":
             data.append(r)
         elif r["status"] == "reject":
-            rejects.append(r | {"stage": "grade"})
+            _check_stage(r, REJECT_STAGES)
+            rejects.append(r)
         elif r["status"] == "error":
-            stage = "compress" if r.get("compress_seconds") is not None else "generate"
-            errors.append(r | {"stage": stage, "raw": json.dumps({"question": r["question"]})})
+            _check_stage(r, ERROR_STAGES)
+            errors.append(r | {"raw": json.dumps({"question": r["question"]})})
         else:
             raise ValueError(f"sample row {r['key']!r} has unknown status {r['status']!r}")
     return {
@@ -100,6 +110,14 @@ def split_outcomes(rows: pa.Table) -> dict[str, pa.Table]:
         "rejects": _table(rejects, REJECT_SCHEMA),
         "errors": _table(errors, ERROR_SCHEMA),
     }
+
+
+def _check_stage(row: dict[str, Any], stages: tuple[str, ...]) -> None:
+    if row["stage"] not in stages:
+        raise ValueError(
+            f"sample row {row['key']!r} ({row['status']}) has stage {row['stage']!r}, "
+            f"expected one of {', '.join(stages)}"
+        )
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -136,7 +154,7 @@ def write_complete_shards(batch: pa.Table, *, store: RunStore, expected_rows: di
 
     ``expected_rows``: shard id -> its sample rows (problems x n), for this attempt's shards.
     """
-    check_fields(batch.schema, INPUT_SCHEMA, "write")
+    check_fields(batch.schema, INPUT_SCHEMA, STAGE)
     results = []
     shard_ids = batch.column("shard_id")
     for shard_id in pc.unique(shard_ids).to_pylist():
