@@ -173,6 +173,16 @@ def tiny_solver(model_cache) -> Path:
     return build_tiny_solver_lm(model_cache / "tiny-solver")
 
 
+@pytest.fixture(scope="session")
+def tiny_long_solver(model_cache) -> Path:
+    """A second tiny solver (another seed) trained to answer ``arithmetic_problems()`` in several
+    reasoning lines, about three times the tokens of ``tiny_solver``'s answers: a System-2 model beside
+    ``tiny_solver``'s System-1. Greedy is always right."""
+    from tokenskip.testing.tiny_models import build_tiny_solver_lm
+
+    return build_tiny_solver_lm(model_cache / "tiny-long-solver", seed=1, style="long")
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """In-process Ray with 2 CPUs for one test module (never `ray stop`)."""

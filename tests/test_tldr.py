@@ -1,13 +1,16 @@
-"""TL;DR re-weighting: the update against hand-computed values, benefits, the weighted sampler, and a
-2-worker Ray Train run whose weight history survives an injected failure."""
+"""TL;DR re-weighting: the update against hand-computed values, benefits, the weighted sampler, and TL;DR
+mode end to end (two pools from two tiny models, a 2-worker Ray Train run whose weight history survives an
+injected failure, then an evaluation of the result)."""
 
 from __future__ import annotations
 
 import collections
 import json
 import math
+import statistics
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from tokenskip.train.config import TLDRSettings, TrainConfig
@@ -190,47 +193,101 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _build_pool(model: Path, problems_path: Path, storage_root: Path, dataset: str, **sections) -> pa.Table:
+    """One TL;DR pool, built as the recipes build theirs: a pipeline run of ``model``'s greedy CoTs,
+    kept whole (``compression: null``), committed under ``storage_root``; returns its data table."""
+    from tests.tiny_pipeline import tiny_pipeline_config, tiny_resources
+    from tokenskip.pipeline import run_pipeline
+    from tokenskip.storage import StorageConfig, read_table
+
+    output = StorageConfig(root=str(storage_root))
+    config = tiny_pipeline_config(
+        model,
+        problems_path,
+        output,
+        dataset=dataset,
+        compression=None,
+        resources=tiny_resources(shard_size=POOL_PROBLEMS),  # one shard: one generation pass
+        **sections,
+    )
+    assert run_pipeline(config, progress=False)["committed"] is True
+    return read_table(output, dataset, "data")
+
+
+POOL_PROBLEMS = 8  # per pool: few, since the sampler draws with replacement
+HELD_OUT_PROBLEMS = 4
+
+
 @pytest.mark.slow
-def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_causal_lm, ray_two_cpus):
+def test_tldr_pools_train_reweight_resume_and_evaluate(
+    tmp_path, tiny_solver, tiny_long_solver, ray_two_cpus, capsys
+):
+    """TL;DR mode end to end on CPU: a System-1 pool from the short tiny solver and a System-2 pool from
+    the long one (two pipeline runs, no compression), LoRA training of the System-2 model on both pools as
+    committed (2 Ray Train workers, vLLM dev actor, re-weighting every 2 steps, a crash after step 5 and a
+    resume), then `tokenskip evaluate` of the trained adapter on held-out problems. One Ray for all."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from tests.tiny_pipeline import tiny_problems, write_problems
+    from tokenskip.cli import main
+    from tokenskip.evaluate import SAMPLES_SCHEMA, TABLE_SCHEMA
+    from tokenskip.testing.tiny_models import arithmetic_problems
     from tokenskip.train.job import run_training
 
-    _write_jsonl(
-        tmp_path / "short.jsonl",
-        [
-            {
-                "instruction": "Solve.",
-                "input": f"What is {i} + 1?",
-                "output": f"{i} + 1 = {i + 1}. $\\boxed{{{i + 1}}}$",
-            }
-            for i in range(6)
-        ],
+    # --- The two pools, each from its own model and run, as the tldr_system{1,2}_* recipes build them.
+    pool_problems = tiny_problems(POOL_PROBLEMS)
+    problems_path = write_problems(tmp_path / "problems.jsonl", pool_problems)
+    pools = tmp_path / "datasets"
+    short_pool = _build_pool(
+        tiny_solver, problems_path, pools, "tldr-system1", sampling={"n": 1, "temperature": 0.0, "max_tokens": 64}
     )
-    _write_jsonl(
-        tmp_path / "long.jsonl",
-        [
-            {
-                "question": f"What is {i} * 2?",
-                "response": f"Step 1: doubling {i} means {i} + {i}.\nStep 2: {i} + {i} = {2 * i}.\n\n"
-                f"The final answer is: $\\boxed{{{2 * i}}}$",
-            }
-            for i in range(6)
-        ],
+    long_pool = _build_pool(
+        tiny_long_solver,
+        problems_path,
+        pools,
+        "tldr-system2",
+        sampling={"n": 1, "temperature": 0.0, "max_tokens": 192},
+        selection={"policy": "shortest-correct"},
     )
+    for pool in (short_pool, long_pool):  # greedy solvers: every problem's one CoT is right and kept whole
+        assert pool.num_rows == POOL_PROBLEMS
+        assert all(r["verdict"] == "correct" and r["compressions"] == [] for r in pool.to_pylist())
+    short_tokens = statistics.mean(short_pool["original_tokens"].to_pylist())
+    long_tokens = statistics.mean(long_pool["original_tokens"].to_pylist())
+    # The two models really answer differently: System-2's CoTs are the long ones.
+    assert long_tokens > 2 * short_tokens, (short_tokens, long_tokens)
+    assert all("Step 5: Check" in cot for cot in long_pool["cot"].to_pylist())
+    assert not any("Step 5" in cot for cot in short_pool["cot"].to_pylist())
+
     _write_jsonl(
         tmp_path / "dev.jsonl", [{"question": f"What is {i} + 3?", "answer": str(i + 3)} for i in range(3)]
     )
+
+    def pool_source(dataset: str) -> dict:
+        # The recipe's domain source: the committed run through its manifest, the bare question and the
+        # model's own response (mix ratio 1.0, answer tail kept).
+        return {
+            "storage_root": str(pools),
+            "dataset": dataset,
+            "format": "compressed",
+            "mix": {"ratios": [1.0], "answer_tail": "keep"},
+        }
+
     config = TrainConfig.model_validate(
         {
             "name": "tldr-run",
-            "model": str(tiny_causal_lm),
+            # TL;DR fine-tunes the long-CoT model on both pools.
+            "model": str(tiny_long_solver),
             "dtype": "float32",
             "mode": "tldr",
             "tldr": {
                 "domains": [
-                    {"name": "short", "role": "short", "source": {"path": str(tmp_path / "short.jsonl")}},
-                    {"name": "long", "role": "long", "source": {"path": str(tmp_path / "long.jsonl")}},
+                    {"name": "short", "role": "short", "source": pool_source("tldr-system1")},
+                    {"name": "long", "role": "long", "source": pool_source("tldr-system2")},
                 ],
-                # The untrained model is wrong and long-winded, so both benefits are positive.
+                # Cut at 12 tokens, the long model's dev answers are wrong and long-winded, so both
+                # benefits are positive.
                 "short_reference": {"tokens": 4, "accuracy": 0.5},
                 "long_reference": {"tokens": 20, "accuracy": 0.9},
                 "eval_steps": 2,
@@ -263,7 +320,8 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
     with open(f"{result.checkpoint_path}/trainer_state.json", encoding="utf-8") as handle:
         state = json.load(handle)
     assert state["step"] == 8
-    assert Path(result.checkpoint_path, "adapter", "adapter_model.safetensors").exists()  # LoRA run
+    adapter = Path(result.checkpoint_path, "adapter")
+    assert (adapter / "adapter_model.safetensors").exists()  # LoRA run
     # The second attempt started from the step-4 checkpoint, not from 0.
     assert [a["start_step"] for a in state["attempts"]] == [0, 4]
     history = state["tldr"]["history"]
@@ -292,6 +350,54 @@ def test_tldr_run_reweights_and_restores_history_after_failure(tmp_path, tiny_ca
         "weight_long",
         "dev_accuracy",
     }
+
+    # --- `tokenskip evaluate` of the trained adapter on problems neither pool holds.
+    held_out = [
+        {"id": f"held-{i}", "question": p["question"], "answer": p["answer"]}
+        for i, p in enumerate(arithmetic_problems(HELD_OUT_PROBLEMS, seed=1))
+    ]
+    assert not {p["question"] for p in held_out} & {p["question"] for p in pool_problems}
+    write_problems(tmp_path / "held_out.jsonl", held_out)
+    max_tokens = 192
+    evaluation = {
+        "engine": {
+            "model": str(tiny_long_solver),
+            "max_model_len": 256,
+            "kv_cache_memory_bytes": 128 << 20,
+            "enable_lora": True,
+            "max_lora_rank": 8,
+        },
+        "sampling": {"max_tokens": max_tokens},
+        "source": {
+            "path": str(tmp_path / "held_out.jsonl"),
+            "kind": "custom",
+            "name": "held-out",
+            "split": "test",
+            "field_map": {"question": "question", "answer": "answer", "id": "id"},
+        },
+        "ratios": [1.0],
+        "adapter": str(adapter),
+        "output": str(tmp_path / "eval"),
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(tmp_path / "eval.yaml")]) == 0
+    assert "ratio" in capsys.readouterr().out  # the table was printed
+    table = pq.read_table(tmp_path / "eval" / "evaluation.parquet")
+    assert table.schema == TABLE_SCHEMA
+    (row,) = table.to_pylist()
+    assert row["ratio"] == 1.0 and row["n"] == HELD_OUT_PROBLEMS and row["n_errors"] == 0
+    assert 0.0 <= row["accuracy"] <= 1.0 and 0 < row["mean_tokens"] <= max_tokens
+    assert row["n_correct"] + row["n_incorrect"] + row["n_unparsable"] + row["n_timeout"] == HELD_OUT_PROBLEMS
+    samples = pq.read_table(tmp_path / "eval" / "samples.parquet")
+    assert samples.schema == SAMPLES_SCHEMA
+    assert sorted(samples["question"].to_pylist()) == sorted(p["question"] for p in held_out)
+    assert len(set(samples["problem_id"].to_pylist())) == HELD_OUT_PROBLEMS
+    for sample in samples.to_pylist():  # one graded row per held-out problem
+        assert sample["response"] and 0 < sample["tokens"] <= max_tokens and sample["verdict"]
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["status"] == "complete" and report["adapter"] == str(adapter)
+    assert report["table"] == table.to_pylist()
 
 
 @pytest.mark.slow

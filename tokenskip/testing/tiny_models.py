@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -118,22 +119,48 @@ def arithmetic_problems(count: int = 12, seed: int = 0) -> list[dict]:
     return out
 
 
-def solver_response(a: int, b: int) -> str:
-    """The CoT the tiny solver learns: a few reasoning steps and TokenSkip's answer tail."""
+SolverStyle = Literal["short", "long"]
+
+
+def solver_response(a: int, b: int, style: SolverStyle = "short") -> str:
+    """The CoT the tiny solver learns, ending in TokenSkip's answer tail: a few reasoning steps
+    ("short", a System-1 answer), or several lines that split, add and check the sum ("long", a
+    System-2 answer, about three times as many tokens)."""
+    total = a + b
+    if style == "short":
+        return (
+            f"Step 1: We need to add {a} and {b}. Step 2: {a} + {b} = {total}. "
+            f"So the total is {total}.\n\nThe final answer is: $\\boxed{{{total}}}$"
+        )
+    if style != "long":
+        raise ValueError(f"solver style must be 'short' or 'long', got {style!r}")
+    tens, ones = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
     return (
-        f"Step 1: We need to add {a} and {b}. Step 2: {a} + {b} = {a + b}. "
-        f"So the total is {a + b}.\n\nThe final answer is: $\\boxed{{{a + b}}}$"
+        f"Let's think step by step. We need to add {a} and {b}.\n"
+        f"Step 1: Split the numbers: {a} = {a // 10 * 10} + {a % 10} and {b} = {b // 10 * 10} + {b % 10}.\n"
+        f"Step 2: Add the tens: {a // 10 * 10} + {b // 10 * 10} = {tens}.\n"
+        f"Step 3: Add the ones: {a % 10} + {b % 10} = {ones}.\n"
+        f"Step 4: Combine them: {tens} + {ones} = {total}.\n"
+        f"Step 5: Check: {total} - {b} = {a}, which is right.\n\n"
+        f"The final answer is: $\\boxed{{{total}}}$"
     )
 
 
 def build_tiny_solver_lm(
-    path: str | os.PathLike, problems: list[dict] | None = None, *, steps: int = 150, seed: int = 0
+    path: str | os.PathLike,
+    problems: list[dict] | None = None,
+    *,
+    steps: int = 150,
+    seed: int = 0,
+    style: SolverStyle = "short",
 ) -> Path:
-    """A tiny causal LM trained (in seconds, on CPU) to answer ``problems`` with a boxed answer.
+    """A tiny causal LM trained (in seconds, on CPU) to answer ``problems`` with a boxed answer, in
+    :func:`solver_response`'s ``style``.
 
     Pipeline tests need a model whose samples are sometimes correct, so kept rows, rejects and the
     compression stage are all exercised for real. Greedy decoding reproduces the memorised CoT;
-    sampling at a temperature mixes correct and wrong samples. Deterministic for a given seed.
+    sampling at a temperature mixes correct and wrong samples. Deterministic for a given seed. Two
+    styles (and seeds) give two different models, e.g. TL;DR's System-1 and System-2 pools.
     """
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -151,7 +178,7 @@ def build_tiny_solver_lm(
     examples = []
     for p in problems:
         prompt = render_prompt(tokenizer, p["question"])
-        response = solver_response(p["a"], p["b"]) + tokenizer.eos_token
+        response = solver_response(p["a"], p["b"], style) + tokenizer.eos_token
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         examples.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
