@@ -15,13 +15,13 @@ import pyarrow as pa
 import pytest
 
 from tokenskip.compress import CompressConfig
+from tokenskip.fallback import batch_then_rows
 from tokenskip.grading import GradingConfig
 from tokenskip.pipeline import INPUT_SHARD, Plan, run_statistics
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA
 from tokenskip.scoring import ScorerConfig
 from tokenskip.stages import compress, generate, grade, write
 from tokenskip.stages.contract import RowCountMismatch, StageContractError, check_fields
-from tokenskip.stages.fallback import batch_then_rows
 from tokenskip.storage import RunStore, ShardRecord, StorageConfig, read_table
 from tokenskip.summary import ShardSummary
 

@@ -53,6 +53,7 @@ from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA, config
 from tokenskip.shutdown import GracefulStop, StopRequested
 from tokenskip.sources import load_source
 from tokenskip.stages import compress, generate, grade, write
+from tokenskip.stages.contract import ChainLink, StageContract, check_chain
 from tokenskip.stages.write import decode_rows, shards_stay_whole, write_shard_rows
 from tokenskip.storage import LockHeartbeat, NotLockOwner, RunStore, ShardRecord, holding, read_manifest
 from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summary
@@ -60,6 +61,8 @@ from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summar
 log = logging.getLogger(__name__)
 
 INPUT_SHARD = "input"
+# What the run feeds its first stage: the shards' problem rows, each with its shard's id.
+SHARD_ROWS_SCHEMA = pa.schema([*PROBLEM_SCHEMA, pa.field("shard_id", pa.string())])
 # Passes in a row that may commit nothing because actors died under every task (a node lost as the
 # pass began, an engine killed twice) before the run fails with the actor's error.
 PASSES_WITHOUT_PROGRESS = 3
@@ -108,6 +111,8 @@ class Plan:
     dedup_rejects: pa.Table
     problems: pa.Table
     shards: list[Shard]
+    # The run's stages in order, each with what it receives (checked by make_plan).
+    chain: list[ChainLink] = field(default_factory=list)
     committed: set[str] = field(default_factory=set)
     already_committed_run: bool = False
     load_seconds: float = 0.0
@@ -143,6 +148,8 @@ class Plan:
             f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
             f"cpus/task={r.write_cpus}",
             f"cluster: the stages hold {demand.cpus:g} CPUs and {demand.gpus:g} GPUs at once",
+            "stage chain (declared fields, checked before any engine starts):",
+            *(f"  {link.contract.name:<10} {link.describe()}" for link in self.chain),
         ]
         if not shards_stay_whole(r.shard_size, r.generation_batch_size):
             lines.append(
@@ -222,8 +229,17 @@ def resume_shards(store: RunStore, problems: pa.Table, shard_size: int, committe
     return kept_shards + shard_problems(rest, shard_size)
 
 
+def stage_chain() -> list[StageContract]:
+    """The declared contracts of the stages :func:`add_stages` wires, in the same order (without
+    compression, :func:`~tokenskip.stages.compress.keep_cots_whole` keeps the compress contract)."""
+    return [generate.CONTRACT, grade.CONTRACT, compress.CONTRACT, write.CONTRACT]
+
+
 def make_plan(config: PipelineConfig) -> Plan:
-    """Load, validate, deduplicate and shard the problems; look up what is already committed."""
+    """Check the stage chain; load, validate, deduplicate and shard the problems; look up what is
+    already committed. A stage that needs a field no earlier stage hands on is a
+    :class:`~tokenskip.stages.contract.StageChainError` here, before any input is read or engine started."""
+    chain = check_chain("the input shards", SHARD_ROWS_SCHEMA, stage_chain())
     run_id = config.resolved_run_id()
     started = time.perf_counter()
     problems, errors, filtered_out = [], [], 0
@@ -261,6 +277,7 @@ def make_plan(config: PipelineConfig) -> Plan:
         dedup_rejects=rejects,
         problems=kept,
         shards=shards,
+        chain=chain,
         committed=committed,
         already_committed_run=committed_run,
         load_seconds=load_seconds,

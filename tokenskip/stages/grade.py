@@ -29,7 +29,7 @@ from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import PROBLEM_SCHEMA, sample_key
 from tokenskip.stages import generate
-from tokenskip.stages.contract import RowCountMismatch, check_fields
+from tokenskip.stages.contract import RowCountMismatch, StageContract, check_fields
 
 if TYPE_CHECKING:
     from tokenskip.config import PipelineConfig
@@ -69,6 +69,8 @@ OUTPUT_SCHEMA = SAMPLE_ROW_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
     ]
 )
+
+CONTRACT = StageContract("grade", pa.schema(INPUT_FIELDS), OUTPUT_SCHEMA)
 
 
 def too_long(length: int | None, max_cot_tokens: int | None) -> bool:
