@@ -225,9 +225,9 @@ def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_not
         ]
         faults_before = proxy.injected()
         report = run_pipeline(config, progress=False)
-        assert report["committed"] is True
-        assert report["attempt"]["problems_generated"] == 0
-        assert report["attempt"]["shards_resumed"] == len(plan.shards)
+        assert report.committed is True
+        assert report.attempt.problems_generated == 0
+        assert report.attempt.shards_resumed == len(plan.shards)
         assert proxy.injected() > faults_before and not proxy.exhausted
 
     assert read_manifest(direct, DATASET).run_id == run_id  # LATEST moved only now
@@ -295,8 +295,8 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
         killer.done.set()
         killer.join(timeout=10)
     assert killer.killed_pid is not None, "no GenerateStage batch was caught running"
-    assert report["committed"] is True
-    assert report["attempt"]["problems_generated"] == len(problems)
+    assert report.committed is True
+    assert report.attempt.problems_generated == len(problems)
     # Ray restarted the actor (max_restarts=-1); its dropped batch ran again in the driver's next pass.
     assert killer.later_pids, "no generation actor ran a batch after the kill"
 
@@ -307,7 +307,7 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
         (too_long_key, "prompt_too_long", "generate")
     ]
     assert "max_model_len is 256" in errors[0]["detail"]
-    assert report["counts"]["errors_by_reason"] == {"prompt_too_long": 1}
+    assert report.counts.errors_by_reason == {"prompt_too_long": 1}
 
 
 # ---------------------------------------------------------------------------------------------

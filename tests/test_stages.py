@@ -300,18 +300,18 @@ def test_write_stage_writes_the_shard_and_run_statistics_count_it(compressed, tm
         shards=[],
     )
     counts = run_statistics(plan, store)
-    assert counts["input_rows"] == 5 and counts["load_errors"] == 1
-    assert counts["dedup"] == {"duplicate": 1, "contaminated": 0}
-    assert counts["problems_to_generate"] == 3
-    assert counts["samples"] == len(PROBLEMS) * N  # every (problem, sample) key counted once
-    assert (counts["kept_samples"], counts["kept_problems"], counts["graded_samples"]) == (2, 2, 3)
-    assert counts["rejects_by_reason"] == {"incorrect": 1}
-    assert counts["errors_by_reason"] == {"invalid_json": 1, "prompt_too_long": 2, "scoring_error": 1}
-    assert counts["acceptance_rate"] == round(2 / 3, 4)
-    assert set(counts["achieved_ratio"]) == {"0.9", "0.5"}
+    assert counts.input_rows == 5 and counts.load_errors == 1
+    assert counts.dedup == {"duplicate": 1, "contaminated": 0}
+    assert counts.problems_to_generate == 3
+    assert counts.samples == len(PROBLEMS) * N  # every (problem, sample) key counted once
+    assert (counts.kept_samples, counts.kept_problems, counts.graded_samples) == (2, 2, 3)
+    assert counts.rejects_by_reason == {"incorrect": 1}
+    assert counts.errors_by_reason == {"invalid_json": 1, "prompt_too_long": 2, "scoring_error": 1}
+    assert counts.acceptance_rate == round(2 / 3, 4)
+    assert set(counts.achieved_ratio) == {"0.9", "0.5"}
 
     # The committed run's errors output holds the compression error beside the others.
-    store.commit({"counts": counts})
+    store.commit({"counts": counts.model_dump(mode="json")})
     errors = read_table(store.config, DATASET, "errors")
     assert sorted(zip(errors["stage"].to_pylist(), errors["reason"].to_pylist(), strict=True)) == [
         ("compress", "scoring_error"),

@@ -620,10 +620,10 @@ def _refresh_locked(
         out.update(status="refused", reason=refused.reason, pipeline=refused.report)
         return out
     out["pipeline"] = report
-    out["problems_generated"] = report.get("attempt", {}).get("problems_generated", 0)
-    if not report.get("committed"):
+    out["problems_generated"] = report.attempt.problems_generated if report.attempt else 0
+    if not report.committed:
         out["status"] = "pending"
-        out["pending_shards"] = report.get("pending_shards")
+        out["pending_shards"] = report.pending_shards
         return out
 
     out["status"] = "published"
