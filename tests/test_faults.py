@@ -214,7 +214,7 @@ def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_not
         assert read_table(direct, DATASET, "errors").num_rows == 0  # readers still see the previous run
         # ... while every shard's work is committed and waits for the next attempt.
         plan = make_plan(config)
-        assert {s.shard_id for s in plan.shards} <= set(RunStore(direct, DATASET, run_id).committed_shards())
+        assert {s.shard_id for s in plan.shards} <= set(RunStore(direct, DATASET, run_id).committed_shard_ids())
 
         # The outage ends; throttling goes on (503 SlowDown: the report files after the commit are
         # written without tokenskip's retry loop, and s3fs itself retries SlowDown but not 500).

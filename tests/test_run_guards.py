@@ -270,7 +270,7 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
     assert time.perf_counter() - started < 10 and ray_starts == []  # no engine, no Ray
     code, err = _run_cli(["run", "--no-progress", "--config", str(_config_file(tmp_path, config))], capsys)
     assert code == cli.EXIT_LOCKED and "another-host:1234" in err
-    assert not store.committed_shards() and ray_starts == []
+    assert not store.committed_shard_ids() and ray_starts == []
     holder.release()
 
     # A writer that died: its lease expired, the next run takes it over (and releases it at the end).

@@ -247,7 +247,7 @@ def test_run_statistics_from_summaries_equals_the_table_computation(tmp_path, wi
     inputs["errors"] = inputs["errors"].filter(pa.compute.is_valid(inputs["errors"]["reason"]))
     choose = {"all": lambda i: True, "none": lambda i: False, "mixed": lambda i: i % 2 == 0}[with_summary]
     store = _write_run(str(tmp_path), shards, inputs, choose)
-    markers = store.committed_shards()
+    markers = {r.shard_id: r for r in store.iter_committed_shards()}
     assert sum(m.summary is not None for m in markers.values()) == sum(choose(i) for i in range(-1, 9))
     plan = _plan(inputs, problems=9 * 6)
 
@@ -292,7 +292,7 @@ def test_marker_without_summary_field_still_parses_and_is_summarised_from_files(
     record = json.loads(marker.read_text())
     del record["summary"]
     marker.write_text(json.dumps(record))
-    old = store.committed_shards()["s-0001"]
+    (old,) = [r for r in store.iter_committed_shards() if r.shard_id == "s-0001"]
     assert old.summary is None
     assert _rounded(summary_from_files(store, old).model_dump()) == _rounded(
         ShardSummary.from_tables(shards[1]).model_dump()

@@ -28,7 +28,7 @@ import itertools
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -100,9 +100,10 @@ class Shard:
         return self.problems.num_rows
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What a run will do; printed by ``--dry-run``."""
+    """What a run will do; printed by ``--dry-run``. Nothing changes a plan once made: a run that
+    finds more shards committed works on a copy (``dataclasses.replace``)."""
 
     config: PipelineConfig
     run_id: str
@@ -113,7 +114,7 @@ class Plan:
     shards: list[Shard]
     # The run's stages in order, each with what it receives (checked by make_plan).
     chain: list[ChainLink] = field(default_factory=list)
-    committed: set[str] = field(default_factory=set)
+    committed: frozenset[str] = frozenset()
     already_committed_run: bool = False
     load_seconds: float = 0.0
     dedup_seconds: float = 0.0
@@ -145,8 +146,7 @@ class Plan:
             generate.admission_plan(c),
             f"  grade      policy={c.selection.policy} cpus={r.grading_cpus} timeout={c.grading.timeout_s}s",
             _compress_line(c),
-            f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
-            f"cpus/task={r.write_cpus}",
+            f"  write      {RunStore(c.output, c.dataset, self.run_id).parts_url_pattern} cpus/task={r.write_cpus}",
             f"cluster: the stages hold {demand.cpus:g} CPUs and {demand.gpus:g} GPUs at once",
             "stage chain (declared fields, checked before any engine starts):",
             *(f"  {link.contract.name:<10} {link.describe()}" for link in self.chain),
@@ -278,7 +278,7 @@ def make_plan(config: PipelineConfig) -> Plan:
         problems=kept,
         shards=shards,
         chain=chain,
-        committed=committed,
+        committed=frozenset(committed),
         already_committed_run=committed_run,
         load_seconds=load_seconds,
         dedup_seconds=dedup_seconds,
@@ -410,6 +410,8 @@ def run_pipeline(
     LATEST stays where it was, and the report says why.
     """
     wall_start = time.perf_counter()
+    if plan is not None and plan.config != config:
+        raise ValueError(f"run_pipeline: the plan of run {plan.run_id!r} was made from another config")
     plan = plan or make_plan(config)
     store = RunStore(config.output, config.dataset, plan.run_id)
     if plan.already_committed_run:
@@ -424,7 +426,7 @@ def run_pipeline(
             return _already_committed(config, plan)
         # Shards another writer committed since planning are not generated again.
         planned = {s.shard_id for s in plan.shards}
-        plan.committed |= set(store.committed_shards()) & planned
+        plan = replace(plan, committed=plan.committed | (set(store.committed_shard_ids()) & planned))
         return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress, stop)
 
 
