@@ -159,7 +159,7 @@ def run_once(args, model: str, problems: int, workdir: Path) -> dict:
     return {
         "problems": problems,
         "problems_generated": len(done),
-        "shards_committed": report["attempt"]["shards_committed"],
+        "shards_committed": report.attempt.shards_committed,
         "actor_peak_rss_mib": round(peaks[0] / 2**20, 1),
         "engine_core_peak_rss_mib": round(peaks[1] / 2**20, 1),
         "generated_when_first_shard_committed": sum(1 for t in done if t <= first_commit),

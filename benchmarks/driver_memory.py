@@ -215,6 +215,7 @@ def measure_stats(root: str, problems: int) -> dict:
     import tokenskip.report  # noqa: F401  (imported by _write_report; not part of the measurement)
     from tokenskip.config import PipelineConfig
     from tokenskip.pipeline import Plan, _write_report, run_statistics
+    from tokenskip.run_report import AttemptReport, RunReport
     from tokenskip.schema import PROBLEM_SCHEMA
     from tokenskip.storage import RunStore, StorageConfig
 
@@ -238,16 +239,12 @@ def measure_stats(root: str, problems: int) -> dict:
 
     def end_of_run():
         counts = run_statistics(plan, store)
-        store.commit({"config": config.model_dump(mode="json"), "counts": counts})
-        report = {"dataset": DATASET, "run_id": RUN_ID, "model": "r1-distill-7b", "config_hash": "bench",
-                  "counts": counts, "committed": True,
-                  "attempt": {"shards_committed": 0, "problems_generated": 0, "samples_generated": 0,
-                              "tokens_generated": 0, "tokens_per_second": 0.0, "load_seconds": 0.0,
-                              "dedup_seconds": 0.0, "pipeline_seconds": 0.0, "wall_seconds": 0.0,
-                              "commit_seconds": 0.0, "progress": []}}  # fmt: skip
+        store.commit({"config": config.model_dump(mode="json"), "counts": counts.model_dump(mode="json")})
+        report = RunReport(dataset=DATASET, run_id=RUN_ID, model="r1-distill-7b", config_hash="bench",
+                           counts=counts, committed=True, attempt=AttemptReport())  # fmt: skip
         _write_report(config, store, report)
         html = store.read_file("report.html")
-        return {"kept_samples": counts["kept_samples"], "kept_problems": counts["kept_problems"],
+        return {"kept_samples": counts.kept_samples, "kept_problems": counts.kept_problems,
                 "charts": html.count(b'<svg class="chart"'), "report_html_bytes": len(html)}  # fmt: skip
 
     return _measure(end_of_run)

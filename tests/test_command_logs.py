@@ -147,7 +147,12 @@ def test_refresh_logs_into_the_versions_folder(tmp_path, staging, monkeypatch, c
 
     def pending_pipeline(pipeline, *, max_shards=None, progress=True, plan=None):
         logging.getLogger("tokenskip.pipeline").info("generating the new problems")
-        return {"committed": False, "pending_shards": 1, "attempt": {"problems_generated": 0}}
+        from tokenskip.run_report import AttemptReport, RunReport
+        from tokenskip.summary import RunCounts
+
+        return RunReport(
+            dataset=pipeline.dataset, run_id=plan.run_id, counts=RunCounts(), attempt=AttemptReport(), pending_shards=1
+        )
 
     monkeypatch.setattr(refresh_module, "run_pipeline", pending_pipeline)
     assert refresh_job(["--config", str(config)]) == 0

@@ -15,6 +15,7 @@ from tokenskip.config import PipelineConfig
 from tokenskip.console import WORKER_LOG_ENV, RunDisplay, StepDisplay, console_logging
 from tokenskip.dataset_card import dataset_card, source_licence
 from tokenskip.progress import MAX_PENDING_EVENTS, ProgressTally, _Board
+from tokenskip.run_report import RunReport
 from tokenskip.schema import COMPRESSED_SCHEMA
 from tokenskip.sources import SourceConfig
 from tokenskip.summary import EngineTotals, ShardSummary
@@ -163,7 +164,9 @@ def test_the_dataset_card_explains_every_column_and_the_sources_licences(tmp_pat
         "acceptance_rate": 5 / 36, "rejects_by_reason": {"incorrect": 31}, "errors_by_reason": {},
         "achieved_ratio": {"0.5": 0.61},
     }
-    card = dataset_card(config, {"run_id": "run-abc", "counts": counts, "config_hash": "h"})
+    card = dataset_card(
+        config, RunReport.model_validate({"dataset": "demo", "run_id": "run-abc", "counts": counts, "config_hash": "h"})
+    )
     assert card.startswith("# demo / run-abc")
     assert "| demo | train | " in card and "Apache-2.0 (bundled with tokenskip)" in card
     assert "MIT (GSM8K" in card and "CC-BY-4.0" in card
@@ -200,7 +203,7 @@ def test_the_dataset_card_names_the_manifest_file_and_loads_with_hf_datasets(tmp
         "input_rows": 3, "problems_to_generate": 3, "samples": 3, "kept_samples": 3, "kept_problems": 3,
         "acceptance_rate": 1.0, "rejects_by_reason": {}, "errors_by_reason": {}, "achieved_ratio": {},
     }  # fmt: skip
-    card = dataset_card(config, {"run_id": "run-abc", "counts": counts})
+    card = dataset_card(config, RunReport.model_validate({"dataset": "demo", "run_id": "run-abc", "counts": counts}))
     assert MANIFEST_NAME == "_MANIFEST.json" and card.count("`_MANIFEST.json`") == 2
     assert "_manifest.json" not in card
     (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "load_dataset" in b]

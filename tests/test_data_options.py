@@ -19,6 +19,7 @@ from tokenskip.config import PipelineConfig, load_pipeline_config
 from tokenskip.grading import GradingConfig
 from tokenskip.pipeline import _compress_line, make_plan, run_statistics
 from tokenskip.preflight import run_problems
+from tokenskip.run_report import RunReport
 from tokenskip.schema import COMPRESSED_SCHEMA, PROBLEM_SCHEMA
 from tokenskip.scoring import (
     TOKENSKIP_LLAMA_FORCING,
@@ -225,7 +226,7 @@ def test_the_plan_and_report_count_rows_the_where_filter_dropped(tmp_path):
         "6 filtered out by sources[].where" in plan.describe()
     )
     counts = run_statistics(plan, None, ShardSummary())  # the counts before any shard is committed
-    assert (counts["input_rows"], counts["filtered_out"], counts["problems_to_generate"]) == (9, 6, 3)
+    assert (counts.input_rows, counts.filtered_out, counts.problems_to_generate) == (9, 6, 3)
 
 
 def test_the_dataset_card_says_what_the_options_did(tmp_path):
@@ -241,7 +242,8 @@ def test_the_dataset_card_says_what_the_options_did(tmp_path):
         "kept_problems": 2, "acceptance_rate": 2 / 6, "rejects_by_reason": {"too_long": 1, "incorrect": 3},
         "errors_by_reason": {}, "achieved_ratio": {},
     }  # fmt: skip
-    card = dataset_card(PipelineConfig.model_validate(data), {"run_id": "r", "counts": counts})
+    report = RunReport.model_validate({"dataset": "d", "run_id": "r", "counts": counts})
+    card = dataset_card(PipelineConfig.model_validate(data), report)
     assert "the correct ones kept whole (built without compression)" in card
     assert "- selection: `all-correct`, CoTs of <= 500 tokens; no compression (a pool of plain CoTs" in card
     assert "- 9 input rows (6 filtered out by `sources[].where`), 3 problems, 6 generated samples" in card

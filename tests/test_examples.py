@@ -154,7 +154,7 @@ def test_show_and_report_mark_what_the_demo_scorer_pruned(tmp_path, tiny_causal_
 
     # show prints the same marks; the report strikes through the same pieces
     printed = "\n".join(render_examples(examples, width=10_000))
-    page = render_html({"counts": {}}, None, examples=examples)
+    page = render_html({"dataset": "demo", "run_id": "r", "counts": {}}, None, examples=examples)
     for example in examples:
         for c in example.compressions:
             dropped = [p.text for p in c.reasoning if p.mark is Mark.DROPPED]

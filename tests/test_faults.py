@@ -215,7 +215,7 @@ def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_not
         assert read_table(direct, DATASET, "errors").num_rows == 0  # readers still see the previous run
         # ... while every shard's work is committed and waits for the next attempt.
         plan = make_plan(config)
-        assert {s.shard_id for s in plan.shards} <= set(RunStore(direct, DATASET, run_id).committed_shards())
+        assert {s.shard_id for s in plan.shards} <= set(RunStore(direct, DATASET, run_id).committed_shard_ids())
 
         # The outage ends; throttling goes on (503 SlowDown: the report files after the commit are
         # written without tokenskip's retry loop, and s3fs itself retries SlowDown but not 500).
@@ -226,9 +226,9 @@ def test_s3_faults_transient_errors_are_ridden_out_and_a_failed_commit_shows_not
         ]
         faults_before = proxy.injected()
         report = run_pipeline(config, progress=False)
-        assert report["committed"] is True
-        assert report["attempt"]["problems_generated"] == 0
-        assert report["attempt"]["shards_resumed"] == len(plan.shards)
+        assert report.committed is True
+        assert report.attempt.problems_generated == 0
+        assert report.attempt.shards_resumed == len(plan.shards)
         assert proxy.injected() > faults_before and not proxy.exhausted
 
     assert read_manifest(direct, DATASET).run_id == run_id  # LATEST moved only now
@@ -296,8 +296,8 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
         killer.done.set()
         killer.join(timeout=10)
     assert killer.killed_pid is not None, "no GenerateStage batch was caught running"
-    assert report["committed"] is True
-    assert report["attempt"]["problems_generated"] == len(problems)
+    assert report.committed is True
+    assert report.attempt.problems_generated == len(problems)
     # Ray restarted the actor (max_restarts=-1); its dropped batch ran again in the driver's next pass.
     assert killer.later_pids, "no generation actor ran a batch after the kill"
 
@@ -308,7 +308,7 @@ def test_generation_actor_killed_mid_batch_and_a_too_long_prompt(tmp_path, tiny_
         (too_long_key, "prompt_too_long", "generate")
     ]
     assert "max_model_len is 256" in errors[0]["error_detail"]
-    assert report["counts"]["errors_by_reason"] == {"prompt_too_long": 1}
+    assert report.counts.errors_by_reason == {"prompt_too_long": 1}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,8 +239,8 @@ def test_pipeline_recipe_runs_a_few_shards_on_logical_gpus(
     )
     assert own.generation_gpus > 0 or own.compression_gpus > 0
     report = run_pipeline(config, progress=False)
-    assert report["committed"] is True
-    assert report["attempt"]["shards_committed"] == 2
+    assert report.committed is True
+    assert report.attempt.shards_committed == 2
     manifest = read_manifest(config.output, config.dataset)
     assert manifest.counts["samples"] == 8 * n
     kept = read_table(config.output, config.dataset, "data")

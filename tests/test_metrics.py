@@ -100,7 +100,9 @@ def test_bad_input_is_a_clear_error():
 
 def test_record_run_counts_sets_gauges():
     m = StageMetrics()
-    m.record_run_counts({"acceptance_rate": 0.625, "achieved_ratio": {"0.9": 0.91, "0.5": 0.52}})
+    from tokenskip.summary import RunCounts
+
+    m.record_run_counts(RunCounts(acceptance_rate=0.625, achieved_ratio={"0.9": 0.91, "0.5": 0.52}))
     assert m.totals()["acceptance_rate"] == {"": 0.625}
     assert m.totals()["achieved_ratio"] == {"ratio=0.5": 0.52, "ratio=0.9": 0.91}
 

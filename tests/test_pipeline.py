@@ -26,16 +26,16 @@ def test_local_run_resumes_without_regenerating(tmp_path, tiny_solver, ray_local
 
     # First attempt stops after one committed shard (as if the driver died there).
     first = run_pipeline(config, max_shards=1, progress=False)
-    assert first["committed"] is False
-    assert first["attempt"]["problems_generated"] == 4
+    assert first.committed is False
+    assert first.attempt.problems_generated == 4
     with pytest.raises(FileNotFoundError):
         read_manifest(output, "tiny-arith")  # nothing is visible before the commit
 
     second = run_pipeline(config, progress=False)
-    assert second["committed"] is True
+    assert second.committed is True
     # Only the 8 problems of the two uncommitted shards were generated again.
-    assert second["attempt"]["problems_generated"] == 8
-    assert second["attempt"]["shards_resumed"] == 1
+    assert second.attempt.problems_generated == 8
+    assert second.attempt.shards_resumed == 1
 
     data = read_table(output, "tiny-arith", "data")
     rejects = read_table(output, "tiny-arith", "rejects")
@@ -65,7 +65,7 @@ def test_local_run_resumes_without_regenerating(tmp_path, tiny_solver, ray_local
 
     # A third call finds the run committed and does nothing.
     third = run_pipeline(config, progress=False)
-    assert third["committed"] is True and "attempt" not in third
+    assert third.committed is True and third.attempt is None
 
 
 def _malformed_lines() -> list[bytes]:
@@ -109,7 +109,7 @@ def test_s3_run_bad_input_and_greedy_parity(tmp_path, tiny_solver, ray_local, s3
         sampling={"n": 1, "temperature": 0.0, "max_tokens": 64},
     )
     report = run_pipeline(config, progress=False)
-    assert report["committed"] is True
+    assert report.committed is True
 
     manifest = read_manifest(output, "tiny-arith")
     data = read_table(output, "tiny-arith", "data")

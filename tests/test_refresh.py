@@ -31,6 +31,7 @@ from tokenskip.refresh import (
     refresh,
     version_name,
 )
+from tokenskip.run_report import AttemptReport, RunReport
 from tokenskip.schema import COMPRESSED_SCHEMA, problem_id
 from tokenskip.storage import (
     Lock,
@@ -44,6 +45,7 @@ from tokenskip.storage import (
     read_manifest,
     read_table,
 )
+from tokenskip.summary import RunCounts
 from tokenskip.testing.tiny_models import arithmetic_problems
 
 N_FIRST, M_ADDED = 8, 4
@@ -290,6 +292,17 @@ def _wait_for(condition, what: str, limit_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _pending_report(plan, pending_shards: int) -> RunReport:
+    """The report of an attempt that generated nothing and left ``pending_shards`` to do."""
+    return RunReport(
+        dataset=plan.config.dataset,
+        run_id=plan.run_id,
+        counts=RunCounts(),
+        attempt=AttemptReport(),
+        pending_shards=pending_shards,
+    )
+
+
 def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
     """No engine: run_pipeline is replaced by a stand-in that watches the lock while it 'works'."""
     output = StorageConfig(root=str(tmp_path / "out"))
@@ -303,7 +316,7 @@ def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
         _wait_for(lambda: watcher.holder().expires_at > first.expires_at, "a lease renewal")
         seen["owner"] = first.owner
         seen["problems"] = plan.problems.num_rows
-        return {"committed": False, "pending_shards": len(plan.pending), "attempt": {"problems_generated": 0}}
+        return _pending_report(plan, len(plan.pending))
 
     monkeypatch.setattr(refresh_module, "run_pipeline", renewing_pipeline)
     result = refresh(config, now=_at(1))
@@ -325,7 +338,7 @@ def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
         lock_path.write_text(json.dumps(info | {"owner": "thief", "nonce": "stolen"}))
         beating = lambda: any(t.name == "refresh-heartbeat-refresh" for t in threading.enumerate())  # noqa: E731
         _wait_for(lambda: not beating(), "the heartbeat to notice and stop")
-        return {"committed": False, "pending_shards": 1, "attempt": {"problems_generated": 0}}
+        return _pending_report(plan, 1)
 
     monkeypatch.setattr(refresh_module, "run_pipeline", stolen_pipeline)
     result = refresh(config, now=_at(2))

@@ -458,3 +458,26 @@ def test_screenshot_is_not_blank(chromium, tmp_path, report, data):
     # the charts' colours are on screen, not just black text on white
     colours = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=32).getcolors()
     assert colours is not None and len(colours) >= 6
+
+
+def test_the_typed_run_report_reads_and_writes_report_json_as_it_was(report):
+    """report.json keeps its format: an existing file (the fixture's keys, as run_pipeline wrote them)
+    reads back into a RunReport and writes out the same keys and values; parts a report does not
+    have (stopped, pending_shards, refused, a zero filtered_out) are left out, not written as null."""
+    from tokenskip.run_report import AttemptReport, RunReport
+
+    typed = RunReport.model_validate(report)
+    written = json.loads(typed.to_json())
+    assert set(written) == set(report)
+    assert written["counts"] == report["counts"] | {"reject_rows_by_reason": {}}
+    assert {k: written["attempt"][k] for k in report["attempt"]} == report["attempt"]
+    assert RunReport.model_validate_json(typed.to_json()) == typed
+
+    stopped = typed.model_copy(update={"stopped": "SIGTERM", "pending_shards": 2, "committed": False})
+    assert json.loads(stopped.to_json())["pending_shards"] == 2
+    filtered = typed.model_copy(update={"counts": typed.counts.model_copy(update={"filtered_out": 4})})
+    assert json.loads(filtered.to_json())["counts"]["filtered_out"] == 4
+    # The summary text (report.txt, the CLI's end of run) is the report's own.
+    text = typed.model_copy(update={"attempt": AttemptReport(shards_committed=6)}).summary_text()
+    assert text.startswith("tokenskip run report: dataset gsm8k-demo, run r-0123456789abcdef")
+    assert "this attempt      6 shards" in text and "engine occupancy  n/a" in text

@@ -65,7 +65,7 @@ def test_resume_after_shard_size_change_then_an_all_wrong_run_is_not_published(
     output = StorageConfig(root=str(tmp_path / "out"))
     small = tiny_pipeline_config(tiny_solver, path, output)  # shard_size 4: shards of 4, 4, 4
     first = run_pipeline(small, max_shards=1, progress=False)
-    assert first["committed"] is False and first["attempt"]["problems_generated"] == 4
+    assert first.committed is False and first.attempt.problems_generated == 4
 
     # Resources are not in the run id: the re-run with shards of 8 resumes the same run.
     resources = small.resources.model_copy(update={"shard_size": 8, "generation_batch_size": 4})
@@ -74,9 +74,9 @@ def test_resume_after_shard_size_change_then_an_all_wrong_run_is_not_published(
     plan = make_plan(large)
     assert sum(s.size for s in plan.pending) == 8  # the 4 committed problems are not planned again
     second = run_pipeline(large, plan=plan, progress=False)
-    assert second["committed"] is True
-    assert second["attempt"]["problems_generated"] == 8
-    assert second["counts"]["samples"] == 12 * 2
+    assert second.committed is True
+    assert second.attempt.problems_generated == 8
+    assert second.counts.samples == 12 * 2
 
     tables = {k: read_table(output, DATASET, k) for k in ("data", "rejects", "errors")}
     keys = [k for t in tables.values() for k in t.column("key").to_pylist()]
@@ -164,7 +164,7 @@ def test_a_run_with_no_problems_is_refused_and_leaves_latest(tmp_path, tiny_caus
     allowed = base.model_copy(
         update={"output": output.model_copy(update={"allow_empty": True}), "run_id": "kept"}
     )
-    assert run_pipeline(allowed, progress=False)["committed"] is True
+    assert run_pipeline(allowed, progress=False).committed is True
     assert latest_run_id(output, DATASET) == "kept"
     assert (Path(output.root) / DATASET / "runs" / "kept" / "report.html").exists()
 
@@ -270,7 +270,7 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
     assert time.perf_counter() - started < 10 and ray_starts == []  # no engine, no Ray
     code, err = _run_cli(["run", "--no-progress", "--config", str(_config_file(tmp_path, config))], capsys)
     assert code == ExitCode.LOCKED and "another-host:1234" in err
-    assert not store.committed_shards() and ray_starts == []
+    assert not store.committed_shard_ids() and ray_starts == []
     holder.release()
 
     # A writer that died: its lease expired, the next run takes it over (and releases it at the end).
@@ -280,7 +280,7 @@ def test_a_second_writer_is_refused_before_any_engine_and_a_stale_lease_is_taken
     dead = Lock(output, DATASET, f"run-{allowed.resolved_run_id()}", ttl_s=0.01, owner="dead-host:1")
     dead.acquire()
     time.sleep(0.05)
-    assert run_pipeline(allowed, progress=False)["committed"] is True
+    assert run_pipeline(allowed, progress=False).committed is True
     assert RunStore(output, DATASET, allowed.resolved_run_id()).lease().holder() is None
 
 

@@ -16,13 +16,13 @@ import pytest
 
 from tokenskip import schema
 from tokenskip.compress import CompressConfig
+from tokenskip.fallback import batch_then_rows
 from tokenskip.grading import GradingConfig
 from tokenskip.pipeline import INPUT_SHARD, Plan, run_statistics
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA
 from tokenskip.scoring import ScorerConfig
 from tokenskip.stages import compress, generate, grade, write
 from tokenskip.stages.contract import RowCountMismatch, StageContractError, check_fields
-from tokenskip.stages.fallback import batch_then_rows
 from tokenskip.storage import RunStore, ShardRecord, StorageConfig, read_table
 from tokenskip.summary import ShardSummary
 
@@ -302,18 +302,18 @@ def test_write_stage_writes_the_shard_and_run_statistics_count_it(compressed, tm
         shards=[],
     )
     counts = run_statistics(plan, store)
-    assert counts["input_rows"] == 5 and counts["load_errors"] == 1
-    assert counts["dedup"] == {"duplicate": 1, "contaminated": 0}
-    assert counts["problems_to_generate"] == 3
-    assert counts["samples"] == len(PROBLEMS) * N  # every (problem, sample) key counted once
-    assert (counts["kept_samples"], counts["kept_problems"], counts["graded_samples"]) == (2, 2, 3)
-    assert counts["rejects_by_reason"] == {"incorrect": 1}
-    assert counts["errors_by_reason"] == {"invalid_json": 1, "prompt_too_long": 2, "scoring_error": 1}
-    assert counts["acceptance_rate"] == round(2 / 3, 4)
-    assert set(counts["achieved_ratio"]) == {"0.9", "0.5"}
+    assert counts.input_rows == 5 and counts.load_errors == 1
+    assert counts.dedup == {"duplicate": 1, "contaminated": 0}
+    assert counts.problems_to_generate == 3
+    assert counts.samples == len(PROBLEMS) * N  # every (problem, sample) key counted once
+    assert (counts.kept_samples, counts.kept_problems, counts.graded_samples) == (2, 2, 3)
+    assert counts.rejects_by_reason == {"incorrect": 1}
+    assert counts.errors_by_reason == {"invalid_json": 1, "prompt_too_long": 2, "scoring_error": 1}
+    assert counts.acceptance_rate == round(2 / 3, 4)
+    assert set(counts.achieved_ratio) == {"0.9", "0.5"}
 
     # The committed run's errors output holds the compression error beside the others.
-    store.commit({"counts": counts})
+    store.commit({"counts": counts.model_dump(mode="json")})
     errors = read_table(store.config, DATASET, "errors")
     assert sorted(zip(errors["stage"].to_pylist(), errors["error"].to_pylist(), strict=True)) == [
         ("compress", "scoring_error"),
@@ -386,6 +386,7 @@ def test_the_dataset_card_lists_the_declared_stages():
 
     from tokenskip.config import PipelineConfig
     from tokenskip.dataset_card import dataset_card
+    from tokenskip.run_report import RunReport
 
     config = PipelineConfig.model_validate(
         {"dataset": "d", "sources": [{"path": "x.jsonl", "kind": "gsm8k"}], "engine": {"model": "m"}}
@@ -394,7 +395,7 @@ def test_the_dataset_card_lists_the_declared_stages():
         "input_rows": 1, "problems_to_generate": 1, "samples": 1, "kept_samples": 1, "kept_problems": 1,
         "acceptance_rate": 1.0, "rejects_by_reason": {}, "errors_by_reason": {}, "achieved_ratio": {},
     }  # fmt: skip
-    card = dataset_card(config, {"run_id": "r", "counts": counts})
+    card = dataset_card(config, RunReport.model_validate({"dataset": "d", "run_id": "r", "counts": counts}))
     tables = {m.group(1): m.group(2) for m in re.finditer(r"### (\w+): .*?\n(.*?)\n\n", card, re.S)}
     stage_lists = {
         kind: re.search(r"\| `stage` \| string \| [^:|]*: ([^|]*) \|", tables[kind]).group(1).split(", ")

@@ -64,7 +64,7 @@ def test_write_commit_read_back_through_manifest(config):
     rec0 = store.write_shard("0000", {"data": data_table(["a", "b"]), "rejects": reject_table(["x"])})
     rec1 = store.write_shard("0001", {"data": data_table(["c"]), "rejects": reject_table([])})
     assert rec0.files["data"].rows == 2 and rec0.files["data"].path == "data/part-0000.parquet"
-    assert set(store.committed_shards()) == {"0000", "0001"}
+    assert set(store.committed_shard_ids()) == {"0000", "0001"}
 
     gen_config = {"model": "tiny", "ratios": [0.9, 0.5]}
     manifest = store.commit({"config": gen_config, "model": "tiny", "counts": {"generate": 4}, "note": "hi"})
@@ -219,7 +219,7 @@ def test_retention_keeps_last_n_latest_and_pinned(config):
     fs.invalidate_cache()
     assert not fs.exists(f"{root}/{DATASET}/runs/r3/data/part-0000.parquet")
     # Uncommitted runs are never retention's business (they may still be in progress).
-    assert RunStore(config, DATASET, "r-wip").committed_shards().keys() == {"0000"}
+    assert {r.shard_id for r in RunStore(config, DATASET, "r-wip").iter_committed_shards()} == {"0000"}
 
     storage.unpin(config, DATASET, "r0")
     assert storage.pinned_runs(config, DATASET) == set()
@@ -415,4 +415,4 @@ def test_bad_input_is_refused_clearly(tmp_path):
         StorageConfig(root=str(tmp_path), retry=3)
     with pytest.raises(ValueError):
         storage.apply_retention(config, DATASET, keep_last=-1)
-    assert store.committed_shards() == {}
+    assert list(store.iter_committed_shards()) == []

@@ -137,7 +137,9 @@ def test_shard_summary_round_trips_through_the_marker(tmp_path):
     tables = {"data": data_table(0, 6)}
     summary = ShardSummary.from_tables(tables)
     record = store.write_shard("s-00", tables, summary=summary)
-    assert store.committed_shards()["s-00"].summary == summary.model_dump(mode="json") == record.summary
+    (committed,) = store.iter_committed_shards()
+    assert committed.shard_id == "s-00"
+    assert committed.summary == summary.model_dump(mode="json") == record.summary
     again = store.write_shard("s-00", tables)  # idempotent rewrite keeps the committed summary
     assert again.summary == record.summary
     with pytest.raises(TypeError):

@@ -247,39 +247,41 @@ def test_run_statistics_from_summaries_equals_the_table_computation(tmp_path, wi
     inputs["errors"] = inputs["errors"].filter(pa.compute.is_valid(inputs["errors"]["error"]))
     choose = {"all": lambda i: True, "none": lambda i: False, "mixed": lambda i: i % 2 == 0}[with_summary]
     store = _write_run(str(tmp_path), shards, inputs, choose)
-    markers = store.committed_shards()
+    markers = {r.shard_id: r for r in store.iter_committed_shards()}
     assert sum(m.summary is not None for m in markers.values()) == sum(choose(i) for i in range(-1, 9))
     plan = _plan(inputs, problems=9 * 6)
 
     counts = run_statistics(plan, store)
-    store.commit({"counts": counts})
+    store.commit({"counts": counts.model_dump(mode="json")})
     tables = {k: read_table(store.config, DATASET, k) for k in ("data", "rejects", "errors")}
     expected = old_run_statistics(plan, tables["data"], tables["rejects"], tables["errors"])
-    assert counts == expected
-    assert counts["kept_samples"] > 0 and counts["rejects_by_reason"] and counts["achieved_ratio"]
-    assert set(counts["errors_by_reason"]) >= {"invalid_json", "generate_error"}
+    assert counts.model_dump(mode="json") == expected
+    assert counts.kept_samples > 0 and counts.rejects_by_reason and counts.achieved_ratio
+    assert set(counts.errors_by_reason) >= {"invalid_json", "generate_error"}
 
 
 def test_reject_rows_by_reason_sums_to_the_rejects_table_dedup_included(tmp_path):
     """report.txt, `show` and the dataset card list every rejects row by reason: the dedup duplicate
     too (the demo's run listed 87 of its 88 rejects rows)."""
-    from tokenskip.pipeline import _summary_text
+    from tokenskip.run_report import RunReport
     from tokenskip.show import show_run
 
     inputs = input_tables()
     store = _write_run(str(tmp_path), [make_shard(0, seed=3)], inputs, lambda i: True)
     counts = run_statistics(_plan(inputs, problems=6), store)
-    store.commit({"counts": counts})
+    store.commit({"counts": counts.model_dump(mode="json")})
     rejects = read_table(store.config, DATASET, "rejects")
-    assert counts["dedup"]["duplicate"] > 0 and counts["reject_rows_by_reason"]["duplicate"] > 0
-    assert sum(counts["reject_rows_by_reason"].values()) == rejects.num_rows
+    assert counts.dedup["duplicate"] > 0 and counts.reject_rows_by_reason["duplicate"] > 0
+    assert sum(counts.reject_rows_by_reason.values()) == rejects.num_rows
     attempt = dict.fromkeys(
         ["shards_committed", "problems_generated", "tokens_generated", "wall_seconds", "tokens_per_second",
          "load_seconds", "dedup_seconds", "pipeline_seconds", "commit_seconds"], 0,
     )  # fmt: skip
-    text = _summary_text({"dataset": DATASET, "run_id": "r1", "counts": counts, "attempt": attempt})
-    assert f"  rejects           {counts['reject_rows_by_reason']}" in text
-    assert f"rejects by reason {counts['reject_rows_by_reason']}" in show_run(store.config, DATASET)
+    text = RunReport.model_validate(
+        {"dataset": DATASET, "run_id": "r1", "counts": counts, "attempt": attempt}
+    ).summary_text()
+    assert f"  rejects           {counts.reject_rows_by_reason}" in text
+    assert f"rejects by reason {counts.reject_rows_by_reason}" in show_run(store.config, DATASET)
 
 
 def test_marker_without_summary_field_still_parses_and_is_summarised_from_files(tmp_path):
@@ -290,7 +292,7 @@ def test_marker_without_summary_field_still_parses_and_is_summarised_from_files(
     record = json.loads(marker.read_text())
     del record["summary"]
     marker.write_text(json.dumps(record))
-    old = store.committed_shards()["s-0001"]
+    (old,) = [r for r in store.iter_committed_shards() if r.shard_id == "s-0001"]
     assert old.summary is None
     assert _rounded(summary_from_files(store, old).model_dump()) == _rounded(
         ShardSummary.from_tables(shards[1]).model_dump()

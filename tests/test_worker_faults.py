@@ -53,7 +53,7 @@ def test_a_worker_dying_after_a_shards_parts_redoes_that_shard(
     report = pipeline.run_pipeline(config, progress=False)
 
     assert token.exists(), "the failpoint never fired: no worker died mid-write"
-    assert report["committed"] is True and report["attempt"]["shards_committed"] == 3
+    assert report.committed is True and report.attempt.shards_committed == 3
     assert driver_writes == []  # every shard was written by a worker
     tables = {k: read_table(output, "tiny-arith", k) for k in ("data", "rejects", "errors")}
     keys = [key for t in tables.values() for key in t.column("key").to_pylist()]

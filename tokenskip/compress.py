@@ -32,11 +32,11 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tokenskip.fallback import batch_then_rows, error_text
 from tokenskip.grading import split_answer_tail
 from tokenskip.pruning import validate_ratios
 from tokenskip.schema import COMPRESS_STAGE, COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig, build_scorer
-from tokenskip.stages.fallback import batch_then_rows, error_text
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Compressor:
 
     def _prune_rows(self, reasonings: list[str]) -> list[dict[float, str] | Exception]:
         """Scorer output per row, or the exception that row failed with: one failing row must not
-        fail the others (:func:`tokenskip.stages.fallback.batch_then_rows`)."""
+        fail the others (:func:`tokenskip.fallback.batch_then_rows`)."""
         return batch_then_rows(
             lambda texts: self.scorer.prune(texts, self.config.ratios),
             reasonings,

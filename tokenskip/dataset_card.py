@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -18,6 +18,9 @@ from tokenskip.config import PipelineConfig
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.sources import SourceConfig
 from tokenskip.storage import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from tokenskip.run_report import RunReport
 
 # Published licences of the layouts tokenskip knows; a source's own ``license`` wins.
 KNOWN_LICENCES = {
@@ -90,13 +93,13 @@ def hf_datasets_snippet(root: str, dataset: str, run_id: str) -> list[str]:
     ]
 
 
-def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
+def dataset_card(config: PipelineConfig, report: RunReport) -> str:
     """The card's Markdown for a committed run's ``report`` (see :func:`tokenskip.pipeline.run_pipeline`)."""
-    counts = report["counts"]
+    counts = report.counts
     c = config
-    ratios = ", ".join(f"{k}: {v}" for k, v in (counts.get("achieved_ratio") or {}).items()) or "n/a"
+    ratios = ", ".join(f"{k}: {v}" for k, v in counts.achieved_ratio.items()) or "n/a"
     lines = [
-        f"# {c.dataset} / {report['run_id']}",
+        f"# {c.dataset} / {report.run_id}",
         "",
         (
             "Chain-of-thought data built by tokenskip: the model's own CoTs for each problem, graded against "
@@ -123,18 +126,18 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         ),
         f"- decontamination: {'on' if c.dedup.enabled and c.dedup.eval_sets else 'off'}"
         + (f" against {', '.join(s.name or s.kind for s in c.dedup.eval_sets)}" if c.dedup.eval_sets else ""),
-        f"- config hash `{report.get('config_hash', c.content_hash())}` (the full config is in `{MANIFEST_NAME}`)",
+        f"- config hash `{report.config_hash or c.content_hash()}` (the full config is in `{MANIFEST_NAME}`)",
         "",
         "## What came out",
         "",
-        f"- {counts['input_rows']} input rows"
-        + (f" ({counts['filtered_out']} filtered out by `sources[].where`)" if counts.get("filtered_out") else "")
-        + f", {counts['problems_to_generate']} problems, "
-        f"{counts['samples']} generated samples",
-        f"- kept: {counts['kept_samples']} samples from {counts['kept_problems']} problems "
-        f"(acceptance {counts['acceptance_rate']:.1%})",
-        f"- rejects: {counts.get('reject_rows_by_reason', counts['rejects_by_reason']) or 'none'}; "
-        f"errors: {counts['errors_by_reason'] or 'none'}",
+        f"- {counts.input_rows} input rows"
+        + (f" ({counts.filtered_out} filtered out by `sources[].where`)" if counts.filtered_out else "")
+        + f", {counts.problems_to_generate} problems, "
+        f"{counts.samples} generated samples",
+        f"- kept: {counts.kept_samples} samples from {counts.kept_problems} problems "
+        f"(acceptance {counts.acceptance_rate:.1%})",
+        f"- rejects: {counts.reject_rows or 'none'}; "
+        f"errors: {counts.errors_by_reason or 'none'}",
         f"- mean achieved ratio by target: {ratios}",
         "",
         "## Sources",
@@ -164,7 +167,7 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         "## Loading",
         "",
         "```python",
-        *loading_snippet(c.output.root, c.dataset, report["run_id"], c.output.storage_options),
+        *loading_snippet(c.output.root, c.dataset, report.run_id, c.output.storage_options),
         "```",
         "",
         "`tokenskip.storage.iter_batches` streams the parts one at a time and `read_dataset` gives a "
@@ -174,7 +177,7 @@ def dataset_card(config: PipelineConfig, report: dict[str, Any]) -> str:
         "sha256 checks tokenskip's readers make):",
         "",
         "```python",
-        *hf_datasets_snippet(c.output.root, c.dataset, report["run_id"]),
+        *hf_datasets_snippet(c.output.root, c.dataset, report.run_id),
         "```",
         "",
     ]

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenskip.stages.fallback import batch_then_rows, error_text
+from tokenskip.fallback import batch_then_rows, error_text
 
 log = logging.getLogger(__name__)
 

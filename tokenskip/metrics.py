@@ -26,9 +26,12 @@ import logging
 import math
 import threading
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from tokenskip.summary import RunCounts
 
 log = logging.getLogger(__name__)
 EVENT_LOGGER_NAME = "tokenskip.events"
@@ -191,11 +194,10 @@ class StageMetrics:
             "achieved_ratio", _check_float(achieved, "achieved ratio", lo=0.0), ratio=ratio_tag(target)
         )
 
-    def record_run_counts(self, counts: dict[str, Any]) -> None:
+    def record_run_counts(self, counts: RunCounts) -> None:
         """Set the gauges from ``run_statistics`` output (``acceptance_rate``, ``achieved_ratio``)."""
-        if counts.get("acceptance_rate") is not None:
-            self.set_acceptance_rate(counts["acceptance_rate"])
-        for target, achieved in (counts.get("achieved_ratio") or {}).items():
+        self.set_acceptance_rate(counts.acceptance_rate)
+        for target, achieved in counts.achieved_ratio.items():
             self.set_achieved_ratio(float(target), achieved)
 
     def totals(self) -> dict[str, Any]:

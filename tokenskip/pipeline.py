@@ -25,11 +25,10 @@ dataset with an empty one.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -50,17 +49,21 @@ from tokenskip.failpoints import failpoint
 from tokenskip.metrics import StageMetrics, log_stage_event
 from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
+from tokenskip.run_report import AttemptReport, RunReport
 from tokenskip.schema import ERROR_SCHEMA, PROBLEM_SCHEMA, REJECT_SCHEMA, config_hash
 from tokenskip.shutdown import GracefulStop, StopRequested
 from tokenskip.sources import load_source
 from tokenskip.stages import compress, generate, grade, write
+from tokenskip.stages.contract import ChainLink, StageContract, check_chain
 from tokenskip.stages.write import decode_rows, shards_stay_whole, write_shard_rows
 from tokenskip.storage import LockHeartbeat, NotLockOwner, RunStore, ShardRecord, holding, read_manifest
-from tokenskip.summary import EngineTotals, ShardSummary, run_counts, run_summary
+from tokenskip.summary import EngineTotals, RunCounts, ShardSummary, run_counts, run_summary
 
 log = logging.getLogger(__name__)
 
 INPUT_SHARD = "input"
+# What the run feeds its first stage: the shards' problem rows, each with its shard's id.
+SHARD_ROWS_SCHEMA = pa.schema([*PROBLEM_SCHEMA, pa.field("shard_id", pa.string())])
 # Passes in a row that may commit nothing because actors died under every task (a node lost as the
 # pass began, an engine killed twice) before the run fails with the actor's error.
 PASSES_WITHOUT_PROGRESS = 3
@@ -71,7 +74,7 @@ class RunStopped(RuntimeError):
     lease is released, the report of what is committed is written; re-running the same config
     resumes. ``report`` is that report."""
 
-    def __init__(self, signal_name: str, report: dict[str, Any]):
+    def __init__(self, signal_name: str, report: RunReport):
         super().__init__(f"stopped by {signal_name}")
         self.signal_name = signal_name
         self.report = report
@@ -82,7 +85,7 @@ class RunRefused(RuntimeError):
     caller's minimum): nothing was committed and LATEST did not move. ``report`` is the run report
     (also written next to the run's files)."""
 
-    def __init__(self, reason: str, report: dict[str, Any]):
+    def __init__(self, reason: str, report: RunReport):
         super().__init__(reason)
         self.reason = reason
         self.report = report
@@ -98,9 +101,10 @@ class Shard:
         return self.problems.num_rows
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What a run will do; printed by ``--dry-run``."""
+    """What a run will do; printed by ``--dry-run``. Nothing changes a plan once made: a run that
+    finds more shards committed works on a copy (``dataclasses.replace``)."""
 
     config: PipelineConfig
     run_id: str
@@ -109,7 +113,9 @@ class Plan:
     dedup_rejects: pa.Table
     problems: pa.Table
     shards: list[Shard]
-    committed: set[str] = field(default_factory=set)
+    # The run's stages in order, each with what it receives (checked by make_plan).
+    chain: list[ChainLink] = field(default_factory=list)
+    committed: frozenset[str] = frozenset()
     already_committed_run: bool = False
     load_seconds: float = 0.0
     dedup_seconds: float = 0.0
@@ -141,9 +147,10 @@ class Plan:
             generate.admission_plan(c),
             f"  grade      policy={c.selection.policy} cpus={r.grading_cpus} timeout={c.grading.timeout_s}s",
             _compress_line(c),
-            f"  write      {c.output.root}/{c.dataset}/runs/{self.run_id}/{{data,rejects,errors}}/part-<shard>.parquet "
-            f"cpus/task={r.write_cpus}",
+            f"  write      {RunStore(c.output, c.dataset, self.run_id).parts_url_pattern} cpus/task={r.write_cpus}",
             f"cluster: the stages hold {demand.cpus:g} CPUs and {demand.gpus:g} GPUs at once",
+            "stage chain (declared fields, checked before any engine starts):",
+            *(f"  {link.contract.name:<10} {link.describe()}" for link in self.chain),
         ]
         if not shards_stay_whole(r.shard_size, r.generation_batch_size):
             lines.append(
@@ -223,8 +230,17 @@ def resume_shards(store: RunStore, problems: pa.Table, shard_size: int, committe
     return kept_shards + shard_problems(rest, shard_size)
 
 
+def stage_chain() -> list[StageContract]:
+    """The declared contracts of the stages :func:`add_stages` wires, in the same order (without
+    compression, :func:`~tokenskip.stages.compress.keep_cots_whole` keeps the compress contract)."""
+    return [generate.CONTRACT, grade.CONTRACT, compress.CONTRACT, write.CONTRACT]
+
+
 def make_plan(config: PipelineConfig) -> Plan:
-    """Load, validate, deduplicate and shard the problems; look up what is already committed."""
+    """Check the stage chain; load, validate, deduplicate and shard the problems; look up what is
+    already committed. A stage that needs a field no earlier stage hands on is a
+    :class:`~tokenskip.stages.contract.StageChainError` here, before any input is read or engine started."""
+    chain = check_chain("the input shards", SHARD_ROWS_SCHEMA, stage_chain())
     run_id = config.resolved_run_id()
     started = time.perf_counter()
     problems, errors, filtered_out = [], [], 0
@@ -262,7 +278,8 @@ def make_plan(config: PipelineConfig) -> Plan:
         dedup_rejects=rejects,
         problems=kept,
         shards=shards,
-        committed=committed,
+        chain=chain,
+        committed=frozenset(committed),
         already_committed_run=committed_run,
         load_seconds=load_seconds,
         dedup_seconds=dedup_seconds,
@@ -339,7 +356,7 @@ def build_dry_run_graph(plan: Plan):
     return add_stages(_no_rows_dataset(), config, store, expected)
 
 
-def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = None) -> dict[str, Any]:
+def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = None) -> RunCounts:
     """Counts per stage over every committed shard of the run (earlier attempts included), from the
     merged shard summaries (``summary``, or :func:`tokenskip.summary.run_summary` of ``store``: the
     markers' summaries, computed from the parts for markers without one). Driver memory is O(shards)."""
@@ -358,51 +375,18 @@ def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = N
     )
 
 
-def _summary_text(report: dict[str, Any]) -> str:
-    s, a = report["counts"], report["attempt"]
-    lines = [
-        f"tokenskip run report: dataset {report['dataset']}, run {report['run_id']}",
-        f"  input rows        {s['input_rows']}  (load errors {s['load_errors']}, duplicates {s['dedup']['duplicate']}, "
-        f"contaminated {s['dedup']['contaminated']}"
-        + (f", filtered out by sources[].where {s['filtered_out']})" if s.get("filtered_out") else ")"),
-        f"  problems          {s['problems_to_generate']} generated x n -> {s['samples']} samples",
-        f"  kept              {s['kept_samples']} samples from {s['kept_problems']} problems "
-        f"(acceptance {s['acceptance_rate']:.1%} of graded samples)",
-        f"  rejects           {s.get('reject_rows_by_reason', s['rejects_by_reason'])}",
-        f"  errors            {s['errors_by_reason']}",
-        f"  achieved ratio    {s['achieved_ratio']}",
-        f"  this attempt      {a['shards_committed']} shards, {a['problems_generated']} problems, "
-        f"{a['tokens_generated']} tokens in {a['wall_seconds']:.1f}s ({a['tokens_per_second']:.1f} tok/s overall)",
-        f"  engine occupancy  {_occupancy_text(a)}",
-        f"  stage wall time   load {a['load_seconds']:.1f}s, dedup {a['dedup_seconds']:.1f}s, "
-        f"generate+grade+compress {a['pipeline_seconds']:.1f}s, commit {a['commit_seconds']:.1f}s",
-    ]
-    return "\n".join(lines)
-
-
-def _occupancy_text(attempt: dict[str, Any]) -> str:
-    occupancy = attempt.get("engine_occupancy")
-    if occupancy is None:
-        return "n/a (no generation in this attempt)"
-    return (
-        f"{occupancy:.2f} of max_num_seqs {attempt.get('engine_max_num_seqs')} "
-        f"({attempt.get('generation_admission')} admission, <= {attempt.get('generation_max_concurrent_batches')} "
-        "batches held per actor)"
-    )
-
-
 def _write_report(
-    config: PipelineConfig, store: RunStore, report: dict[str, Any], summary: ShardSummary | None = None
+    config: PipelineConfig, store: RunStore, report: RunReport, summary: ShardSummary | None = None
 ) -> None:
     """report.json, report.txt and report.html next to the manifest, through the store, and for a
     committed run its dataset card (README.md). ``summary``: the run's merged shard summary when the
     caller has it (else the report reads the markers)."""
     from tokenskip.report import write_html_report
 
-    store.write_file("report.json", json.dumps(report, indent=2, default=str).encode())
-    store.write_file("report.txt", (_summary_text(report) + "\n").encode())
+    store.write_file("report.json", report.to_json().encode())
+    store.write_file("report.txt", (report.summary_text() + "\n").encode())
     write_html_report(config, store, report, summary)
-    if report.get("committed"):
+    if report.committed:
         store.write_file("README.md", dataset_card(config, report).encode())
 
 
@@ -412,7 +396,7 @@ def run_pipeline(
     max_shards: int | None = None,
     progress: bool = True,
     plan: Plan | None = None,
-) -> dict[str, Any]:
+) -> RunReport:
     """Run (or resume) the job. Returns the run report.
 
     ``max_shards`` commits at most that many new shards in this attempt and returns without a
@@ -427,6 +411,8 @@ def run_pipeline(
     LATEST stays where it was, and the report says why.
     """
     wall_start = time.perf_counter()
+    if plan is not None and plan.config != config:
+        raise ValueError(f"run_pipeline: the plan of run {plan.run_id!r} was made from another config")
     plan = plan or make_plan(config)
     store = RunStore(config.output, config.dataset, plan.run_id)
     if plan.already_committed_run:
@@ -441,38 +427,37 @@ def run_pipeline(
             return _already_committed(config, plan)
         # Shards another writer committed since planning are not generated again.
         planned = {s.shard_id for s in plan.shards}
-        plan.committed |= set(store.committed_shards()) & planned
+        plan = replace(plan, committed=plan.committed | (set(store.committed_shard_ids()) & planned))
         return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress, stop)
 
 
-def _already_committed(config: PipelineConfig, plan: Plan) -> dict[str, Any]:
+def _already_committed(config: PipelineConfig, plan: Plan) -> RunReport:
     manifest = read_manifest(config.output, config.dataset, plan.run_id)
     log.info("run %s is already committed; nothing to do", plan.run_id)
-    return {
-        "dataset": config.dataset,
-        "run_id": plan.run_id,
-        "committed": True,
-        "counts": manifest.counts,
-        "resumed": False,
-    }
+    return RunReport(
+        dataset=config.dataset,
+        run_id=plan.run_id,
+        committed=True,
+        counts=RunCounts.model_validate(manifest.counts or {}),
+    )
 
 
-def publish_refusal(config: PipelineConfig, counts: dict[str, Any], min_kept_samples: int = 1) -> str | None:
+def publish_refusal(config: PipelineConfig, counts: RunCounts, min_kept_samples: int = 1) -> str | None:
     """Why a finished run must not be committed as a dataset (None: it may). A run that loaded no
     problem or kept no sample is almost always a mistake (wrong file, wrong columns, a grader or
     gold answers that reject everything); committing it would move LATEST to an empty dataset."""
-    kept = counts["kept_samples"]
+    kept = counts.kept_samples
     if kept == 0 and config.output.allow_empty:
         return None
-    if counts["samples"] == 0 and counts["problems_to_generate"] == 0:
-        errors = ", ".join(f"{k} {v}" for k, v in counts["errors_by_reason"].items()) or "none"
+    if counts.samples == 0 and counts.problems_to_generate == 0:
+        errors = ", ".join(f"{k} {v}" for k, v in counts.errors_by_reason.items()) or "none"
         return (
-            f"0 problems loaded from {counts['input_rows']} input rows (load errors: {errors}; "
-            f"duplicates {counts['dedup']['duplicate']}, contaminated {counts['dedup']['contaminated']})"
+            f"0 problems loaded from {counts.input_rows} input rows (load errors: {errors}; "
+            f"duplicates {counts.dedup.get('duplicate', 0)}, contaminated {counts.dedup.get('contaminated', 0)})"
         )
     if kept == 0:
-        rejects = ", ".join(f"{k} {v}" for k, v in counts["rejects_by_reason"].items()) or "none"
-        return f"0 kept samples of {counts['samples']} generated (rejects: {rejects})"
+        rejects = ", ".join(f"{k} {v}" for k, v in counts.rejects_by_reason.items()) or "none"
+        return f"0 kept samples of {counts.samples} generated (rejects: {rejects})"
     if kept < min_kept_samples:
         return f"{kept} kept samples, fewer than the {min_kept_samples} required"
     return None
@@ -487,7 +472,7 @@ def _run_leased(
     max_shards: int | None,
     progress: bool,
     stop: GracefulStop,
-) -> dict[str, Any]:
+) -> RunReport:
     # Input-stage outcomes are a shard of their own: idempotent, so re-running writes nothing new.
     input_tables = {
         "rejects": plan.dedup_rejects.cast(REJECT_SCHEMA),
@@ -522,55 +507,48 @@ def _run_leased(
     commit_start = time.perf_counter()
     counts_all = run_statistics(plan, store)
     StageMetrics().record_run_counts(counts_all)
-    log_stage_event("run", run_id=plan.run_id, **counts_all)
+    log_stage_event("run", run_id=plan.run_id, **counts_all.model_dump(mode="json"))
     stats.wall_seconds = time.perf_counter() - wall_start
-    attempt = {
-        "shards_committed": stats.shards_committed,
-        "shards_resumed": len(plan.committed & {s.shard_id for s in plan.shards}),
-        "problems_generated": stats.engine.problems_generated,
-        "samples_generated": stats.engine.samples_generated,
-        "tokens_generated": stats.engine.tokens_generated,
-        "tokens_per_second": stats.engine.tokens_generated / pipeline_seconds
-        if pipeline_seconds > 0
-        else 0.0,
-        "load_seconds": plan.load_seconds,
-        "dedup_seconds": plan.dedup_seconds,
-        "pipeline_seconds": pipeline_seconds,
-        "generation_seconds": stats.engine.generation_seconds,
-        "compression_seconds": stats.engine.compression_seconds,
-        # Mean running sequences / max_num_seqs over the generation engines' steps (None: no steps).
-        "engine_occupancy": None if stats.engine.occupancy is None else round(stats.engine.occupancy, 4),
-        "engine_max_num_seqs": stats.engine.engine_max_num_seqs or None,
-        "generation_max_concurrent_batches": config.resources.generation_max_concurrent_batches,
-        "generation_admission": config.resources.generation_admission.policy,
-        "wall_seconds": stats.wall_seconds,
-        "progress": stats.progress,
-    }
-    report: dict[str, Any] = {
-        "dataset": config.dataset,
-        "run_id": plan.run_id,
-        "model": config.engine.model,
-        "config_hash": config.content_hash(),
-        "counts": counts_all,
-        "attempt": attempt,
-        "committed": False,
-    }
+    attempt = AttemptReport(
+        shards_committed=stats.shards_committed,
+        shards_resumed=len(plan.committed & {s.shard_id for s in plan.shards}),
+        problems_generated=stats.engine.problems_generated,
+        samples_generated=stats.engine.samples_generated,
+        tokens_generated=stats.engine.tokens_generated,
+        tokens_per_second=stats.engine.tokens_generated / pipeline_seconds if pipeline_seconds > 0 else 0.0,
+        load_seconds=plan.load_seconds,
+        dedup_seconds=plan.dedup_seconds,
+        pipeline_seconds=pipeline_seconds,
+        generation_seconds=stats.engine.generation_seconds,
+        compression_seconds=stats.engine.compression_seconds,
+        engine_occupancy=None if stats.engine.occupancy is None else round(stats.engine.occupancy, 4),
+        engine_max_num_seqs=stats.engine.engine_max_num_seqs or None,
+        generation_max_concurrent_batches=config.resources.generation_max_concurrent_batches,
+        generation_admission=config.resources.generation_admission.policy,
+        wall_seconds=stats.wall_seconds,
+        progress=stats.progress,
+    )
+    report = RunReport(
+        dataset=config.dataset,
+        run_id=plan.run_id,
+        model=config.engine.model,
+        config_hash=config.content_hash(),
+        counts=counts_all,
+        attempt=attempt,
+    )
     if stopped:
         # Only what is committed is reported; the lease is released as run_pipeline returns.
-        attempt["commit_seconds"] = 0.0
-        report["stopped"] = stopped
-        report["pending_shards"] = len({s.shard_id for s in plan.shards} - set(store.committed_shard_ids()))
+        report.stopped = stopped
+        report.pending_shards = len({s.shard_id for s in plan.shards} - set(store.committed_shard_ids()))
         log_stage_event("stopped", run_id=plan.run_id, signal=stopped, shards_committed=stats.shards_committed)
         _write_report(config, store, report)
         raise RunStopped(stopped, report)
     if remaining:
-        attempt["commit_seconds"] = 0.0
-        report["pending_shards"] = len(remaining)
+        report.pending_shards = len(remaining)
         return report
     refusal = publish_refusal(config, counts_all, plan.min_kept_samples)
     if refusal:
-        attempt["commit_seconds"] = 0.0
-        report["refused"] = refusal
+        report.refused = refusal
         log_stage_event("refused", run_id=plan.run_id, reason=refusal)
         _write_report(config, store, report)
         raise RunRefused(refusal, report)
@@ -584,12 +562,12 @@ def _run_leased(
             "config": manifest_config,
             "config_hash": config.content_hash(),
             "model": config.engine.model,
-            "counts": counts_all,
+            "counts": counts_all.model_dump(mode="json"),
             "generation_hash": config.generation_hash(),
         }
     )
-    attempt["commit_seconds"] = time.perf_counter() - commit_start
-    report["committed"] = True
+    attempt.commit_seconds = time.perf_counter() - commit_start
+    report.committed = True
     _write_report(config, store, report)
     return report
 

@@ -65,6 +65,7 @@ from tokenskip.storage import (
     holding,
     latest_run_id,
     list_committed_runs,
+    part_shard,
     read_dataset_file,
     read_manifest,
     write_dataset_file,
@@ -271,14 +272,6 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], fields: Sequenc
 # Reading the previous version
 
 
-def _part_shard(kind: str, path: str) -> str:
-    """``data/part-<shard>.parquet`` -> ``<shard>`` (the layout RunStore.write_shard uses)."""
-    prefix, suffix = f"{kind}/part-", ".parquet"
-    if not (path.startswith(prefix) and path.endswith(suffix)):
-        raise ValueError(f"unexpected part path {path!r} for kind {kind!r}")
-    return path[len(prefix) : -len(suffix)]
-
-
 def _generated_mask(table: pa.Table) -> pa.Array:
     """True for rows of generated work (data rows; rejects/errors of a stage past the input stage)."""
     if "stage" not in table.column_names:
@@ -316,7 +309,7 @@ def carried_shards(
     by_shard: dict[str, dict[str, FileRecord]] = {}
     for kind, records in manifest.files.items():
         for record in records:
-            by_shard.setdefault(_part_shard(kind, record.path), {})[kind] = record
+            by_shard.setdefault(part_shard(kind, record.path), {})[kind] = record
     drop = pa.array(sorted(drop_problem_ids), pa.string())
     for shard_id in sorted(by_shard):
         if shard_id == INPUT_SHARD:
@@ -495,7 +488,7 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
         run_id=version,
         problems=new_problems.sort_by("id"),
         shards=shards,
-        committed=committed_shards,
+        committed=frozenset(committed_shards),
         already_committed_run=False,
     )
     return RefreshPlan(
@@ -618,21 +611,20 @@ def _refresh_locked(
         raise NotLockOwner(f"refresh lock lost before the pipeline started: {heartbeat.lost}")
 
     base_kept = rplan.base.rows.get("data", 0) if rplan.carries else 0
-    rplan.plan.min_kept_samples = max(1, math.ceil(config.min_kept_fraction * base_kept))
+    # Fewer kept samples than this fraction of the base's and the version is not published.
+    plan = replace(rplan.plan, min_kept_samples=max(1, math.ceil(config.min_kept_fraction * base_kept)))
     try:
-        report = run_pipeline(
-            pipeline, max_shards=config.max_shards, progress=config.progress, plan=rplan.plan
-        )
+        report = run_pipeline(pipeline, max_shards=config.max_shards, progress=config.progress, plan=plan)
     except RunRefused as refused:
         # Held back: the version's shards stay (a re-run with the same plan resumes and decides again).
         log.error("version %s not published: %s", rplan.version, refused.reason)
         out.update(status="refused", reason=refused.reason, pipeline=refused.report)
         return out
     out["pipeline"] = report
-    out["problems_generated"] = report.get("attempt", {}).get("problems_generated", 0)
-    if not report.get("committed"):
+    out["problems_generated"] = report.attempt.problems_generated if report.attempt else 0
+    if not report.committed:
         out["status"] = "pending"
-        out["pending_shards"] = report.get("pending_shards")
+        out["pending_shards"] = report.pending_shards
         return out
 
     out["status"] = "published"

@@ -15,7 +15,7 @@ record per shard, so its memory is O(shards), not O(rows):
     ShardSummary.from_tables(split_outcomes(rows), samples=rows)   # one shard, where it is written
     merge(summaries)                                               # any number of shards
     run_summary(store)                                             # a run's markers (files if old)
-    run_counts(summary, ...)                                       # pipeline.run_statistics' dict
+    run_counts(summary, ...)                                       # the run's RunCounts
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from tokenskip.schema import current_error_columns
 
@@ -518,6 +518,45 @@ def run_summary(store: RunStore) -> ShardSummary:
 # Run counts
 
 
+class RunCounts(BaseModel):
+    """The run's per-stage counts: the report's ``counts`` and the manifest's. Every field has a
+    default so that the counts of older runs (manifests, report.json) still read."""
+
+    input_rows: int = 0
+    load_errors: int = 0
+    # Input records the sources' `where` did not select; written only when some were (the counts of
+    # other runs stay as they were).
+    filtered_out: int = 0
+    # Dedup/decontamination rejects per reason (duplicate, contaminated).
+    dedup: dict[str, int] = Field(default_factory=dict)
+    problems_to_generate: int = 0
+    samples: int = 0
+    graded_samples: int = 0
+    kept_samples: int = 0
+    kept_problems: int = 0
+    # Grading's rejects only (dedup's are under `dedup`); reject_rows_by_reason has every row of the
+    # rejects table, so it sums to the manifest's rejects rows.
+    rejects_by_reason: dict[str, int] = Field(default_factory=dict)
+    reject_rows_by_reason: dict[str, int] = Field(default_factory=dict)
+    errors_by_reason: dict[str, int] = Field(default_factory=dict)
+    acceptance_rate: float = 0.0
+    mean_original_tokens: float | None = None
+    # Mean achieved ratio per target ratio ("0.5" -> 0.52), highest target first.
+    achieved_ratio: dict[str, float] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _omit_unfiltered(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if not self.filtered_out:
+            data.pop("filtered_out", None)
+        return data
+
+    @property
+    def reject_rows(self) -> dict[str, int]:
+        """Every rejects-table row per reason (counts written before that field: grading's)."""
+        return self.reject_rows_by_reason or self.rejects_by_reason
+
+
 def run_counts(
     summary: ShardSummary,
     *,
@@ -526,8 +565,8 @@ def run_counts(
     dedup_reasons: Mapping[str, int],
     problems_to_generate: int,
     filtered_out: int = 0,
-) -> dict[str, Any]:
-    """The run's per-stage counts (the dict :func:`tokenskip.pipeline.run_statistics` returns) from
+) -> RunCounts:
+    """The run's per-stage counts (what :func:`tokenskip.pipeline.run_statistics` returns) from
     the merged summary of every committed shard, input shard included, and the plan's input figures.
 
     ``load_errors``: rows the loaders refused (they are among the summary's errors, so sample errors
@@ -542,29 +581,24 @@ def run_counts(
     graded = kept + grade_rejects
     original = summary.distributions.original_tokens
     achieved = summary.distributions.achieved_ratio
-    return {
-        "input_rows": input_rows,
-        "load_errors": load_errors,
-        # Only when a source's `where` dropped records: the counts of other runs stay as they were.
-        **({"filtered_out": filtered_out} if filtered_out else {}),
-        "dedup": {k: dedup_reasons.get(k, 0) for k in DEDUP_REASONS},
-        "problems_to_generate": problems_to_generate,
-        "samples": samples,
-        "graded_samples": graded,
-        "kept_samples": kept,
-        "kept_problems": summary.kept_problems,
-        # Grading's rejects only (dedup's are under "dedup"); reject_rows_by_reason has every row of
-        # the rejects table, so it sums to the manifest's rejects rows.
-        "rejects_by_reason": dict(sorted((k, v) for k, v in reasons.items() if k not in DEDUP_REASONS)),
-        "reject_rows_by_reason": dict(sorted(reasons.items())),
-        "errors_by_reason": dict(sorted(error_reasons.items())),
-        "acceptance_rate": round(kept / graded, 4) if graded else 0.0,
-        "mean_original_tokens": round(original.total / original.count, 2)
-        if kept and original.count
-        else None,
-        "achieved_ratio": {
+    return RunCounts(
+        input_rows=input_rows,
+        load_errors=load_errors,
+        filtered_out=filtered_out,
+        dedup={k: dedup_reasons.get(k, 0) for k in DEDUP_REASONS},
+        problems_to_generate=problems_to_generate,
+        samples=samples,
+        graded_samples=graded,
+        kept_samples=kept,
+        kept_problems=summary.kept_problems,
+        rejects_by_reason=dict(sorted((k, v) for k, v in reasons.items() if k not in DEDUP_REASONS)),
+        reject_rows_by_reason=dict(sorted(reasons.items())),
+        errors_by_reason=dict(sorted(error_reasons.items())),
+        acceptance_rate=round(kept / graded, 4) if graded else 0.0,
+        mean_original_tokens=round(original.total / original.count, 2) if kept and original.count else None,
+        achieved_ratio={
             f"{float(k):g}": round(s.total / s.count, 4)
             for k, s in sorted(achieved.items(), key=lambda kv: -float(kv[0]))
             if s.count
         },
-    }
+    )

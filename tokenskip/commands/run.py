@@ -11,10 +11,14 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from tokenskip.commands import add_skip_model_check, one_line, positive_int
 from tokenskip.config import add_config_arguments
 from tokenskip.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from tokenskip.run_report import RunReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
         return ExitCode.REFUSED
     except RunStopped as stopped:
-        pending = stopped.report.get("pending_shards", 0)
+        pending = stopped.report.pending_shards or 0
         print(
             f"tokenskip run: stopped by {stopped.signal_name}: run {plan.run_id} has "
             f"{len(plan.shards) - pending} of {len(plan.shards)} shards committed, its lease is released "
@@ -75,26 +79,23 @@ def run_command(args: argparse.Namespace) -> int:
         if run_log is not None and store.local_dir() is None:
             _upload_log(store, run_log)
     print(_run_outcome(report))
-    if report.get("committed"):
+    if report.committed:
         print(_where_the_data_is(config, store))
     return ExitCode.OK
 
 
-def _run_outcome(report: dict) -> str:
+def _run_outcome(report: RunReport) -> str:
     """What the run did, for a person (the whole report is report.json in the run's folder)."""
-    from tokenskip.pipeline import _summary_text
-
-    if "attempt" not in report:  # the config's run was committed before: nothing was generated
-        counts = report.get("counts") or {}
+    if report.attempt is None:  # the config's run was committed before: nothing was generated
         return (
-            f"run {report['run_id']} of {report['dataset']} is already committed: nothing to do "
-            f"(kept {counts.get('kept_samples', 0)} samples from {counts.get('kept_problems', 0)} problems; "
+            f"run {report.run_id} of {report.dataset} is already committed: nothing to do "
+            f"(kept {report.counts.kept_samples} samples from {report.counts.kept_problems} problems; "
             "its report.json has the figures)"
         )
-    text = _summary_text(report)
-    if not report.get("committed"):
+    text = report.summary_text()
+    if not report.committed:
         text += (
-            f"\nrun {report['run_id']} not committed yet: {report.get('pending_shards', 0)} shards still to do "
+            f"\nrun {report.run_id} not committed yet: {report.pending_shards or 0} shards still to do "
             "(run the same command again to continue; committed shards are kept)"
         )
     return text

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tokenskip.summary import TOKEN_BIN_EDGES, Distributions, ShardSummary, ValueStats
+from tokenskip.run_report import AttemptReport, RunReport
+from tokenskip.summary import TOKEN_BIN_EDGES, Distributions, RunCounts, ShardSummary, ValueStats
 
 # At most this many bars per histogram: adjacent fixed bins are grouped (still fixed edges) to fit.
 MAX_BARS = 32
@@ -33,14 +34,6 @@ def as_float(value: Any, default: float = 0.0) -> float:
     except (TypeError, ValueError):
         return default
     return result if math.isfinite(result) else default
-
-
-def _get(mapping: Any, *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if not isinstance(mapping, dict) or key not in mapping:
-            return default
-        mapping = mapping[key]
-    return default if mapping is None else mapping
 
 
 def distributions(data: Any) -> Distributions | None:
@@ -115,25 +108,22 @@ class Funnel:
         return [bar for bar in losses if bar.value > 0]
 
 
-def funnel(counts: dict[str, Any]) -> Funnel:
-    def count(*keys: str) -> int:
-        return int(as_float(_get(counts, *keys, default=0)))
-
-    acceptance = counts.get("acceptance_rate")
+def funnel(counts: RunCounts) -> Funnel:
     return Funnel(
-        input_rows=count("input_rows"),
-        load_errors=count("load_errors"),
-        duplicate=count("dedup", "duplicate"),
-        contaminated=count("dedup", "contaminated"),
-        problems=count("problems_to_generate"),
-        samples=count("samples"),
-        graded=count("graded_samples"),
-        kept=count("kept_samples"),
-        kept_problems=count("kept_problems"),
-        rejects={str(k): int(as_float(v)) for k, v in (counts.get("rejects_by_reason") or {}).items()},
-        errors={str(k): int(as_float(v)) for k, v in (counts.get("errors_by_reason") or {}).items()},
-        acceptance=as_float(acceptance) if acceptance is not None else None,
-        filtered_out=count("filtered_out"),
+        input_rows=counts.input_rows,
+        load_errors=counts.load_errors,
+        duplicate=counts.dedup.get("duplicate", 0),
+        contaminated=counts.dedup.get("contaminated", 0),
+        problems=counts.problems_to_generate,
+        samples=counts.samples,
+        graded=counts.graded_samples,
+        kept=counts.kept_samples,
+        kept_problems=counts.kept_problems,
+        rejects=dict(counts.rejects_by_reason),
+        errors=dict(counts.errors_by_reason),
+        # None: a sparse report (an older run's) that does not say.
+        acceptance=counts.acceptance_rate if "acceptance_rate" in counts.model_fields_set else None,
+        filtered_out=counts.filtered_out,
     )
 
 
@@ -230,9 +220,9 @@ class RatioRow:
     saved: float | None = None  # fraction of the original CoTs' mean tokens pruning removed
 
 
-def ratio_rows(counts: dict[str, Any], dist: Distributions | None) -> list[RatioRow]:
+def ratio_rows(counts: RunCounts, dist: Distributions | None) -> list[RatioRow]:
     """Highest target first; from the distributions when there are data rows, else from
-    ``counts["achieved_ratio"]`` (means only)."""
+    ``counts.achieved_ratio`` (means only)."""
     rows: list[RatioRow] = []
     if dist is not None and not dist.empty:
         mean_original = dist.original_tokens.mean
@@ -245,7 +235,7 @@ def ratio_rows(counts: dict[str, Any], dist: Distributions | None) -> list[Ratio
             saved = 1 - mean_tokens / mean_original if mean_tokens is not None and mean_original else None
             rows.append(RatioRow(float(key), d.mean, d.median, d.p10, d.p90, d.n, mean_tokens, saved))
         return rows
-    for key, mean in (counts.get("achieved_ratio") or {}).items():
+    for key, mean in counts.achieved_ratio.items():
         try:
             target = float(key)
         except ValueError:
@@ -258,7 +248,7 @@ def ratio_rows(counts: dict[str, Any], dist: Distributions | None) -> list[Ratio
 # --------------------------------------------------------------------------------------------------
 # Throughput and cost
 
-# (label, attempt key) of the attempt's timings; the first four are wall-clock stages of the driver.
+# (label, AttemptReport field) of the attempt's timings; the first four are wall-clock stages of the driver.
 STAGE_TIMINGS = [
     ("load", "load_seconds"),
     ("dedup", "dedup_seconds"),
@@ -276,23 +266,20 @@ class Throughput:
     progress: list[tuple[float, float]]  # (seconds, tokens generated) from (0, 0); empty: no shard
     tokens_generated: float
     tokens_per_second: float
-    timings: list[tuple[str, float]]  # the STAGE_TIMINGS the attempt has
+    timings: list[tuple[str, float]]  # the STAGE_TIMINGS of the attempt (none without one)
     wall_stages: list[tuple[str, float]]  # the driver's wall-clock stages among them
 
 
-def throughput(attempt: dict[str, Any]) -> Throughput:
-    committed = [
-        (as_float(p.get("t")), as_float(p.get("tokens")))
-        for p in attempt.get("progress") or []
-        if isinstance(p, dict)
-    ]
-    present = [
-        (i, name, as_float(attempt[key])) for i, (name, key) in enumerate(STAGE_TIMINGS) if key in attempt
-    ]
+def throughput(attempt: AttemptReport | None) -> Throughput:
+    """The attempt's progress curve and timings (None: the run was committed before, nothing ran)."""
+    if attempt is None:
+        return Throughput(progress=[], tokens_generated=0.0, tokens_per_second=0.0, timings=[], wall_stages=[])
+    committed = [(as_float(p.get("t")), as_float(p.get("tokens"))) for p in attempt.progress]
+    present = [(i, name, as_float(getattr(attempt, key))) for i, (name, key) in enumerate(STAGE_TIMINGS)]
     return Throughput(
         progress=[(0.0, 0.0)] + sorted(committed) if committed else [],
-        tokens_generated=as_float(attempt.get("tokens_generated")),
-        tokens_per_second=as_float(attempt.get("tokens_per_second")),
+        tokens_generated=as_float(attempt.tokens_generated),
+        tokens_per_second=as_float(attempt.tokens_per_second),
         timings=[(name, seconds) for _, name, seconds in present],
         wall_stages=[(name, seconds) for i, name, seconds in present if i < _WALL_STAGES],
     )
@@ -306,16 +293,16 @@ def _pool_max(size: Any) -> float:
     return as_float(size, 1)
 
 
-def cost_figures(report: dict[str, Any], resources: Any = None) -> dict[str, Any]:
+def cost_figures(report: RunReport | dict[str, Any], resources: Any = None) -> dict[str, Any]:
     """GPU-hours (wall time x GPUs reserved), CPU-core-hours when no GPU is used, tokens per kept sample.
 
     ``resources`` is a :class:`tokenskip.config.ResourcesConfig` or its dict; without it the hardware
     figures are None. Tokens per accepted sample divides this attempt's tokens by the kept samples this
     attempt produced (scaled by samples generated / all samples when earlier attempts were resumed).
     """
-    attempt = report.get("attempt") or {}
-    counts = report.get("counts") or {}
-    wall = as_float(attempt.get("wall_seconds"))
+    report = RunReport.read(report)
+    attempt, counts = report.attempt or AttemptReport(), report.counts
+    wall = as_float(attempt.wall_seconds)
     res = resources.model_dump() if hasattr(resources, "model_dump") else (resources or None)
     gpus = cpus = None
     if res is not None:
@@ -326,10 +313,12 @@ def cost_figures(report: dict[str, Any], resources: Any = None) -> dict[str, Any
             + scorers * as_float(res.get("compression_cpus"), 0.5)
             + as_float(res.get("grading_cpus"), 0.25)
         )
-    tokens = as_float(attempt.get("tokens_generated"))
-    samples_all = as_float(counts.get("samples"))
-    samples_attempt = as_float(attempt.get("samples_generated"), samples_all)
-    kept_all = as_float(counts.get("kept_samples"))
+    tokens = as_float(attempt.tokens_generated)
+    samples_all = as_float(counts.samples)
+    # A report written before attempts counted their samples: all of the run's.
+    known = "samples_generated" in attempt.model_fields_set
+    samples_attempt = as_float(attempt.samples_generated) if known else samples_all
+    kept_all = as_float(counts.kept_samples)
     kept_attempt = kept_all * samples_attempt / samples_all if samples_all else 0.0
     return {
         "wall_hours": wall / 3600,

@@ -25,7 +25,8 @@ from tokenskip.examples import Example, Mark, read_examples
 from tokenskip.report import figures
 from tokenskip.report.charts import CHART_CLASS, GREY, hbar_chart, histogram_chart, line_chart, ratio_chart
 from tokenskip.report.formatting import esc, num, pct
-from tokenskip.summary import Distributions, ShardSummary, run_summary
+from tokenskip.run_report import AttemptReport, RunReport
+from tokenskip.summary import Distributions, RunCounts, ShardSummary, run_summary
 
 REPORT_HTML_NAME = "report.html"
 # Kept samples the report shows as examples (question, original CoT, every ratio's CoT).
@@ -129,7 +130,7 @@ def _edge_label(edge: int) -> str:
 # Sections
 
 
-def _funnel_section(counts: dict[str, Any]) -> str:
+def _funnel_section(counts: RunCounts) -> str:
     f = figures.funnel(counts)
     table_rows = [
         ("input rows", num(f.input_rows), f"load errors {num(f.load_errors)}"
@@ -186,7 +187,7 @@ def _lengths_section(dist: Distributions | None) -> str:
     return "\n".join(out)
 
 
-def _ratio_section(counts: dict[str, Any], dist: Distributions | None) -> str:
+def _ratio_section(counts: RunCounts, dist: Distributions | None) -> str:
     out = ["<h2>Achieved vs target ratio</h2>"]
     rows = figures.ratio_rows(counts, dist)
     if not rows:
@@ -214,7 +215,7 @@ def _ratio_section(counts: dict[str, Any], dist: Distributions | None) -> str:
     return "\n".join(out)
 
 
-def _throughput_section(attempt: dict[str, Any]) -> str:
+def _throughput_section(attempt: AttemptReport | None) -> str:
     out = ["<h2>Throughput</h2>"]
     t = figures.throughput(attempt)
     if t.progress:
@@ -240,7 +241,7 @@ def _throughput_section(attempt: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _cost_section(report: dict[str, Any], resources: Any) -> str:
+def _cost_section(report: RunReport, resources: Any) -> str:
     cost = figures.cost_figures(report, resources)
     rows: list[tuple[str, str]] = [("attempt wall time", f"{num(cost['wall_hours'] * 3600)} s")]
     if cost["gpus"] is None:
@@ -299,23 +300,23 @@ def _cot_column(head: str, text_html: str) -> str:
     return f'<div class="cot"><div class="head">{esc(head)}</div><div class="text">{text_html}</div></div>'
 
 
-def _cards(report: dict[str, Any], resources: Any) -> str:
-    counts, attempt = report.get("counts") or {}, report.get("attempt") or {}
+def _cards(report: RunReport, resources: Any) -> str:
+    counts = report.counts
     cost = figures.cost_figures(report, resources)
     hardware = (
         ("GPU-hours", f"{cost['gpu_hours']:.3f}")
         if cost["gpus"]
         else ("CPU-core-hours", f"{cost['cpu_core_hours']:.3f}" if cost["cpus"] is not None else "-")
     )
-    ratios = counts.get("achieved_ratio") or {}
-    acceptance = counts.get("acceptance_rate")
+    ratios = counts.achieved_ratio
     cards = [
-        ("input rows", num(counts.get("input_rows"))),
-        ("kept samples", num(counts.get("kept_samples"))),
-        ("acceptance", pct(figures.as_float(acceptance)) if "acceptance_rate" in counts else "-"),
-        ("mean original tokens", num(counts.get("mean_original_tokens"))),
-        ("ratios", ", ".join(f"{k}->{num(figures.as_float(v))}" for k, v in ratios.items()) or "-"),
-        ("tokens/s", num(figures.as_float(attempt.get("tokens_per_second")))),
+        ("input rows", num(counts.input_rows)),
+        ("kept samples", num(counts.kept_samples)),
+        # A sparse report (an older run's) may not have graded anything it says.
+        ("acceptance", pct(counts.acceptance_rate) if "acceptance_rate" in counts.model_fields_set else "-"),
+        ("mean original tokens", num(counts.mean_original_tokens)),
+        ("ratios", ", ".join(f"{k}->{num(v)}" for k, v in ratios.items()) or "-"),
+        ("tokens/s", num(report.attempt.tokens_per_second if report.attempt else 0.0)),
         hardware,
     ]
     return '<div class="cards">' + "".join(
@@ -328,7 +329,7 @@ def _cards(report: dict[str, Any], resources: Any) -> str:
 
 
 def render_html(
-    report: dict[str, Any],
+    report: RunReport | dict[str, Any],
     data: ShardSummary | Distributions | pa.Table | None = None,
     *,
     resources: Any = None,
@@ -336,39 +337,36 @@ def render_html(
 ) -> str:
     """The run report as one self-contained HTML page.
 
-    ``report``: the dict :func:`tokenskip.pipeline.run_pipeline` returns (missing sections are shown as
-    missing, not guessed). ``data``: the run's merged shard summary (or its distributions, or a data
+    ``report``: the :class:`~tokenskip.run_report.RunReport` :func:`tokenskip.pipeline.run_pipeline`
+    returns, or a ``report.json``'s parsed content (validated into one; a sparse report renders what
+    it has). ``data``: the run's merged shard summary (or its distributions, or a data
     table with ``original_tokens`` and ``compressions``) for the length and ratio distributions, or None
     to show the report's aggregate ratios only. ``resources``: the run's
     :class:`~tokenskip.config.ResourcesConfig` (or dict) for GPU/CPU-hour figures. ``examples``: kept
     samples to show (:func:`tokenskip.examples.read_examples`); None leaves the section out.
     """
-    if not isinstance(report, dict):
-        raise TypeError(f"report must be the run report dict, got {type(report).__name__}")
-    if not isinstance(report.get("counts"), dict):
-        raise ValueError("report has no 'counts' dict; pass the dict run_pipeline returns (report.json)")
+    report = RunReport.read(report)
     dist = figures.distributions(data)
-    counts, attempt = report["counts"], report.get("attempt") or {}
-    title = f"tokenskip run {report.get('dataset', '?')} / {report.get('run_id', '?')}"
+    title = f"tokenskip run {report.dataset} / {report.run_id}"
     meta = (
-        f"model {esc(report.get('model', '-'))} &middot; config {esc(report.get('config_hash', '-'))} &middot; "
-        f"{'committed' if report.get('committed') else 'not committed'}"
+        f"model {esc(report.model or '-')} &middot; config {esc(report.config_hash or '-')} &middot; "
+        f"{'committed' if report.committed else 'not committed'}"
     )
-    if report.get("pending_shards"):
-        meta += f" &middot; {esc(report['pending_shards'])} shards pending"
+    if report.pending_shards:
+        meta += f" &middot; {esc(report.pending_shards)} shards pending"
     sections = [
         _cards(report, resources),
-        _funnel_section(counts),
+        _funnel_section(report.counts),
         _lengths_section(dist),
-        _ratio_section(counts, dist),
-        _throughput_section(attempt),
+        _ratio_section(report.counts, dist),
+        _throughput_section(report.attempt),
         _cost_section(report, resources),
     ]
     if examples is not None:
         sections.append(_examples_section(examples))
     sections.append(
         "<h2>Raw report</h2><details><summary>report.json</summary><pre>"
-        + esc(json.dumps(report, indent=2, default=str, sort_keys=True))
+        + esc(json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=True))
         + "</pre></details>"
     )
     body = "\n".join(sections)
@@ -388,7 +386,7 @@ def render_html(
 def write_html_report(
     config: Any,
     store_or_run_dir: Any,
-    report: dict[str, Any],
+    report: RunReport | dict[str, Any],
     data: ShardSummary | Distributions | pa.Table | None = None,
     *,
     read_data: bool = True,
@@ -403,9 +401,10 @@ def write_html_report(
     None merges the run's shard summaries (the markers; parts only for markers without a summary): the
     data rows themselves are never all loaded.
     """
+    report = RunReport.read(report)
     store = _run_store(config, store_or_run_dir, report)
     shown = None
-    if read_data and report.get("committed"):
+    if read_data and report.committed:
         if data is None:
             data = run_summary(store)
         shown = read_examples(store.config, store.dataset, store.run_id, examples)
@@ -413,17 +412,17 @@ def write_html_report(
     return store.write_file(REPORT_HTML_NAME, page.encode("utf-8"))
 
 
-def _run_store(config: Any, store_or_run_dir: Any, report: dict[str, Any]):
+def _run_store(config: Any, store_or_run_dir: Any, report: RunReport):
     from tokenskip.storage import RunStore
 
     if isinstance(store_or_run_dir, RunStore):
         return store_or_run_dir
     if not isinstance(store_or_run_dir, str) or not store_or_run_dir:
         raise TypeError("store_or_run_dir must be a RunStore or a run folder path")
-    run_id = report.get("run_id")
+    run_id = report.run_id
     if not run_id:
         raise ValueError("report has no 'run_id': pass the run's RunStore instead of a folder")
-    store = RunStore(config.output, report.get("dataset") or config.dataset, run_id)
+    store = RunStore(config.output, report.dataset or config.dataset, run_id)
     if store.run_dir.rstrip("/") != store_or_run_dir.rstrip("/"):
         raise ValueError(
             f"run folder {store_or_run_dir!r} is not where {config.output.root!r} keeps run {run_id!r} "

@@ -7,7 +7,7 @@ rows with :data:`OUTPUT_FIELDS` appended, filled for the kept rows the stage com
 :class:`~tokenskip.config.ResourcesConfig` (:func:`map_batches_args`).
 
 The scoring itself is :class:`tokenskip.compress.Compressor` (score once, prune at every ratio),
-which already isolates a row its scorer fails on (:mod:`tokenskip.stages.fallback`) and reports it
+which already isolates a row its scorer fails on (:mod:`tokenskip.fallback`) and reports it
 as that row's ``error``/``error_detail``. Such a row becomes an error row here (status ``error``,
 ``stage`` = :data:`STAGE`, the compressor's ``error``/``error_detail``), and the write stage puts it
 in the run's errors; the other rows of its batch keep their compressions.
@@ -30,7 +30,7 @@ from tokenskip.grading import split_answer_tail
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import COMPRESS_STAGE, COMPRESSED_SCHEMA
 from tokenskip.stages import grade
-from tokenskip.stages.contract import check_fields
+from tokenskip.stages.contract import StageContract, check_fields
 
 if TYPE_CHECKING:
     from tokenskip.compress import CompressConfig
@@ -51,6 +51,9 @@ OUTPUT_FIELDS = [
 ]
 
 OUTPUT_SCHEMA = pa.schema(list(INPUT_SCHEMA) + OUTPUT_FIELDS)
+
+# keep_cots_whole (compression: null) has the same contract: the data schema does not change.
+CONTRACT = StageContract("compress", INPUT_SCHEMA, OUTPUT_SCHEMA)
 
 # Compressor output columns that the output rows take over unchanged (on success).
 _COMPRESSED_COLUMNS = ("reasoning", "answer_tail", "original_tokens", "compressions")

@@ -78,12 +78,13 @@ from tokenskip.progress import ProgressBoard, ProgressTally
 from tokenskip.progress import post as post_progress
 from tokenskip.prompts import render_prompt
 from tokenskip.schema import GENERATE_STAGE
-from tokenskip.stages.contract import check_fields
+from tokenskip.stages.contract import StageContract, check_fields
 
 if TYPE_CHECKING:
     from tokenskip.config import PipelineConfig, PoolSize
 
 __all__ = [
+    "CONTRACT",
     "INPUT_FIELDS",
     "OUTPUT_FIELDS",
     "SAMPLE_STRUCT",
@@ -126,6 +127,10 @@ OUTPUT_FIELDS = [
     pa.field("gen_engine_running_seqs", pa.float64()),
     pa.field("gen_engine_max_num_seqs", pa.int64()),
 ]
+
+
+# Checked for the run's whole chain at plan time (tokenskip.pipeline.stage_chain).
+CONTRACT = StageContract("generate", pa.schema(INPUT_FIELDS), pa.schema(OUTPUT_FIELDS), passes_through=True)
 
 
 def output_schema(input_schema: pa.Schema) -> pa.Schema:

@@ -33,7 +33,7 @@ from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.metrics import StageMetrics
 from tokenskip.schema import GRADE_STAGE, PROBLEM_SCHEMA, sample_key
 from tokenskip.stages import generate
-from tokenskip.stages.contract import RowCountMismatch, check_fields
+from tokenskip.stages.contract import RowCountMismatch, StageContract, check_fields
 
 if TYPE_CHECKING:
     from tokenskip.config import PipelineConfig
@@ -80,6 +80,8 @@ OUTPUT_SCHEMA = SAMPLE_ROW_SCHEMA = pa.schema(
         pa.field("error_detail", pa.string()),
     ]
 )
+
+CONTRACT = StageContract("grade", pa.schema(INPUT_FIELDS), OUTPUT_SCHEMA)
 
 
 def too_long(length: int | None, max_cot_tokens: int | None) -> bool:

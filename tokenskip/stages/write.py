@@ -36,7 +36,7 @@ from tokenskip.schema import (
     WRITE_STAGE,
 )
 from tokenskip.stages import compress
-from tokenskip.stages.contract import check_fields
+from tokenskip.stages.contract import StageContract, check_fields
 from tokenskip.storage import RunStore, ShardRecord
 from tokenskip.summary import ShardSummary
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from tokenskip.config import PipelineConfig
 
 __all__ = [
+    "CONTRACT",
     "INPUT_SCHEMA",
     "STAGE",
     "OUTPUT_SCHEMA",
@@ -68,6 +69,8 @@ OUTPUT_SCHEMA = WRITE_RESULT_SCHEMA = pa.schema(
         pa.field("rows", pa.binary(), metadata={"doc": "Arrow IPC of a partial shard's rows"}),
     ]
 )
+
+CONTRACT = StageContract("write", INPUT_SCHEMA, OUTPUT_SCHEMA)
 
 
 def shards_stay_whole(shard_size: int, generation_batch_size: int) -> bool:

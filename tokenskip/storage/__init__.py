@@ -58,7 +58,7 @@ from tokenskip.storage.errors import (
     ShardConflict,
     StorageError,
 )
-from tokenskip.storage.layout import KINDS, MANIFEST_NAME
+from tokenskip.storage.layout import KINDS, MANIFEST_NAME, part_shard
 from tokenskip.storage.lease import Lock, LockHeartbeat, LockInfo, default_owner, holding
 from tokenskip.storage.readers import (
     committed_files,
@@ -120,6 +120,7 @@ __all__ = [
     "list_committed_runs",
     "open_filesystem",
     "output_problem",
+    "part_shard",
     "pin",
     "pinned_runs",
     "read_dataset",

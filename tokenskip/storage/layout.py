@@ -25,7 +25,10 @@ LOGS_DIR = "logs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
 # Side files of a run (report.json, _refresh.json, ...): one path component, never a name the layout uses.
 _RUN_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]{0,199}$")
-_RESERVED_RUN_NAMES = frozenset({*KINDS, "_shards", MANIFEST_NAME, LOGS_DIR})
+# A run's shard commit markers: runs/<run_id>/_shards/<shard_id>.json.
+SHARDS_DIR = "_shards"
+_RESERVED_RUN_NAMES = frozenset({*KINDS, SHARDS_DIR, MANIFEST_NAME, LOGS_DIR})
+_PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
 
 
 def _check_name(value: str, what: str) -> str:
@@ -50,6 +53,34 @@ def _check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     return kind
+
+
+def part_path(kind: str, shard_id: str) -> str:
+    """A shard's part of ``kind``, relative to its run folder (what ``FileRecord.path`` holds):
+    ``<kind>/part-<shard_id>.parquet``. Deterministic, so a retried write replaces its own part."""
+    return posixpath.join(_check_kind(kind), f"{_PART_PREFIX}{_check_name(shard_id, 'shard id')}{_PART_SUFFIX}")
+
+
+def part_shard(kind: str, path: str) -> str:
+    """The shard id in a part path :func:`part_path` made (``data/part-<shard>.parquet`` -> ``<shard>``)."""
+    prefix = posixpath.join(_check_kind(kind), _PART_PREFIX)
+    if not (path.startswith(prefix) and path.endswith(_PART_SUFFIX)):
+        raise ValueError(f"unexpected part path {path!r} for kind {kind!r}")
+    return path[len(prefix) : -len(_PART_SUFFIX)]
+
+
+# What the parts of every shard of a run look like, for a plan to print.
+PARTS_PATTERN = posixpath.join("{" + ",".join(KINDS) + "}", f"{_PART_PREFIX}<shard>{_PART_SUFFIX}")
+
+
+def shards_dir(run_dir: str) -> str:
+    """The folder of a run's shard commit markers."""
+    return posixpath.join(run_dir, SHARDS_DIR)
+
+
+def marker_path(run_dir: str, shard_id: str) -> str:
+    """A shard's commit marker in its run folder."""
+    return posixpath.join(shards_dir(run_dir), f"{_check_name(shard_id, 'shard id')}.json")
 
 
 class _DatasetPaths:

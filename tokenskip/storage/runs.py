@@ -31,11 +31,15 @@ from tokenskip.storage.errors import (
 )
 from tokenskip.storage.layout import (
     LOGS_DIR,
+    PARTS_PATTERN,
     _check_kind,
     _check_name,
     _check_run_file,
     _DatasetPaths,
     _write_latest,
+    marker_path,
+    part_path,
+    shards_dir,
 )
 from tokenskip.storage.lease import Lock
 from tokenskip.storage.readers import _iter_file_batches, _project, _size_mismatch
@@ -64,7 +68,12 @@ class RunStore:
         return (RunStore, (self.config, self.dataset, self.run_id))
 
     def _marker_path(self, shard_id: str) -> str:
-        return posixpath.join(self.run_dir, "_shards", f"{shard_id}.json")
+        return marker_path(self.run_dir, shard_id)
+
+    @property
+    def parts_url_pattern(self) -> str:
+        """Where the run's shard parts go, as a plan prints it (``.../{data,rejects,errors}/part-<shard>.parquet``)."""
+        return posixpath.join(self.run_url, PARTS_PATTERN)
 
     def local_dir(self) -> Path | None:
         """The run folder as a local path when the output root is on this machine's filesystem (a log
@@ -171,7 +180,7 @@ class RunStore:
 
         files = {}
         for kind, data in encoded.items():
-            rel = f"{kind}/part-{shard_id}.parquet"
+            rel = part_path(kind, shard_id)
             self._backend.write(posixpath.join(self.run_dir, rel), data)
             files[kind] = FileRecord(
                 path=rel, rows=tables[kind].num_rows, size=len(data), sha256=_sha256(data)
@@ -244,25 +253,18 @@ class RunStore:
 
     def committed_shard_ids(self) -> list[str]:
         """Ids of the shards with a commit marker, from one listing (markers only appear complete)."""
-        folder = posixpath.join(self.run_dir, "_shards")
-        names = self._backend.list_names(folder)
+        names = self._backend.list_names(shards_dir(self.run_dir))
         return sorted(n.removesuffix(".json") for n in names if n.endswith(".json") and not n.startswith("."))
 
     def iter_committed_shards(self) -> Iterator[ShardRecord]:
         """Commit markers in shard-id order, read a chunk at a time: memory stays at one chunk of
         markers however many shards the run has. Lists ``_shards/``: for writers only."""
-        folder = posixpath.join(self.run_dir, "_shards")
         ids = self.committed_shard_ids()
         for start in range(0, len(ids), _MARKER_CHUNK):
-            paths = [posixpath.join(folder, f"{i}.json") for i in ids[start : start + _MARKER_CHUNK]]
+            paths = [marker_path(self.run_dir, i) for i in ids[start : start + _MARKER_CHUNK]]
             for data in self._backend.read_many(paths).values():
                 yield ShardRecord.model_validate_json(data)
 
-    def committed_shards(self) -> dict[str, ShardRecord]:
-        """Shards with a commit marker (for resume: skip these). Lists ``_shards/``, so it is for
-        writers only; readers use the manifest. Holds every marker at once: prefer
-        :meth:`committed_shard_ids` or :meth:`iter_committed_shards` on big runs."""
-        return {record.shard_id: record for record in self.iter_committed_shards()}
 
     def iter_part_batches(
         self,
