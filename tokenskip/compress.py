@@ -32,6 +32,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenskip.grading import split_answer_tail
+from tokenskip.models import ModelRef
 from tokenskip.pruning import validate_ratios
 from tokenskip.schema import COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig, build_scorer
@@ -56,7 +57,7 @@ class CompressConfig(BaseModel):
         default_factory=ScorerConfig,
         description="Token-importance scorer. llmlingua2 is TokenSkip's; selfinfo needs only a causal LM.",
     )
-    target_tokenizer: str | None = Field(
+    target_tokenizer: ModelRef | None = Field(
         default=None,
         description="HF id or folder of the model to be trained; its tokenizer counts original/compressed "
         "tokens (achieved ratios). None counts with the scorer model's tokenizer: fine for monitoring, "

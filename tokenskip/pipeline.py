@@ -730,13 +730,15 @@ def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[
     replaces Ray Data's own progress bars (Ray Data's setting, for this driver)."""
     import ray
 
+    from tokenskip.models import model_name
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     display = RunDisplay(
         total_shards=len(pending), total_samples=sum(expected.values()), board=ProgressBoard.start()
     )
     display.start()
     display.engine_starting(
-        model=config.engine.model,
+        model=model_name(config.engine.model),
         device=config.engine.planned_device(config.resources.generation_gpus),
         eager=config.engine.enforce_eager,
     )
