@@ -14,11 +14,11 @@ from tokenskip.evaluate import (
     SAMPLES_SCHEMA,
     TABLE_SCHEMA,
     EvaluateConfig,
-    fetch_adapter,
     format_table,
     load_evaluate_config,
     summarize,
 )
+from tokenskip.models import fetch_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,6 +178,11 @@ def test_example_config_and_dry_runs(capsys):
     assert json.loads(capsys.readouterr().out)["sampling"]["max_tokens"] == 9
 
 
+def fetch_adapter(adapter, storage_options=None, cache=None):
+    """An adapter as evaluate fetches it (the one fetch-to-cache helper, a peft folder required)."""
+    return fetch_folder(adapter, storage_options, cache=cache, required_file="adapter_config.json")
+
+
 def test_fetch_adapter_local_and_s3_cache(tmp_path, s3_bucket, monkeypatch):
     import s3fs
 
@@ -202,7 +207,8 @@ def test_fetch_adapter_local_and_s3_cache(tmp_path, s3_bucket, monkeypatch):
     fs.pipe(f"{bucket}/adapters/a1/adapter_config.json", b'{"r": 8}')
     second = Path(fetch_adapter(url, options, cache=cache))
     assert second != first and (second / "adapter_config.json").read_text() == '{"r": 8}'
-    assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, second.name])  # no temp leftovers
+    # no temp leftovers (each copy sits in its version's folder, under the adapter's own name)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.parent.name, second.parent.name])
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         fetch_adapter(f"s3://{bucket}/adapters/none", options, cache=cache)
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tokenskip.fallback import batch_then_rows, error_text
 from tokenskip.grading import split_answer_tail
+from tokenskip.models import ModelRef
 from tokenskip.pruning import validate_ratios
 from tokenskip.schema import COMPRESS_STAGE, COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig, build_scorer
@@ -57,7 +58,7 @@ class CompressConfig(BaseModel):
         default_factory=ScorerConfig,
         description="Token-importance scorer. llmlingua2 is TokenSkip's; selfinfo needs only a causal LM.",
     )
-    target_tokenizer: str | None = Field(
+    target_tokenizer: ModelRef | None = Field(
         default=None,
         description="HF id or folder of the model to be trained; its tokenizer counts original/compressed "
         "tokens (achieved ratios). None counts with the scorer model's tokenizer: fine for monitoring, "

@@ -29,6 +29,7 @@ from tokenskip.compress import CompressConfig
 from tokenskip.dedup import DedupConfig
 from tokenskip.engine import EngineConfig, SamplingConfig
 from tokenskip.grading import GradingConfig
+from tokenskip.models import model_name
 from tokenskip.prompts import INSTRUCTION
 from tokenskip.schema import config_hash
 from tokenskip.sources import SourceConfig
@@ -319,10 +320,11 @@ class PipelineConfig(BaseModel):
     )
 
     def generation_fingerprint(self) -> dict[str, Any]:
-        """What determines a generated sample: model, prompt and sampling (the key's config part)."""
+        """What determines a generated sample: model, prompt and sampling (the key's config part).
+        Models by their portable names (:func:`tokenskip.models.model_name`), as the config dumps them."""
         return {
-            "model": self.engine.model,
-            "tokenizer": self.engine.tokenizer,
+            "model": model_name(self.engine.model),
+            "tokenizer": None if self.engine.tokenizer is None else model_name(self.engine.tokenizer),
             "dtype": self.engine.dtype,
             "seed": self.engine.seed,
             "prompt": self.prompt.model_dump(),

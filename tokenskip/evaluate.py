@@ -32,14 +32,12 @@ before any generation) and last with ``"status": "complete"``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
 import math
 import os
 import posixpath
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -47,18 +45,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenskip.config import add_config_arguments
 from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_llm, generate_safe
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
+from tokenskip.models import cache_dir, fetch_folder, is_remote, model_name
 from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
 from tokenskip.sources import SourceConfig, load_source
+from tokenskip.storage import FileStore, StorageConfig
 from tokenskip.train.config import ReferencePoint
 
 log = logging.getLogger(__name__)
@@ -73,6 +71,7 @@ SOURCE_ERRORS_FILE = "source_errors.parquet"
 PASS_FILE = "pass_at_k.parquet"
 REFERENCE_FILE = "reference.yaml"
 SWEEP_FILE = "sweep.json"
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a peft adapter
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -287,63 +286,6 @@ def load_evaluate_config(path: str | os.PathLike, overrides: dict[str, Any] | No
     from tokenskip.config import load_config
 
     return load_config(EvaluateConfig, path, overrides)
-
-
-# --------------------------------------------------------------------------------------------------
-# Adapter
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def fetch_adapter(
-    adapter: str, storage_options: dict[str, Any] | None = None, cache: Path | None = None
-) -> str:
-    """A local folder holding ``adapter``: the path itself when local, else a cached copy.
-
-    Remote copies are keyed by the URL and every file's name, size and ETag/mtime, so a changed
-    adapter at the same URL is fetched again and an unchanged one never is. The copy is written to a
-    temporary folder and renamed, so a crash never leaves a half adapter that looks complete.
-    """
-    if not _is_remote(adapter):
-        local = Path(adapter.removeprefix("file://"))
-        if not (local / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json there (not a peft adapter)")
-        return str(local.resolve())  # vLLM resolves adapter paths itself: never hand it a relative one
-    fs, root = fsspec.core.url_to_fs(adapter, **(storage_options or {}))
-    root = root.rstrip("/")
-    files = fs.find(root, detail=True)
-    if not any(posixpath.basename(name) == "adapter_config.json" for name in files):
-        raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json there (not a peft adapter)")
-    listing = sorted(
-        (
-            posixpath.relpath(name, root),
-            info.get("size"),
-            str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")),
-        )
-        for name, info in files.items()
-    )
-    digest = hashlib.sha256(json.dumps([adapter, listing]).encode()).hexdigest()[:24]
-    if cache is None:
-        from tokenskip.models import cache_dir
-
-        cache = cache_dir() / "adapters"
-    target = cache / digest
-    if (target / "adapter_config.json").is_file():
-        return str(target)
-    tmp = cache / f"{digest}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for rel, _, _ in listing:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(posixpath.join(root, rel), str(tmp / rel))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process fetched the same content first
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("adapter %s cached at %s", adapter, target)
-    return str(target)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,9 +567,10 @@ def generate_samples(config: EvaluateConfig, problems: pa.Table, llm, adapter_pa
     )
 
 
-def _write(fs, path: str, data: bytes) -> None:
-    with fs.open(path, "wb") as f:
-        f.write(data)
+def _output_store(config: EvaluateConfig) -> FileStore:
+    """Where the outputs go: the storage layer's files (atomic where the store allows, retried on
+    throttling and 5xx)."""
+    return FileStore(StorageConfig(root=config.output, storage_options=config.storage_options))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -661,8 +604,6 @@ def run_evaluation(config: EvaluateConfig, *, llm=None) -> Evaluation:
     ``llm`` reuses an engine the caller already built (it must have been built from ``config.engine``,
     with LoRA enabled when an adapter is set); None builds one.
     """
-    from tokenskip.models import resolve_model
-
     if config.sweep is not None:
         raise ValueError("this config sweeps checkpoints: run it with run_sweep")
     started = time.time()
@@ -679,23 +620,25 @@ def run_evaluation(config: EvaluateConfig, *, llm=None) -> Evaluation:
         raise ValueError(
             "an adapter needs engine.enable_lora: true (and max_lora_rank >= the adapter's rank)"
         )
-    fs, root = fsspec.core.url_to_fs(config.output, **config.storage_options)
-    root = root.rstrip("/") or "/"
-    if isinstance(fs, LocalFileSystem):  # object stores need no folders (and makedirs would create buckets)
-        fs.makedirs(root, exist_ok=True)
+    out = _output_store(config)
     # Storage options may carry credentials: never written out.
     config_json = config.model_dump(
         mode="json",
         exclude={"storage_options": True, "adapter_storage_options": True, "source": {"storage_options"}},
     )
     # A placeholder report first: a wrong URL or missing credentials fail now, not after generation.
-    report_path = posixpath.join(root, REPORT_FILE)
-    _write(fs, report_path, json.dumps({"status": "running", "config": config_json}, indent=2).encode())
+    out.write(REPORT_FILE, json.dumps({"status": "running", "config": config_json}, indent=2).encode())
 
-    adapter_path = fetch_adapter(config.adapter, config.adapter_storage_options) if config.adapter else None
+    adapter_path = None
+    if config.adapter:  # a peft folder; a remote one is copied into the local cache (again when it changed)
+        adapter_path = fetch_folder(
+            config.adapter,
+            config.adapter_storage_options,
+            cache=cache_dir() / "adapters",
+            required_file=ADAPTER_CONFIG,
+        )
     if llm is None:
-        engine = config.engine.model_copy(update={"model": resolve_model(config.engine.model)})
-        llm = create_llm(engine)
+        llm = create_llm(config.engine)
     generation_started = time.time()
     samples = generate_samples(config, problems, llm, adapter_path)
     generation_s = time.time() - generation_started
@@ -705,7 +648,7 @@ def run_evaluation(config: EvaluateConfig, *, llm=None) -> Evaluation:
 
     report = {
         "status": "complete",
-        "model": config.engine.model,
+        "model": model_name(config.engine.model),
         "adapter": config.adapter,
         "source": config.source.path,
         "problems": problems.num_rows,
@@ -718,26 +661,25 @@ def run_evaluation(config: EvaluateConfig, *, llm=None) -> Evaluation:
         "reference": {f"{config.reference}_reference": reference.model_dump()} if reference else None,
         "config": config_json,
     }
-    _write(fs, posixpath.join(root, SAMPLES_FILE), _parquet_bytes(samples))
+    out.write(SAMPLES_FILE, _parquet_bytes(samples))
     if source_errors.num_rows:
-        _write(fs, posixpath.join(root, SOURCE_ERRORS_FILE), _parquet_bytes(source_errors))
-    _write(fs, posixpath.join(root, TABLE_FILE), _parquet_bytes(table))
-    _write(fs, posixpath.join(root, PASS_FILE), _parquet_bytes(passes))
+        out.write(SOURCE_ERRORS_FILE, _parquet_bytes(source_errors))
+    out.write(TABLE_FILE, _parquet_bytes(table))
+    out.write(PASS_FILE, _parquet_bytes(passes))
     if reference is not None:
         block = reference_yaml(
             config.reference, reference, measured_on=_measured_on(config, problems.num_rows)
         )
-        _write(fs, posixpath.join(root, REFERENCE_FILE), block.encode())
+        out.write(REFERENCE_FILE, block.encode())
     title = os.path.basename(config.engine.model.rstrip("/")) + (" + adapter" if config.adapter else "")
-    _write(fs, posixpath.join(root, PLOT_FILE), plot_accuracy_vs_tokens(table, title))
-    _write(
-        fs, report_path, json.dumps(report, indent=2).encode()
-    )  # last: "complete" means every file is there
+    out.write(PLOT_FILE, plot_accuracy_vs_tokens(table, title))
+    # Last: "complete" means every file is there.
+    out.write(REPORT_FILE, json.dumps(report, indent=2).encode())
     return Evaluation(output=config.output, table=table, pass_at_k=passes, reference=reference)
 
 
 def _measured_on(config: EvaluateConfig, problems: int) -> str:
-    model = config.engine.model + (f" + {config.adapter}" if config.adapter else "")
+    model = model_name(config.engine.model) + (f" + {config.adapter}" if config.adapter else "")
     s = config.sampling
     return (
         f"{model} on {config.source.path} ({problems} problems x n={s.n}, T={s.temperature}, "
@@ -808,9 +750,9 @@ def pick_checkpoint(
 
 def checkpoint_kind(checkpoint: str) -> Literal["adapter", "model"]:
     """``model`` for a local folder holding a full model (config.json, no adapter_config.json);
-    ``adapter`` otherwise (a peft folder, local or remote: :func:`fetch_adapter` checks it)."""
+    ``adapter`` otherwise (a peft folder, local or remote: its evaluation checks it)."""
     local = Path(checkpoint.removeprefix("file://"))
-    if not _is_remote(checkpoint) and local.is_dir() and not (local / "adapter_config.json").exists():
+    if not is_remote(checkpoint) and local.is_dir() and not (local / ADAPTER_CONFIG).exists():
         if (local / "config.json").is_file():
             return "model"
     return "adapter"
@@ -825,8 +767,6 @@ def run_sweep(config: EvaluateConfig, *, llm=None) -> SweepResult:
     """Evaluate every checkpoint of ``config.sweep`` (each under ``output/<NN>-<name>/``, as a whole
     evaluation) and pick the best (:func:`pick_checkpoint`); the result is written to
     ``output/sweep.json``. Adapters share one engine (``llm``, or one built here)."""
-    from tokenskip.models import resolve_model
-
     sweep = config.sweep
     if sweep is None:
         raise ValueError("the config has no sweep section")
@@ -836,7 +776,7 @@ def run_sweep(config: EvaluateConfig, *, llm=None) -> SweepResult:
             raise ValueError(
                 "adapter checkpoints need engine.enable_lora: true (and max_lora_rank >= their rank)"
             )
-        llm = create_llm(config.engine.model_copy(update={"model": resolve_model(config.engine.model)}))
+        llm = create_llm(config.engine)
     scores = []
     base = config.model_copy(update={"sweep": None})
     for index, (checkpoint, kind) in enumerate(zip(sweep.checkpoints, kinds, strict=True)):
@@ -854,8 +794,7 @@ def run_sweep(config: EvaluateConfig, *, llm=None) -> SweepResult:
             )
         )
     result = pick_checkpoint(scores, ratio=sweep.ratio, token_budget=sweep.token_budget)
-    fs, root = fsspec.core.url_to_fs(config.output, **config.storage_options)
-    _write(fs, posixpath.join(root.rstrip("/") or "/", SWEEP_FILE), result.model_dump_json(indent=2).encode())
+    _output_store(config).write(SWEEP_FILE, result.model_dump_json(indent=2).encode())
     return result
 
 

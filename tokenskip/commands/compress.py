@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from tokenskip.compress import CompressConfig, compress_file
     from tokenskip.console import place_log
-    from tokenskip.models import model_problem, resolve_model
+    from tokenskip.models import model_problem
     from tokenskip.preflight import UserError
     from tokenskip.scoring import ScorerConfig
 
@@ -52,9 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
     problems = [p for m in sorted(models) if (p := model_problem(m)) is not None]
     if problems:
         raise UserError("; ".join(problems))
-    # The embedded model name (smollm2-135m-instruct) becomes its local folder, as in `run`.
-    scorer = scorer.model_copy(update={"model": resolve_model(scorer.model)})
-    config = CompressConfig(ratios=ratios, scorer=scorer, target_tokenizer=resolve_model(target))
+    config = CompressConfig(ratios=ratios, scorer=scorer, target_tokenizer=target)
     place_log(args.run_log, _parent(args.output))
     summary = compress_file(args.input, args.output, config, cot_column=args.cot_field)
     print(json.dumps(summary, indent=2, default=str))

@@ -16,10 +16,7 @@ What pruning never drops (``force_tokens``, ``force_digits``, ``drop_consecutive
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenskip.models import ModelRef, fetch_folder
 from tokenskip.pruning import ScoredChunk, keep_mask, reduce_rate_for, validate_ratios
 
 DEFAULT_LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
@@ -76,11 +74,11 @@ class ScorerConfig(BaseModel):
         "model). selfinfo: surprisal under a causal LM (any LM works; slower per token, less faithful "
         "to TokenSkip).",
     )
-    model: str = Field(
+    model: ModelRef = Field(
         DEFAULT_LLMLINGUA2_MODEL,
         description="HF id, local folder or s3:// folder of the scoring model. s3:// folders are copied "
-        "to cache_dir first. For llmlingua2 the folder name decides llmlingua's word rules when "
-        "word_convention is auto, so keep the original model name in it.",
+        "to cache_dir first (again when they changed). For llmlingua2 the folder name decides "
+        "llmlingua's word rules when word_convention is auto, so keep the original model name in it.",
     )
     batch_size: int = Field(
         32,
@@ -146,13 +144,18 @@ class ScorerConfig(BaseModel):
         default_factory=lambda: os.environ.get(
             "TOKENSKIP_MODEL_CACHE", str(Path.home() / ".cache" / "tokenskip" / "models")
         ),
-        description="Local folder where s3:// models are copied (reused on the next start).",
+        description="Local folder where s3:// models are copied (reused while the remote folder is "
+        "unchanged; a changed one is copied again).",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for s3:// models, e.g. {'endpoint_url': ...}. Empty = the "
         "environment's credentials and endpoint.",
     )
+
+    def local_model(self) -> str:
+        """The model as a local folder or hub id, fetched into ``cache_dir`` first when remote."""
+        return fetch_folder(self.model, self.storage_options, cache=Path(self.cache_dir))
 
     def resolve_forcing(self, target_model: str | None) -> ScorerConfig:
         """This config with every ``auto`` forcing field set from :func:`tokenskip_forcing` of
@@ -230,47 +233,6 @@ class Scorer(ABC):
         return out  # type: ignore[return-value]
 
 
-def resolve_model_path(model: str, cache_dir: str, storage_options: dict[str, Any] | None = None) -> str:
-    """``model`` unchanged, unless it is a remote fsspec URL (s3://...): then a local copy's folder.
-
-    The copy keeps the remote folder's last path component as its name (llmlingua's rules read the
-    name) under a hash of the URL, and is reused when complete.
-    """
-    if "://" not in model or model.startswith("file://"):
-        return model.removeprefix("file://")
-    import fsspec
-
-    url = model.rstrip("/")
-    target = Path(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rsplit("/", 1)[-1]
-    done = target / ".complete"
-    if done.exists():
-        return str(target)
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    files = [f for f in fs.find(root) if not f.endswith("/")]
-    if not files:
-        raise FileNotFoundError(f"no model files under {model}")
-    # Copy into a private folder and rename it into place, so concurrent workers (Ray actors on one
-    # node) never load a half-copied model.
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=_mkdir(target.parent)))
-    for remote in files:
-        local = staging / os.path.relpath(remote, root)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(remote, str(local))
-    (staging / ".complete").touch()
-    try:
-        staging.rename(target)
-    except OSError as e:  # another worker finished first: use its copy
-        shutil.rmtree(staging, ignore_errors=True)
-        if not done.exists():
-            raise RuntimeError(f"{target} exists but is not a complete copy of {model}; delete it") from e
-    return str(target)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def build_scorer(config: ScorerConfig) -> Scorer:
     """The scorer ``config`` describes (loads its model)."""
     if config.kind == "llmlingua2":
@@ -295,5 +257,4 @@ __all__ = [
     "Scorer",
     "ScorerConfig",
     "build_scorer",
-    "resolve_model_path",
 ]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenskip.pruning import ScoredChunk, word_ids
-from tokenskip.scoring import Scorer, ScorerConfig, resolve_model_path
+from tokenskip.scoring import Scorer, ScorerConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class LLMLingua2Scorer(Scorer):
         config = self.config  # forcing resolved (no "auto" left)
         if len(config.force_tokens) > MAX_FORCE_TOKENS:
             raise ValueError(f"at most {MAX_FORCE_TOKENS} force_tokens, got {len(config.force_tokens)}")
-        self.model_path = resolve_model_path(config.model, config.cache_dir, config.storage_options)
+        self.model_path = config.local_model()
         # llmlingua tests substrings of the name it was given; a local copy keeps the remote name.
         self.model_name = config.model if "://" not in config.model else Path(self.model_path).name
         self.device = torch.device(config.device)

@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from tokenskip.pruning import ScoredChunk, word_ids
-from tokenskip.scoring import Scorer, ScorerConfig, resolve_model_path
+from tokenskip.scoring import Scorer, ScorerConfig
 
 # A word: letters/digits, joined across inner . , ' (so "0.2", "1,000" and "don't" stay whole), or one
 # punctuation mark.
@@ -36,7 +36,7 @@ class SelfInfoScorer(Scorer):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_path = resolve_model_path(config.model, config.cache_dir, config.storage_options)
+        self.model_path = config.local_model()
         self.device = torch.device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if not getattr(self.tokenizer, "is_fast", False):

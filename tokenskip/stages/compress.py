@@ -71,7 +71,6 @@ class CompressKeptStage:
         batch_size: int = 32,
     ):
         from tokenskip.compress import Compressor
-        from tokenskip.models import resolve_model
         from tokenskip.torch_thread import TorchThread
 
         if batch_size < 1:
@@ -80,12 +79,6 @@ class CompressKeptStage:
         self.batch_size = batch_size
         # The scoring model is loaded and run on one thread of ours (see tokenskip.torch_thread).
         self.torch_thread = TorchThread(omp_threads, cpus, name="scorer")
-        scorer = compression.scorer.model_copy(update={"model": resolve_model(compression.scorer.model)})
-        compression = compression.model_copy(
-            update={"scorer": scorer, "target_tokenizer": resolve_model(compression.target_tokenizer)}
-            if compression.target_tokenizer
-            else {"scorer": scorer}
-        )
         self.compressor = self.torch_thread.run(Compressor, compression)
         self.metrics = StageMetrics()
 

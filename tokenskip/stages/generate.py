@@ -73,7 +73,6 @@ from tokenskip.engine import (
     create_async_llm,
 )
 from tokenskip.metrics import StageMetrics
-from tokenskip.models import resolve_model
 from tokenskip.progress import ProgressBoard, ProgressTally
 from tokenskip.progress import post as post_progress
 from tokenskip.prompts import render_prompt
@@ -174,7 +173,7 @@ class GenerateStage:
             raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
         # Inherited by the engine-core process (Ray sets 1 for fractional-CPU actors).
         os.environ["OMP_NUM_THREADS"] = str(omp_threads or max(1, round(cpus)))
-        self.engine_config = engine.model_copy(update={"model": resolve_model(engine.model)})
+        self.engine_config = engine  # its model resolved when the config was loaded (ModelRef)
         self.sampling = sampling
         self.prompt = prompt
         self.max_concurrent_batches = max_concurrent_batches

@@ -220,13 +220,14 @@ class GradeSelectStage:
 def map_batches_args(config: PipelineConfig) -> dict[str, Any]:
     """``Dataset.map_batches`` arguments that run this stage as ``config`` says."""
     from tokenskip.config import PoolSize
+    from tokenskip.models import model_name
 
     return {
         "fn": GradeSelectStage,
         "fn_constructor_kwargs": {
             "grading": config.grading,
             "policy": config.selection.policy,
-            "model": config.engine.model,
+            "model": model_name(config.engine.model),
             "generation_hash": config.generation_hash(),
             "n_samples": config.sampling.n,
             "max_cot_tokens": config.selection.max_cot_tokens,

@@ -30,6 +30,8 @@ The package, one job a module:
 - :mod:`~tokenskip.storage.readers`: the readers of committed runs.
 - :mod:`~tokenskip.storage.dataset`: LATEST moves, dataset state files, root and dataset checks.
 - :mod:`~tokenskip.storage.retention`: pins and :func:`apply_retention`.
+- :mod:`~tokenskip.storage.files`: :class:`FileStore`, plain files outside runs (evaluation outputs,
+  model and adapter folders fetched into a local cache).
 - :mod:`~tokenskip.storage.lease`: :class:`Lock`, :class:`LockHeartbeat` and :func:`holding` (a lock held
   for the length of a piece of work).
 
@@ -58,6 +60,7 @@ from tokenskip.storage.errors import (
     ShardConflict,
     StorageError,
 )
+from tokenskip.storage.files import FileStore, StoredFile
 from tokenskip.storage.layout import KINDS, MANIFEST_NAME, part_shard
 from tokenskip.storage.lease import Lock, LockHeartbeat, LockInfo, default_owner, holding
 from tokenskip.storage.readers import (
@@ -92,6 +95,7 @@ __all__ = [
     "CommitConflict",
     "DuplicateKeys",
     "FileRecord",
+    "FileStore",
     "IntegrityError",
     "Lock",
     "LockHeartbeat",
@@ -109,6 +113,7 @@ __all__ = [
     "ShardRecord",
     "StorageConfig",
     "StorageError",
+    "StoredFile",
     "apply_retention",
     "code_version",
     "committed_files",

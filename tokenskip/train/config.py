@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenskip.engine import EngineConfig, SamplingConfig
+from tokenskip.models import ModelRef
 from tokenskip.sft import SFTMixConfig
 
 
@@ -343,8 +344,8 @@ class TrainConfig(_Strict):
     name: str = Field(
         default="tokenskip-sft", description="Run name: the folder under checkpoint.storage_path."
     )
-    model: str = Field(description="HF id or local folder of the base causal LM.")
-    tokenizer: str | None = Field(default=None, description="Tokenizer if it differs from the model.")
+    model: ModelRef = Field(description="HF id or local folder of the base causal LM.")
+    tokenizer: ModelRef | None = Field(default=None, description="Tokenizer if it differs from the model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16",
         description="Compute dtype of the forward/backward: bfloat16 on GPUs (TokenSkip, TL;DR: bf16); float32 "

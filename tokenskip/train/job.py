@@ -222,10 +222,7 @@ def run_training(config: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     ``progress``: show the live step display (step / total, loss, tokens/s, ETA; a line every
     ``log_every`` steps when not a TTY), fed through a progress board rank 0 posts to."""
-    from tokenskip.models import resolve_model
-
-    # Resolve aliases (the embedded demo model) once here, not concurrently in every worker.
-    config = resolve_paths(config.model_copy(update={"model": resolve_model(config.model)}))
+    config = resolve_paths(config)
     check_sources(config)
     if not progress:
         with _dev_results_board(config) as dev_results:
