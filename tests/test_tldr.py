@@ -210,7 +210,7 @@ def _build_pool(model: Path, problems_path: Path, storage_root: Path, dataset: s
         resources=tiny_resources(shard_size=POOL_PROBLEMS),  # one shard: one generation pass
         **sections,
     )
-    assert run_pipeline(config, progress=False)["committed"] is True
+    assert run_pipeline(config, progress=False).committed is True
     return read_table(output, dataset, "data")
 
 
