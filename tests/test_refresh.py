@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 import tokenskip.refresh as refresh_module
 from ray_jobs.refresh import main as refresh_job
-from tests.tiny_pipeline import DATASET, tiny_pipeline_data, tiny_source, write_problems
+from tests.tiny_pipeline import DATASET, tiny_pipeline_config, tiny_pipeline_data, tiny_source, write_problems
 from tokenskip.exit_codes import ExitCode
+from tokenskip.pipeline import PlanInputs, load_input, make_plan
 from tokenskip.refresh import (
     IncompatibleBase,
     RefreshConfig,
@@ -344,6 +345,41 @@ def test_heartbeat_renews_lease_and_detects_loss(tmp_path, monkeypatch):
     result = refresh(config, now=_at(2))
     assert "thief" not in result["lock"]["owner"] and result["lock"]["lost"]
     assert watcher.holder().owner == "thief"  # left alone
+
+
+def test_planner_builds_a_refresh_plan_from_its_inputs(tmp_path):
+    """No engine: what a refresh knows (problems and shards carried from the base, the minimum of
+    kept samples) goes into the one planner, and the Plan it makes says so; nothing edits it after."""
+    output = StorageConfig(root=str(tmp_path / "out"))
+    path = _write_problems(tmp_path / "problems.jsonl", arithmetic_problems()[:8])
+    config = tiny_pipeline_config(tmp_path, path, output).model_copy(update={"run_id": "v-new"})
+    loaded = load_input(config)
+    ids = sorted(loaded.problems.column("id").to_pylist())
+    assert len(ids) == 8
+    # A shard carried from the base is already in the version's folder: not this plan's work.
+    RunStore(output, DATASET, "v-new").write_shard("s-carried", {"data": COMPRESSED_SCHEMA.empty_table()})
+
+    plan = make_plan(
+        config,
+        PlanInputs(
+            loaded=loaded,
+            carried_problem_ids=frozenset(ids[:3]),
+            carried_shard_ids=frozenset({"s-carried"}),
+            min_kept_samples=7,
+        ),
+    )
+    assert plan.run_id == "v-new" and plan.config is config
+    assert plan.problems.column("id").to_pylist() == ids[3:]
+    assert [s.size for s in plan.shards] == [4, 1]  # shard_size 4 over the 5 new problems
+    assert plan.pending == plan.shards and plan.committed == frozenset()
+    assert "s-carried" not in {s.shard_id for s in plan.shards}
+    assert plan.min_kept_samples == 7
+    assert plan.input_rows == loaded.input_rows and plan.dedup_rejects is loaded.dedup_rejects
+    # Without the carried inputs the same folder and sources plan every problem.
+    plain = make_plan(config.model_copy(update={"run_id": "v-other"}), PlanInputs(loaded=loaded))
+    assert plain.problems.num_rows == 8 and plain.min_kept_samples == 1
+    with pytest.raises(ValueError, match="min_kept_samples must be >= 1"):
+        make_plan(config, PlanInputs(loaded=loaded, min_kept_samples=0))
 
 
 def test_plan_resumes_only_the_same_work(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ import itertools
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -104,8 +104,9 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run will do; printed by ``--dry-run``. Nothing changes a plan once made: a run that
-    finds more shards committed works on a copy (``dataclasses.replace``)."""
+    """What a run will do; printed by ``--dry-run``. Made by :func:`make_plan` only (from the config
+    and :class:`PlanInputs`); nothing changes a plan once made: a run that finds more shards
+    committed as it starts keeps that set beside the plan."""
 
     config: PipelineConfig
     run_id: str
@@ -122,8 +123,8 @@ class Plan:
     dedup_seconds: float = 0.0
     # Input records the sources' `where` did not select (counted, not errors).
     filtered_out: int = 0
-    # Fewer kept samples than this and the finished run is not published (a refresh raises it to a
-    # fraction of the previous version's).
+    # Fewer kept samples than this and the finished run is not published (a refresh asks for a
+    # fraction of the previous version's through PlanInputs.min_kept_samples).
     min_kept_samples: int = 1
 
     @property
@@ -237,12 +238,22 @@ def stage_chain() -> list[StageContract]:
     return [generate.CONTRACT, grade.CONTRACT, compress.CONTRACT, write.CONTRACT]
 
 
-def make_plan(config: PipelineConfig) -> Plan:
-    """Check the stage chain; load, validate, deduplicate and shard the problems; look up what is
-    already committed. A stage that needs a field no earlier stage hands on is a
-    :class:`~tokenskip.stages.contract.StageChainError` here, before any input is read or engine started."""
-    chain = check_chain("the input shards", SHARD_ROWS_SCHEMA, stage_chain())
-    run_id = config.resolved_run_id()
+@dataclass(frozen=True)
+class LoadedInput:
+    """The input stage's result: the sources loaded, validated and deduplicated (before sharding)."""
+
+    input_rows: int
+    load_errors: pa.Table
+    dedup_rejects: pa.Table
+    problems: pa.Table  # kept problems, sorted by id
+    load_seconds: float = 0.0
+    dedup_seconds: float = 0.0
+    # Input records the sources' `where` did not select (counted, not errors).
+    filtered_out: int = 0
+
+
+def load_input(config: PipelineConfig) -> LoadedInput:
+    """Load, validate and deduplicate the sources of ``config`` (the input stage of every plan)."""
     started = time.perf_counter()
     problems, errors, filtered_out = [], [], 0
     for source in config.sources:
@@ -261,7 +272,47 @@ def make_plan(config: PipelineConfig) -> Plan:
     kept, rejects = dedup_and_decontaminate(all_problems, config.dedup)
     dedup_seconds = time.perf_counter() - started
     log_stage_event("dedup", kept=kept.num_rows, rejects=rejects.num_rows, seconds=round(dedup_seconds, 3))
+    return LoadedInput(
+        input_rows=all_problems.num_rows + load_errors.num_rows + filtered_out,
+        load_errors=load_errors,
+        dedup_rejects=rejects,
+        problems=kept.sort_by("id"),
+        load_seconds=load_seconds,
+        dedup_seconds=dedup_seconds,
+        filtered_out=filtered_out,
+    )
 
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is made from besides its config. The defaults plan a plain run; a refresh passes
+    what it knows about the version it builds on (tokenskip.refresh)."""
+
+    # The input stage already run for this config (None: the planner loads the sources itself).
+    loaded: LoadedInput | None = None
+    # Problems a base version already generated: carried into the run as they are, not generated again.
+    carried_problem_ids: frozenset[str] = frozenset()
+    # Shards the run's folder holds that were carried from the base version: not work of this plan
+    # (without this they would look like shards of an attempt planned with another shard size).
+    carried_shard_ids: frozenset[str] = frozenset()
+    # Fewer kept samples than this and the finished run is not published.
+    min_kept_samples: int = 1
+
+
+def make_plan(config: PipelineConfig, inputs: PlanInputs | None = None) -> Plan:
+    """The one planner: check the stage chain; load, validate, deduplicate and shard the problems
+    (less ``inputs.carried_problem_ids``); look up what is already committed. A stage that needs a
+    field no earlier stage hands on is a :class:`~tokenskip.stages.contract.StageChainError` here,
+    before any input is read or engine started."""
+    inputs = inputs or PlanInputs()
+    if inputs.min_kept_samples < 1:
+        raise ValueError(f"make_plan: min_kept_samples must be >= 1, got {inputs.min_kept_samples}")
+    chain = check_chain("the input shards", SHARD_ROWS_SCHEMA, stage_chain())
+    run_id = config.resolved_run_id()
+    loaded = inputs.loaded or load_input(config)
+    kept = loaded.problems
+    if inputs.carried_problem_ids:
+        kept = kept.filter(pc.invert(_is_in(kept.column("id"), set(inputs.carried_problem_ids))))
     kept = kept.sort_by("id")
     store = RunStore(config.output, config.dataset, run_id)
     committed_run = store.is_committed()
@@ -269,22 +320,23 @@ def make_plan(config: PipelineConfig) -> Plan:
         shards = shard_problems(kept, config.resources.shard_size)
         committed = {s.shard_id for s in shards}
     else:
-        committed = set(store.committed_shard_ids()) - {INPUT_SHARD}
+        committed = set(store.committed_shard_ids()) - {INPUT_SHARD} - inputs.carried_shard_ids
         shards = resume_shards(store, kept, config.resources.shard_size, committed)
     return Plan(
         config=config,
         run_id=run_id,
-        input_rows=all_problems.num_rows + load_errors.num_rows + filtered_out,
-        load_errors=load_errors,
-        dedup_rejects=rejects,
+        input_rows=loaded.input_rows,
+        load_errors=loaded.load_errors,
+        dedup_rejects=loaded.dedup_rejects,
         problems=kept,
         shards=shards,
         chain=chain,
         committed=frozenset(committed),
         already_committed_run=committed_run,
-        load_seconds=load_seconds,
-        dedup_seconds=dedup_seconds,
-        filtered_out=filtered_out,
+        load_seconds=loaded.load_seconds,
+        dedup_seconds=loaded.dedup_seconds,
+        filtered_out=loaded.filtered_out,
+        min_kept_samples=inputs.min_kept_samples,
     )
 
 
@@ -426,10 +478,11 @@ def run_pipeline(
     ):
         if store.is_committed():  # committed by another writer after this plan was made
             return _already_committed(config, plan)
-        # Shards another writer committed since planning are not generated again.
+        # Shards another writer committed since planning are not generated again (the plan stays
+        # as made: what is committed now is this attempt's own record).
         planned = {s.shard_id for s in plan.shards}
-        plan = replace(plan, committed=plan.committed | (set(store.committed_shard_ids()) & planned))
-        return _run_leased(config, plan, store, heartbeat, wall_start, max_shards, progress, stop)
+        committed = plan.committed | (set(store.committed_shard_ids()) & planned)
+        return _run_leased(config, plan, committed, store, heartbeat, wall_start, max_shards, progress, stop)
 
 
 def _already_committed(config: PipelineConfig, plan: Plan) -> RunReport:
@@ -467,6 +520,7 @@ def publish_refusal(config: PipelineConfig, counts: RunCounts, min_kept_samples:
 def _run_leased(
     config: PipelineConfig,
     plan: Plan,
+    committed: frozenset[str],
     store: RunStore,
     heartbeat: LockHeartbeat,
     wall_start: float,
@@ -483,7 +537,8 @@ def _run_leased(
     failpoint("input-shard-committed")  # fault tests stop the driver at this exact boundary
 
     stats = AttemptStats()
-    pending = plan.pending
+    all_pending = [s for s in plan.shards if s.shard_id not in committed]
+    pending = all_pending
     if max_shards is not None:
         pending = pending[:max_shards]
     pipeline_start = time.perf_counter()
@@ -504,7 +559,7 @@ def _run_leased(
                     display.board.close()
     pipeline_seconds = time.perf_counter() - pipeline_start
 
-    remaining = [s for s in plan.pending if s not in pending]
+    remaining = [s for s in all_pending if s not in pending]
     commit_start = time.perf_counter()
     counts_all = run_statistics(plan, store)
     StageMetrics().record_run_counts(counts_all)
@@ -512,7 +567,7 @@ def _run_leased(
     stats.wall_seconds = time.perf_counter() - wall_start
     attempt = AttemptReport(
         shards_committed=stats.shards_committed,
-        shards_resumed=len(plan.committed & {s.shard_id for s in plan.shards}),
+        shards_resumed=len(committed & {s.shard_id for s in plan.shards}),
         problems_generated=stats.engine.problems_generated,
         samples_generated=stats.engine.samples_generated,
         tokens_generated=stats.engine.tokens_generated,

@@ -2,10 +2,12 @@
 
     refresh(RefreshConfig) under the dataset's refresh lock (storage.Lock; heartbeat thread):
     base = the run LATEST points to (None on the first refresh), checked compatible with the config
-    -> load + dedup the current sources (pipeline.make_plan)
+    -> load + dedup the current sources (pipeline.load_input)
     -> done = problem ids with generated rows in base; new = current problems - done
     -> version v-YYYYMMDD-HHMMSS: base's shards carried forward (same shard ids, minus rows of problems
-       the current input stage now rejects) + the pipeline run over the new problems only
+       the current input stage now rejects) + the pipeline run over the new problems only, planned
+       by pipeline.make_plan from PlanInputs (the base's problems and shards to carry, the minimum
+       of kept samples)
     -> commit (manifest, then LATEST) -> retention (keep_last, pins) -> release the lock
 
 A version is a normal run of the dataset (``runs/<version>/``): readers see it only once its manifest
@@ -32,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -43,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tokenskip import dedup as dedup_stage
 from tokenskip import sources as sources_stage
 from tokenskip.config import PipelineConfig, load_config
-from tokenskip.pipeline import INPUT_SHARD, Plan, RunRefused, make_plan, run_pipeline, shard_problems
+from tokenskip.pipeline import INPUT_SHARD, Plan, PlanInputs, RunRefused, load_input, make_plan, run_pipeline
 from tokenskip.schema import (
     COMPRESSED_SCHEMA,
     ERROR_SCHEMA,
@@ -331,6 +333,11 @@ def carried_shards(
             yield shard_id, tables
 
 
+def _shard_ids(manifest: Manifest) -> set[str]:
+    """The ids of the shards whose files ``manifest`` lists."""
+    return {part_shard(kind, record.path) for kind, records in manifest.files.items() for record in records}
+
+
 # --------------------------------------------------------------------------------------------------
 # Planning
 
@@ -436,43 +443,47 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
         )
     carries = base is not None and rebuild_reason is None
 
-    # Load + dedup the current sources with the lead's planner (the run id is set below).
-    full = make_plan(pipeline)
+    # Load + dedup the current sources once; the planner shards what the base has not generated.
+    loaded = load_input(pipeline)
     done = done_problem_ids(pipeline, base) if carries else set()
-    ids = full.problems.column("id")
-    is_done = pc.is_in(ids, value_set=pa.array(sorted(done), pa.string()))
-    new_problems = full.problems.filter(pc.invert(is_done))
-    shards = shard_problems(new_problems, pipeline.resources.shard_size)
+    ids = set(loaded.problems.column("id").to_pylist())
     # Carried problems the input stage now rejects (a new eval set, a new earlier duplicate) leave
     # the dataset; an id that is both kept and rejected (a repeated row of a kept problem) stays.
     rejected = (
-        set(full.dedup_rejects.column("problem_id").to_pylist()) if full.dedup_rejects.num_rows else set()
+        set(loaded.dedup_rejects.column("problem_id").to_pylist()) if loaded.dedup_rejects.num_rows else set()
     )
-    drop = (rejected - set(ids.to_pylist())) & done if carries else set()
-    input_rows = full.dedup_rejects.to_pylist() + full.load_errors.to_pylist()
+    drop = (rejected - ids) & done if carries else set()
+    base_kept = base.rows.get("data", 0) if carries else 0
+    inputs = PlanInputs(
+        loaded=loaded,
+        carried_problem_ids=frozenset(done),
+        carried_shard_ids=frozenset(_shard_ids(base)) if carries else frozenset(),
+        # Fewer kept samples than this fraction of the base's and the version is not published.
+        min_kept_samples=max(1, math.ceil(config.min_kept_fraction * base_kept)),
+    )
+    committed_versions = {m.run_id for m in list_committed_runs(pipeline.output, pipeline.dataset)}
+    # Planned for a version name no folder holds yet: the shards of the new problems, nothing committed.
+    fresh_version = _free_version(pipeline, now or datetime.now(timezone.utc), committed_versions)
+    plan = make_plan(pipeline.model_copy(update={"run_id": fresh_version}), inputs)
+    input_rows = loaded.dedup_rejects.to_pylist() + loaded.load_errors.to_pylist()
     fingerprint = config_hash(
         {
             "base": base.run_id if base else None,
             "carries": carries,
             "content_hash": pipeline.content_hash(),
-            "shards": [s.shard_id for s in shards],
+            "shards": [s.shard_id for s in plan.shards],
             "drop": sorted(drop),
             "input": config_hash(input_rows),
         }
     )
 
-    committed_versions = {m.run_id for m in list_committed_runs(pipeline.output, pipeline.dataset)}
     record = read_in_progress(pipeline)
     resumed = bool(
         record
         and record.get("fingerprint") == fingerprint
         and record.get("version") not in committed_versions
     )
-    version = (
-        record["version"]
-        if resumed
-        else _free_version(pipeline, now or datetime.now(timezone.utc), committed_versions)
-    )
+    version = record["version"] if resumed else fresh_version
     notes = []
     if record and not resumed and record.get("version") not in committed_versions:
         notes.append(
@@ -480,17 +491,9 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
             "(the unfinished folder stays invisible to readers)"
         )
     versioned = pipeline.model_copy(update={"run_id": version})
-    store = RunStore(versioned.output, versioned.dataset, version)
-    committed_shards = set(store.committed_shard_ids()) if resumed else set()
-    plan = replace(
-        full,
-        config=versioned,
-        run_id=version,
-        problems=new_problems.sort_by("id"),
-        shards=shards,
-        committed=frozenset(committed_shards),
-        already_committed_run=False,
-    )
+    if resumed:
+        # The same work, planned against the unfinished version's folder: its committed shards are skipped.
+        plan = make_plan(versioned, inputs)
     return RefreshPlan(
         config=config,
         pipeline=versioned,
@@ -502,7 +505,7 @@ def plan_refresh(config: RefreshConfig, now: datetime | None = None) -> RefreshP
         fingerprint=fingerprint,
         resumed=resumed,
         rebuild_reason=rebuild_reason,
-        skipped_done=full.problems.num_rows - new_problems.num_rows,
+        skipped_done=loaded.problems.num_rows - plan.problems.num_rows,
         notes=notes,
     )
 
@@ -610,11 +613,10 @@ def _refresh_locked(
     if heartbeat.lost:
         raise NotLockOwner(f"refresh lock lost before the pipeline started: {heartbeat.lost}")
 
-    base_kept = rplan.base.rows.get("data", 0) if rplan.carries else 0
-    # Fewer kept samples than this fraction of the base's and the version is not published.
-    plan = replace(rplan.plan, min_kept_samples=max(1, math.ceil(config.min_kept_fraction * base_kept)))
     try:
-        report = run_pipeline(pipeline, max_shards=config.max_shards, progress=config.progress, plan=plan)
+        report = run_pipeline(
+            pipeline, max_shards=config.max_shards, progress=config.progress, plan=rplan.plan
+        )
     except RunRefused as refused:
         # Held back: the version's shards stay (a re-run with the same plan resumes and decides again).
         log.error("version %s not published: %s", rplan.version, refused.reason)
