@@ -288,7 +288,7 @@ def run_in_threads(n: int, fn) -> list[object]:
 
 
 def test_conditional_create_race_has_exactly_one_winner(config):
-    backend, root = storage.backends._backend(config)
+    backend, root = storage.backends.open_backend(config)
     path = f"{root}/{DATASET}/race/object.json"
     results = run_in_threads(6, lambda i: backend.create_exclusive(path, f"writer {i}".encode()))
     winners = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
@@ -321,7 +321,7 @@ def test_concurrent_acquire_and_takeover_have_exactly_one_winner(config):
 
 
 def test_transient_errors_are_retried_and_conflicts_are_not(config, monkeypatch):
-    backend, root = storage.backends._backend(config)
+    backend, root = storage.backends.open_backend(config)
     real_create = backend._create
     calls = []
     # Planned failures, in order: throttled before anything was written; written but the reply lost.

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tokenskip.fallback import batch_then_rows, error_text
 from tokenskip.grading import split_answer_tail
 from tokenskip.models import ModelRef
-from tokenskip.pruning import validate_ratios
+from tokenskip.pruning import ratio_list
 from tokenskip.schema import COMPRESS_STAGE, COMPRESSION_STRUCT, ERROR_SCHEMA
 from tokenskip.scoring import ScorerConfig, build_scorer
 
@@ -73,12 +73,7 @@ class CompressConfig(BaseModel):
     @field_validator("ratios")
     @classmethod
     def _check_ratios(cls, ratios: list[float]) -> list[float]:
-        ratios = validate_ratios(ratios)
-        if not ratios:
-            raise ValueError("at least one ratio is needed")
-        if len(set(ratios)) != len(ratios):
-            raise ValueError(f"duplicate ratios: {ratios}")
-        return ratios
+        return ratio_list(ratios, distinct=True)
 
     @model_validator(mode="after")
     def _forcing_for_the_target(self) -> CompressConfig:

@@ -55,6 +55,7 @@ from tokenskip.engine import EngineConfig, PromptResult, SamplingConfig, create_
 from tokenskip.grading import GradingConfig, Verdict, grade_batch
 from tokenskip.models import cache_dir, fetch_folder, is_remote, model_name
 from tokenskip.prompts import INSTRUCTION, format_ratio, render_prompt
+from tokenskip.pruning import ratio_list
 from tokenskip.sources import SourceConfig, load_source
 from tokenskip.storage import FileStore, StorageConfig
 from tokenskip.train.config import ReferencePoint
@@ -237,12 +238,7 @@ class EvaluateConfig(BaseModel):
     @field_validator("ratios")
     @classmethod
     def _check_ratios(cls, ratios: list[float]) -> list[float]:
-        bad = [r for r in ratios if not 0 < r <= 1]
-        if bad:
-            raise ValueError(f"ratios must lie in (0, 1], got {bad}")
-        if len(set(ratios)) != len(ratios):
-            raise ValueError(f"ratios must be distinct, got {ratios}")
-        return ratios
+        return ratio_list(ratios, distinct=True)
 
     @field_validator("grading", mode="before")
     @classmethod

@@ -187,10 +187,22 @@ def validate_ratios(ratios: list[float]) -> list[float]:
     return out
 
 
+def ratio_list(ratios: list[float], *, distinct: bool) -> list[float]:
+    """A config's list of ratios: at least one, each in (0, 1], and (``distinct``) none twice. One rule
+    for compression, evaluation and the SFT mix, so a list one accepts the others read the same way."""
+    ratios = validate_ratios(ratios)
+    if not ratios:
+        raise ValueError("at least one ratio is needed")
+    if distinct and len(set(ratios)) != len(ratios):
+        raise ValueError(f"duplicate ratios: {ratios}")
+    return ratios
+
+
 __all__ = [
     "ScoredChunk",
     "keep_mask",
     "percentile_of_sorted",
+    "ratio_list",
     "reduce_rate_for",
     "sort_weighted",
     "validate_ratios",

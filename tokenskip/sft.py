@@ -25,6 +25,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenskip import prompts
+from tokenskip.pruning import ratio_list
 
 TOKENSKIP_RATIOS: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
@@ -89,12 +90,8 @@ class SFTMixConfig(BaseModel):
     @field_validator("ratios")
     @classmethod
     def _check_ratios(cls, ratios: list[float]) -> list[float]:
-        if not ratios:
-            raise ValueError("ratios must not be empty")
-        for r in ratios:
-            if not 0.0 < r <= 1.0:
-                raise ValueError(f"ratio {r} is outside (0, 1]")
-        return ratios
+        # A mix may list a ratio twice to sample it twice as often: duplicates stay allowed here.
+        return ratio_list(ratios, distinct=False)
 
 
 def _strip_tail(text: str, tail: str, *, what: str) -> str:

@@ -18,14 +18,14 @@ import fsspec
 import fsspec.asyn
 
 from tokenskip.storage.config import StorageConfig, open_filesystem
-from tokenskip.storage.errors import CommitConflict, StorageError, _VersionMismatch
+from tokenskip.storage.errors import CommitConflict, StorageError, VersionMismatch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -45,7 +45,7 @@ _TRANSIENT_ERRNOS = {
 
 def _is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: throttling, 5xx, dropped connections. Never for conflicts."""
-    if isinstance(exc, (FileExistsError, FileNotFoundError, PermissionError, StorageError, _VersionMismatch)):
+    if isinstance(exc, (FileExistsError, FileNotFoundError, PermissionError, StorageError, VersionMismatch)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -62,7 +62,7 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _with_retries(config: StorageConfig, what: str, fn: Callable[[], T]) -> T:
+def with_retries(config: StorageConfig, what: str, fn: Callable[[], T]) -> T:
     delay = config.backoff_s
     for attempt in range(config.retries + 1):
         try:
@@ -80,7 +80,7 @@ def _with_retries(config: StorageConfig, what: str, fn: Callable[[], T]) -> T:
 # Backends: the few primitives commits and locks need, per filesystem family.
 
 
-class _Backend:
+class Backend:
     """Generic fsspec filesystem. Conditional create uses ``pipe_file(mode="create")``, which is
     atomic where the filesystem implements it (memory, GCS) and check-then-write elsewhere; the
     compare-and-swap used by lock takeover is best effort here (read, compare, then write)."""
@@ -90,7 +90,7 @@ class _Backend:
         self.config = config
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return _with_retries(self.config, what, fn)
+        return with_retries(self.config, what, fn)
 
     # -- plain operations
     def read(self, path: str) -> bytes:
@@ -166,7 +166,7 @@ class _Backend:
             raise CommitConflict(f"{path} already exists (conditional create lost)") from exc
         finally:
             self.fs.invalidate_cache(posixpath.dirname(path))
-        return version or _sha256(data)
+        return version or sha256_hex(data)
 
     def _create(self, path: str, data: bytes) -> str | None:
         """Create-if-absent; FileExistsError if present. Returns the version when the store tells it."""
@@ -179,23 +179,23 @@ class _Backend:
             data = self.read(path)
         except FileNotFoundError:
             return None
-        return data, _sha256(data)
+        return data, sha256_hex(data)
 
     def replace_if_version(self, path: str, data: bytes, version: str) -> str:
         current = self.read_versioned(path)
         if current is None or current[1] != version:
-            raise _VersionMismatch(path)
+            raise VersionMismatch(path)
         self.write(path, data)
-        return _sha256(data)
+        return sha256_hex(data)
 
     def delete_if_version(self, path: str, version: str) -> None:
         current = self.read_versioned(path)
         if current is None or current[1] != version:
-            raise _VersionMismatch(path)
+            raise VersionMismatch(path)
         self.delete(path)
 
 
-class _LocalBackend(_Backend):
+class LocalBackend(Backend):
     """Local (or NFS-like POSIX) folder: atomic visibility via temp file + rename/link; compare-and-swap
     under an ``flock`` guard file, with the content sha256 as the version (contents carry a nonce)."""
 
@@ -291,7 +291,7 @@ def _is_precondition_failed(exc: BaseException) -> bool:
     return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
 
 
-class _S3Backend(_Backend):
+class _S3Backend(Backend):
     """S3 (and S3-compatible stores with conditional writes): ``If-None-Match: *`` for create, the
     object's ETag with ``If-Match`` for compare-and-swap and conditional delete."""
 
@@ -330,7 +330,7 @@ class _S3Backend(_Backend):
 
     def _call_if_version(self, what: str, path: str, method: str, **kwargs: Any) -> dict[str, Any]:
         """One S3 call conditional on ``IfMatch`` in ``kwargs``: a 412 (another version) or a missing
-        object is :class:`_VersionMismatch`."""
+        object is :class:`VersionMismatch`."""
         bucket, key = self._split(path)
         try:
             return self._retry(
@@ -338,7 +338,7 @@ class _S3Backend(_Backend):
             )
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) or _is_precondition_failed(exc):
-                raise _VersionMismatch(path) from exc
+                raise VersionMismatch(path) from exc
             raise
         finally:
             self.fs.invalidate_cache(path)
@@ -350,11 +350,11 @@ class _S3Backend(_Backend):
         self._call_if_version("delete", path, "delete_object", IfMatch=version)
 
 
-def _backend(config: StorageConfig) -> tuple[_Backend, str]:
+def open_backend(config: StorageConfig) -> tuple[Backend, str]:
     fs, root_path = open_filesystem(config)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "file" in protocols or "local" in protocols:
-        return _LocalBackend(fs, config), root_path
+        return LocalBackend(fs, config), root_path
     if "s3" in protocols or "s3a" in protocols:
         return _S3Backend(fs, config), root_path
-    return _Backend(fs, config), root_path
+    return Backend(fs, config), root_path

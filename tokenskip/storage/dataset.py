@@ -8,25 +8,25 @@ import os
 import posixpath
 import tempfile
 
-from tokenskip.storage.backends import _Backend, _backend, _LocalBackend
+from tokenskip.storage.backends import Backend, LocalBackend, open_backend
 from tokenskip.storage.config import StorageConfig
 from tokenskip.storage.errors import NotFound
-from tokenskip.storage.layout import _RUN_FILE_RE, _DatasetPaths, _write_latest
-from tokenskip.storage.readers import _read_manifest
+from tokenskip.storage.layout import RUN_FILE_RE, DatasetPaths, write_latest
+from tokenskip.storage.readers import read_manifest_at
 
 
-def _dataset_file_path(config: StorageConfig, dataset: str, name: str) -> tuple[_Backend, str]:
+def _dataset_file_path(config: StorageConfig, dataset: str, name: str) -> tuple[Backend, str]:
     """A dataset-level state file, e.g. ``_refresh/in_progress.json``: components of
     [A-Za-z0-9._=+-], the first starting with '_' so it never meets ``runs/`` or ``LATEST``."""
     parts = name.split("/") if isinstance(name, str) else []
     if (
         not parts
         or not parts[0].startswith("_")
-        or any(not _RUN_FILE_RE.match(p) or p in (".", "..") for p in parts)
+        or any(not RUN_FILE_RE.match(p) or p in (".", "..") for p in parts)
     ):
         raise ValueError(f"invalid dataset file name {name!r}: e.g. '_refresh/in_progress.json'")
-    backend, root_path = _backend(config)
-    return backend, posixpath.join(_DatasetPaths(root_path, dataset).dataset_dir, *parts)
+    backend, root_path = open_backend(config)
+    return backend, posixpath.join(DatasetPaths(root_path, dataset).dataset_dir, *parts)
 
 
 def read_dataset_file(config: StorageConfig, dataset: str, name: str) -> bytes | None:
@@ -54,8 +54,8 @@ def output_problem(config: StorageConfig) -> str | None:
     """Why runs cannot be written under ``config.root`` (None: they can, as far as can be told
     without writing): a local root whose nearest existing folder is not writable, or an object-store
     root whose bucket does not exist."""
-    backend, root_path = _backend(config)
-    if isinstance(backend, _LocalBackend):
+    backend, root_path = open_backend(config)
+    if isinstance(backend, LocalBackend):
         folder = os.path.abspath(root_path)
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
@@ -80,8 +80,8 @@ def output_problem(config: StorageConfig) -> str | None:
 def require_dataset(config: StorageConfig, dataset: str) -> None:
     """:class:`NotFound` unless the output root exists and holds ``dataset`` (a LATEST pointer or a
     ``runs/`` folder), so commands on a mistyped root or dataset say so instead of reporting nothing."""
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
     if not backend.exists(root_path):
         raise NotFound(f"output root {config.root!r} does not exist")
     if not (backend.exists(paths.latest) or backend.list_names(paths.runs_dir)):
@@ -92,7 +92,7 @@ def set_latest(config: StorageConfig, dataset: str, run_id: str) -> None:
     """Point LATEST at a committed run (rollback / roll forward). Refuses a run without manifest."""
     if not run_id:
         raise ValueError("set_latest needs the run id to point LATEST at")
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    _read_manifest(backend, paths, dataset, run_id)
-    _write_latest(backend, paths, run_id)
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
+    read_manifest_at(backend, paths, dataset, run_id)
+    write_latest(backend, paths, run_id)

@@ -56,5 +56,5 @@ class NotFound(StorageError, FileNotFoundError):
     """The output root or the dataset does not exist."""
 
 
-class _VersionMismatch(Exception):
+class VersionMismatch(Exception):
     """Internal: a compare-and-swap found another version (or no object at all)."""

@@ -8,7 +8,7 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenskip.storage.backends import _backend, _with_retries
+from tokenskip.storage.backends import open_backend, with_retries
 from tokenskip.storage.config import StorageConfig
 
 
@@ -28,7 +28,7 @@ class FileStore:
 
     def __init__(self, config: StorageConfig):
         self.config = config
-        self._backend, self._root = _backend(config)
+        self._backend, self._root = open_backend(config)
 
     def _path(self, name: str) -> str:
         return posixpath.join(self._root, name)
@@ -43,7 +43,7 @@ class FileStore:
         fs = self._backend.fs
         fs.invalidate_cache(self._root)
         try:
-            found = _with_retries(
+            found = with_retries(
                 self.config, f"list {self.config.root}", lambda: fs.find(self._root, detail=True)
             )
         except FileNotFoundError:
@@ -63,4 +63,4 @@ class FileStore:
     def download(self, name: str, dest: Path) -> None:
         """Copy ``name`` to the local file ``dest`` (its folder must exist)."""
         fs = self._backend.fs
-        _with_retries(self.config, f"download {name}", lambda: fs.get_file(self._path(name), str(dest)))
+        with_retries(self.config, f"download {name}", lambda: fs.get_file(self._path(name), str(dest)))

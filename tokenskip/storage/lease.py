@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
-from tokenskip.storage.backends import _backend
+from tokenskip.storage.backends import open_backend
 from tokenskip.storage.config import StorageConfig
-from tokenskip.storage.errors import CommitConflict, LockHeld, NotLockOwner, StorageError, _VersionMismatch
-from tokenskip.storage.layout import _check_name, _DatasetPaths
+from tokenskip.storage.errors import CommitConflict, LockHeld, NotLockOwner, StorageError, VersionMismatch
+from tokenskip.storage.layout import DatasetPaths, check_name
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ class Lock:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.config = config
         self.dataset = dataset
-        self.name = _check_name(name, "lock name")
+        self.name = check_name(name, "lock name")
         self.ttl_s = ttl_s
         self.owner = owner or default_owner()
-        self._backend, root_path = _backend(config)
-        self.path = posixpath.join(_DatasetPaths(root_path, dataset).locks_dir, f"{name}.json")
+        self._backend, root_path = open_backend(config)
+        self.path = posixpath.join(DatasetPaths(root_path, dataset).locks_dir, f"{name}.json")
         self._version: str | None = None
         self.info: LockInfo | None = None
 
@@ -111,7 +111,7 @@ class Lock:
                 return info
             except CommitConflict:
                 pass
-            except _VersionMismatch:
+            except VersionMismatch:
                 continue  # taken over right after we created it: re-read below on the next pass
             current = self._backend.read_versioned(self.path)
             if current is None:
@@ -126,7 +126,7 @@ class Lock:
             try:
                 # Expired (or ours from an earlier acquire): swap only the exact version we judged.
                 self._version = self._backend.replace_if_version(self.path, data, current[1])
-            except _VersionMismatch:
+            except VersionMismatch:
                 continue
             if holder.owner != self.owner:
                 state = "expired" if holder.expired() else "dead holder's"
@@ -144,7 +144,7 @@ class Lock:
             self._version = self._backend.replace_if_version(
                 self.path, info.model_dump_json().encode(), self._version
             )
-        except _VersionMismatch:
+        except VersionMismatch:
             self._version = self.info = None
             raise NotLockOwner(
                 f"lock {self.name!r}: {self.owner!r} lost it (expired and taken over)"
@@ -165,7 +165,7 @@ class Lock:
             )
         try:
             self._backend.delete_if_version(self.path, self._version)
-        except _VersionMismatch:
+        except VersionMismatch:
             raise NotLockOwner(f"lock {self.name!r}: {self.owner!r} lost it before releasing") from None
         finally:
             self._version = self.info = None

@@ -14,22 +14,22 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenskip.storage.backends import _Backend, _backend, _sha256
+from tokenskip.storage.backends import Backend, open_backend, sha256_hex
 from tokenskip.storage.config import StorageConfig
 from tokenskip.storage.errors import IntegrityError, NotCommitted, StorageError
 from tokenskip.storage.layout import (
-    _NAME_RE,
-    _check_kind,
-    _check_run_file,
-    _DatasetPaths,
-    _latest_run_id,
+    NAME_RE,
+    DatasetPaths,
+    check_kind,
+    check_run_file,
+    latest_run_id_at,
 )
 from tokenskip.storage.records import FileRecord, Manifest
 
 
-def _read_manifest(backend: _Backend, paths: _DatasetPaths, dataset: str, run_id: str | None) -> Manifest:
+def read_manifest_at(backend: Backend, paths: DatasetPaths, dataset: str, run_id: str | None) -> Manifest:
     if run_id is None:
-        run_id = _latest_run_id(backend, paths, dataset)
+        run_id = latest_run_id_at(backend, paths, dataset)
     try:
         data = backend.read(paths.manifest(run_id))
     except FileNotFoundError:
@@ -39,18 +39,18 @@ def _read_manifest(backend: _Backend, paths: _DatasetPaths, dataset: str, run_id
     return Manifest.model_validate_json(data)
 
 
-def _open_run(config: StorageConfig, dataset: str, run_id: str | None) -> tuple[_Backend, Manifest, str]:
+def _open_run(config: StorageConfig, dataset: str, run_id: str | None) -> tuple[Backend, Manifest, str]:
     """The backend, manifest and run folder of a committed run (LATEST's when ``run_id`` is None)."""
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    manifest = _read_manifest(backend, paths, dataset, run_id)
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
+    manifest = read_manifest_at(backend, paths, dataset, run_id)
     return backend, manifest, paths.run_dir(manifest.run_id)
 
 
 def read_manifest(config: StorageConfig, dataset: str, run_id: str | None = None) -> Manifest:
     """The manifest of ``run_id``, or of the run LATEST points to when None."""
-    backend, root_path = _backend(config)
-    return _read_manifest(backend, _DatasetPaths(root_path, dataset), dataset, run_id)
+    backend, root_path = open_backend(config)
+    return read_manifest_at(backend, DatasetPaths(root_path, dataset), dataset, run_id)
 
 
 def _kind_schema(manifest: Manifest, kind: str) -> pa.Schema:
@@ -62,7 +62,7 @@ def _kind_schema(manifest: Manifest, kind: str) -> pa.Schema:
     return manifest.schemas[kind].to_arrow()
 
 
-def _project(schema: pa.Schema, columns: list[str] | None, kind: str) -> pa.Schema:
+def project_schema(schema: pa.Schema, columns: list[str] | None, kind: str) -> pa.Schema:
     if columns is None:
         return schema
     unknown = sorted(set(columns) - set(schema.names))
@@ -76,12 +76,12 @@ def _check_bytes(config: StorageConfig, path: str, data: bytes, record: FileReco
     its record."""
     if len(data) != record.size:
         raise IntegrityError(f"{path}: {len(data)} bytes, the manifest says {record.size}")
-    if config.verify_sha256 and _sha256(data) != record.sha256:
+    if config.verify_sha256 and sha256_hex(data) != record.sha256:
         raise IntegrityError(f"{path}: sha256 differs from the manifest")
     return data
 
 
-def _read_checked(backend: _Backend, path: str, record: FileRecord) -> bytes:
+def _read_checked(backend: Backend, path: str, record: FileRecord) -> bytes:
     """One file's bytes, refused unless size (and sha256 when configured) match its record."""
     try:
         data = backend.read(path)
@@ -90,8 +90,8 @@ def _read_checked(backend: _Backend, path: str, record: FileRecord) -> bytes:
     return _check_bytes(backend.config, path, data, record)
 
 
-def _size_mismatch(
-    backend: _Backend, folder: str, records: list[FileRecord]
+def size_mismatch(
+    backend: Backend, folder: str, records: list[FileRecord]
 ) -> tuple[FileRecord, int | None] | None:
     """The first of ``records`` (files of one kind, all in ``folder``) whose listed size differs from
     its record, with the size found (None: missing); None when all match. One listing for the lot
@@ -114,9 +114,9 @@ def read_table(
     """All rows of ``kind`` in a committed run (LATEST when ``run_id`` is None), read from exactly the
     files its manifest lists, each checked against its recorded size (and sha256), with the schema the
     manifest records (only ``columns`` if given)."""
-    _check_kind(kind)
+    check_kind(kind)
     backend, manifest, run_dir = _open_run(config, dataset, run_id)
-    schema = _project(_kind_schema(manifest, kind), columns, kind)
+    schema = project_schema(_kind_schema(manifest, kind), columns, kind)
     records = {posixpath.join(run_dir, f.path): f for f in manifest.files.get(kind, [])}
     try:
         blobs = backend.read_many(list(records))
@@ -136,8 +136,8 @@ def read_table(
     return pa.concat_tables(tables)
 
 
-def _iter_file_batches(
-    backend: _Backend,
+def iter_file_batches(
+    backend: Backend,
     path: str,
     record: FileRecord,
     schema: pa.Schema,
@@ -149,7 +149,7 @@ def _iter_file_batches(
     one file's bytes plus one decoded batch, whatever the size of the run."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    target = _project(schema, columns, "file")
+    target = project_schema(schema, columns, "file")
     data = _read_checked(backend, path, record)
     parquet = pq.ParquetFile(pa.BufferReader(data))
     if parquet.metadata.num_rows != record.rows:
@@ -170,12 +170,12 @@ def iter_batches(
     most ``batch_size`` rows, file by file in manifest order: the files the manifest lists and no
     others, each checked against its size/sha256/rows before any of its rows are yielded, with the
     manifest's schema (only ``columns`` if given). Memory stays at about one file, not the run."""
-    _check_kind(kind)
+    check_kind(kind)
     backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _kind_schema(manifest, kind)
-    _project(schema, columns, kind)  # unknown columns fail before the first read
+    project_schema(schema, columns, kind)  # unknown columns fail before the first read
     for record in manifest.files.get(kind, []):
-        yield from _iter_file_batches(
+        yield from iter_file_batches(
             backend, posixpath.join(run_dir, record.path), record, schema, columns, batch_size
         )
 
@@ -198,14 +198,14 @@ def read_dataset(
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    _check_kind(kind)
+    check_kind(kind)
     backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _kind_schema(manifest, kind)
-    _project(schema, columns, kind)  # unknown columns fail here, not on a worker
+    project_schema(schema, columns, kind)  # unknown columns fail here, not on a worker
     records = [r for r in manifest.files.get(kind, []) if r.rows]
     if not records:
-        return ray.data.from_arrow(_project(schema, columns, kind).empty_table())
-    mismatch = _size_mismatch(backend, posixpath.join(run_dir, kind), records)
+        return ray.data.from_arrow(project_schema(schema, columns, kind).empty_table())
+    mismatch = size_mismatch(backend, posixpath.join(run_dir, kind), records)
     if mismatch is not None:
         record, size = mismatch
         raise IntegrityError(
@@ -225,7 +225,7 @@ def read_run_file(config: StorageConfig, dataset: str, name: str, run_id: str | 
     """A side file of a committed run (``report.json``, ``report.txt``, ``report.html``, ...; LATEST's
     run when ``run_id`` is None), written with :meth:`RunStore.write_file`."""
     backend, _, run_dir = _open_run(config, dataset, run_id)
-    return backend.read(posixpath.join(run_dir, _check_run_file(name)))
+    return backend.read(posixpath.join(run_dir, check_run_file(name)))
 
 
 def committed_files(
@@ -235,7 +235,7 @@ def committed_files(
     parallelise themselves (e.g. ``ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(
     fs)), schema=schema)``). They read exactly the manifest's files but skip the size/sha256 checks that
     :func:`read_table` does."""
-    _check_kind(kind)
+    check_kind(kind)
     backend, manifest, run_dir = _open_run(config, dataset, run_id)
     schema = _kind_schema(manifest, kind)
     return backend.fs, [posixpath.join(run_dir, f.path) for f in manifest.files.get(kind, [])], schema
@@ -257,9 +257,9 @@ def committed_urls(
 def list_committed_runs(config: StorageConfig, dataset: str) -> list[Manifest]:
     """Committed runs (those with a manifest), oldest commit first. Lists ``runs/`` to find
     candidates; folders without a manifest (in progress, crashed) are not runs."""
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    candidates = [n for n in backend.list_names(paths.runs_dir) if _NAME_RE.match(n)]
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
+    candidates = [n for n in backend.list_names(paths.runs_dir) if NAME_RE.match(n)]
     manifest_paths = [paths.manifest(n) for n in candidates]
     manifests = []
     for path in manifest_paths:
@@ -272,5 +272,5 @@ def list_committed_runs(config: StorageConfig, dataset: str) -> list[Manifest]:
 
 def latest_run_id(config: StorageConfig, dataset: str) -> str:
     """The run LATEST points to (:class:`NotCommitted` if none)."""
-    backend, root_path = _backend(config)
-    return _latest_run_id(backend, _DatasetPaths(root_path, dataset), dataset)
+    backend, root_path = open_backend(config)
+    return latest_run_id_at(backend, DatasetPaths(root_path, dataset), dataset)

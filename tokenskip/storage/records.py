@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 MANIFEST_FORMAT = 1
 
 
-def _now() -> str:
+def utc_now() -> str:
     """The timestamp records carry (UTC, ISO 8601)."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 

@@ -7,34 +7,34 @@ import json
 import posixpath
 from collections.abc import Iterable
 
-from tokenskip.storage.backends import _backend
+from tokenskip.storage.backends import open_backend
 from tokenskip.storage.config import StorageConfig
 from tokenskip.storage.errors import NotCommitted
-from tokenskip.storage.layout import _check_name, _DatasetPaths, _latest_run_id
-from tokenskip.storage.readers import _read_manifest, list_committed_runs
-from tokenskip.storage.records import _now
+from tokenskip.storage.layout import DatasetPaths, check_name, latest_run_id_at
+from tokenskip.storage.readers import list_committed_runs, read_manifest_at
+from tokenskip.storage.records import utc_now
 
 
 def pin(config: StorageConfig, dataset: str, run_id: str, reason: str = "") -> None:
     """Protect a committed run from retention."""
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    _read_manifest(backend, paths, dataset, run_id)
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
+    read_manifest_at(backend, paths, dataset, run_id)
     backend.write(
         posixpath.join(paths.pins_dir, f"{run_id}.json"),
-        json.dumps({"run_id": run_id, "reason": reason, "pinned_at": _now()}).encode(),
+        json.dumps({"run_id": run_id, "reason": reason, "pinned_at": utc_now()}).encode(),
     )
 
 
 def unpin(config: StorageConfig, dataset: str, run_id: str) -> None:
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
-    backend.delete(posixpath.join(paths.pins_dir, f"{_check_name(run_id, 'run id')}.json"))
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
+    backend.delete(posixpath.join(paths.pins_dir, f"{check_name(run_id, 'run id')}.json"))
 
 
 def pinned_runs(config: StorageConfig, dataset: str) -> set[str]:
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
     return {n.removesuffix(".json") for n in backend.list_names(paths.pins_dir) if n.endswith(".json")}
 
 
@@ -47,14 +47,14 @@ def apply_retention(
     other retention jobs can run at the same time."""
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
-    backend, root_path = _backend(config)
-    paths = _DatasetPaths(root_path, dataset)
+    backend, root_path = open_backend(config)
+    paths = DatasetPaths(root_path, dataset)
     runs = [m.run_id for m in list_committed_runs(config, dataset)]
     protected = (
         set(pinned) | pinned_runs(config, dataset) | set(runs[len(runs) - keep_last :] if keep_last else [])
     )
     try:
-        protected.add(_latest_run_id(backend, paths, dataset))
+        protected.add(latest_run_id_at(backend, paths, dataset))
     except NotCommitted:
         pass
     deleted = []

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from tokenskip.failpoints import failpoint
 from tokenskip.schema import COMPRESSED_SCHEMA, ERROR_SCHEMA, REJECT_SCHEMA
 from tokenskip.schema import config_hash as compute_config_hash
-from tokenskip.storage.backends import _backend, _LocalBackend, _sha256
+from tokenskip.storage.backends import LocalBackend, open_backend, sha256_hex
 from tokenskip.storage.config import StorageConfig
 from tokenskip.storage.errors import (
     AlreadyCommitted,
@@ -32,18 +32,18 @@ from tokenskip.storage.errors import (
 from tokenskip.storage.layout import (
     LOGS_DIR,
     PARTS_PATTERN,
-    _check_kind,
-    _check_name,
-    _check_run_file,
-    _DatasetPaths,
-    _write_latest,
+    DatasetPaths,
+    check_kind,
+    check_name,
+    check_run_file,
     marker_path,
     part_path,
     shards_dir,
+    write_latest,
 )
 from tokenskip.storage.lease import Lock
-from tokenskip.storage.readers import _iter_file_batches, _project, _size_mismatch
-from tokenskip.storage.records import FileRecord, Manifest, SchemaRecord, ShardRecord, _now, code_version
+from tokenskip.storage.readers import iter_file_batches, project_schema, size_mismatch
+from tokenskip.storage.records import FileRecord, Manifest, SchemaRecord, ShardRecord, code_version, utc_now
 
 # Canonical schemas for kinds that no shard wrote, so a reader always gets a (possibly empty) table.
 _DEFAULT_SCHEMAS = {"data": COMPRESSED_SCHEMA, "rejects": REJECT_SCHEMA, "errors": ERROR_SCHEMA}
@@ -57,9 +57,9 @@ class RunStore:
     def __init__(self, config: StorageConfig, dataset: str, run_id: str):
         self.config = config
         self.dataset = dataset
-        self.run_id = _check_name(run_id, "run id")
-        self._backend, root_path = _backend(config)
-        self._paths = _DatasetPaths(root_path, dataset)
+        self.run_id = check_name(run_id, "run id")
+        self._backend, root_path = open_backend(config)
+        self._paths = DatasetPaths(root_path, dataset)
         self.run_dir = self._paths.run_dir(run_id)
         self._manifest_path = self._paths.manifest(run_id)
 
@@ -78,7 +78,7 @@ class RunStore:
     def local_dir(self) -> Path | None:
         """The run folder as a local path when the output root is on this machine's filesystem (a log
         file can then be appended to in place), else None."""
-        return Path(self.run_dir) if isinstance(self._backend, _LocalBackend) else None
+        return Path(self.run_dir) if isinstance(self._backend, LocalBackend) else None
 
     @property
     def run_url(self) -> str:
@@ -94,7 +94,7 @@ class RunStore:
     def write_log(self, name: str, data: bytes) -> str:
         """Put a log file (one path component, e.g. ``run-<time>-<pid>.log``) in the run's log folder,
         replacing an earlier copy: how a remote run folder gets the driver's log. Returns its path."""
-        path = posixpath.join(self.run_dir, LOGS_DIR, _check_run_file(name))
+        path = posixpath.join(self.run_dir, LOGS_DIR, check_run_file(name))
         self._backend.write_retried(path, bytes(data))
         return path
 
@@ -163,11 +163,11 @@ class RunStore:
             summary = summary.model_dump(mode="json")
         if summary is not None and not isinstance(summary, dict):
             raise TypeError(f"summary must be a dict, a pydantic model or None, got {type(summary).__name__}")
-        _check_name(shard_id, "shard id")
+        check_name(shard_id, "shard id")
         if not tables:
             raise ValueError("write_shard needs at least one table (kind -> pa.Table)")
         for kind, table in tables.items():
-            _check_kind(kind)
+            check_kind(kind)
             if not isinstance(table, pa.Table):
                 raise TypeError(f"tables[{kind!r}] must be a pyarrow.Table, got {type(table).__name__}")
         self._refuse_if_committed()
@@ -183,12 +183,12 @@ class RunStore:
             rel = part_path(kind, shard_id)
             self._backend.write(posixpath.join(self.run_dir, rel), data)
             files[kind] = FileRecord(
-                path=rel, rows=tables[kind].num_rows, size=len(data), sha256=_sha256(data)
+                path=rel, rows=tables[kind].num_rows, size=len(data), sha256=sha256_hex(data)
             )
         failpoint("shard-parts-written")  # tests: a writer dying between its parts and its marker
         record = ShardRecord(
             shard_id=shard_id,
-            created_at=_now(),
+            created_at=utc_now(),
             files=files,
             schemas={kind: SchemaRecord.of(tables[kind].schema) for kind in encoded},
             summary=summary,
@@ -199,7 +199,7 @@ class RunStore:
     def _commit_shard(
         self, record: ShardRecord, tables: dict[str, pa.Table] | None, encoded: dict[str, bytes] | None
     ) -> ShardRecord:
-        marker_path = self._marker_path(_check_name(record.shard_id, "shard id"))
+        marker_path = self._marker_path(check_name(record.shard_id, "shard id"))
         try:
             self._backend.create_exclusive(marker_path, record.model_dump_json(indent=1).encode())
         except CommitConflict:
@@ -232,7 +232,7 @@ class RunStore:
                 f"{sorted(existing.files)}, not {sorted(encoded)}"
             )
         for kind, data in encoded.items():
-            if existing.files[kind].sha256 == _sha256(data):
+            if existing.files[kind].sha256 == sha256_hex(data):
                 continue
             # Same rows may encode differently (another pyarrow version): compare contents too.
             committed = pq.read_table(
@@ -275,12 +275,12 @@ class RunStore:
     ) -> Iterator[pa.RecordBatch]:
         """The rows of one committed shard's part of ``kind``, batch by batch, checked against the
         marker (size, sha256, rows); nothing when the shard wrote no such part."""
-        _check_kind(kind)
+        check_kind(kind)
         file = record.files.get(kind)
         if file is None:
             return
         schema = record.schemas[kind].to_arrow()
-        yield from _iter_file_batches(
+        yield from iter_file_batches(
             self._backend, posixpath.join(self.run_dir, file.path), file, schema, columns, batch_size
         )
 
@@ -288,7 +288,7 @@ class RunStore:
         """Write a side file of the run (``report.json``, ``report.html``, ...) next to its manifest,
         replacing any earlier version atomically (readers see old or new bytes); retried on transient
         errors. Allowed after the commit: side files are not part of the manifest. Returns its path."""
-        path = posixpath.join(self.run_dir, _check_run_file(name))
+        path = posixpath.join(self.run_dir, check_run_file(name))
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         self._backend.write_retried(path, bytes(data))
@@ -296,17 +296,17 @@ class RunStore:
 
     def read_file(self, name: str) -> bytes:
         """A side file written with :meth:`write_file` (FileNotFoundError if absent)."""
-        return self._backend.read(posixpath.join(self.run_dir, _check_run_file(name)))
+        return self._backend.read(posixpath.join(self.run_dir, check_run_file(name)))
 
     def read_part(self, file: FileRecord, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
         """One committed part of this run (listed by its manifest or a marker), checked against its
         record (size, sha256, rows), with ``schema`` (only ``columns`` if given)."""
         batches = list(
-            _iter_file_batches(
+            iter_file_batches(
                 self._backend, posixpath.join(self.run_dir, file.path), file, schema, columns, 1 << 20
             )
         )
-        target = _project(schema, columns, "file")
+        target = project_schema(schema, columns, "file")
         return pa.Table.from_batches(batches, schema=target) if batches else target.empty_table()
 
     def folder_exists(self) -> bool:
@@ -374,7 +374,7 @@ class RunStore:
                 files.setdefault(kind, []).append(file)
         problems.check(lambda shard_id: self._read_marker(self._marker_path(shard_id)).problem_ids or [])
         for kind, schema in {**_DEFAULT_SCHEMAS, **(schemas or {})}.items():
-            _check_kind(kind)
+            check_kind(kind)
             if kind in kind_schemas:
                 if not kind_schemas[kind].to_arrow().equals(schema) and kind in (schemas or {}):
                     raise SchemaMismatch(f"run {self.run_id!r}: {kind!r} schema passed to commit differs")
@@ -386,7 +386,7 @@ class RunStore:
         manifest = Manifest(
             dataset=self.dataset,
             run_id=self.run_id,
-            created_at=_now(),
+            created_at=utc_now(),
             code_version=code_version(),
             rows={kind: sum(f.rows for f in fs) for kind, fs in files.items()},
             schemas=kind_schemas,
@@ -403,14 +403,14 @@ class RunStore:
             ) from exc
         # LATEST is only a pointer, moved after the commit: a crash here leaves it on the previous run.
         if move_latest:
-            _write_latest(self._backend, self._paths, self.run_id)
+            write_latest(self._backend, self._paths, self.run_id)
         return manifest
 
     def _verify_files(self, files: dict[str, list[FileRecord]]) -> None:
         """Every part the manifest will list must exist with its recorded size (catches a part lost or
         clobbered after its shard committed) - before the commit, not at the first read."""
         for kind, records in files.items():
-            mismatch = _size_mismatch(self._backend, posixpath.join(self.run_dir, kind), records)
+            mismatch = size_mismatch(self._backend, posixpath.join(self.run_dir, kind), records)
             if mismatch is not None:
                 record, size = mismatch
                 raise IntegrityError(

@@ -37,7 +37,7 @@ class TrainingDataError(ValueError):
     """The training data cannot be used (unknown format, missing columns, no examples left)."""
 
 
-def _read_file(path: str, storage_options: dict[str, Any]) -> pa.Table:
+def read_table_file(path: str, storage_options: dict[str, Any]) -> pa.Table:
     import fsspec
     import pyarrow.parquet as pq
 
@@ -60,7 +60,7 @@ def _read_file(path: str, storage_options: dict[str, Any]) -> pa.Table:
 def read_source_table(source: DataSourceConfig) -> pa.Table:
     """The raw table of ``source``: one file, or a committed dataset read through its manifest."""
     if source.path:
-        table = _read_file(source.path, source.storage_options)
+        table = read_table_file(source.path, source.storage_options)
     else:
         from tokenskip.storage import StorageConfig, read_table
 

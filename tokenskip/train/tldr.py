@@ -179,9 +179,9 @@ class DevMetrics:
 
 def load_dev_set(settings: TLDRSettings) -> tuple[list[str], list[str]]:
     """(questions, gold answers) of the dev set."""
-    from tokenskip.train.data import _read_file
+    from tokenskip.train.data import read_table_file
 
-    table = _read_file(settings.dev.path, settings.dev.storage_options)
+    table = read_table_file(settings.dev.path, settings.dev.storage_options)
     if settings.dev.limit is not None:
         table = table.slice(0, settings.dev.limit)
     for column in (settings.dev.question_field, settings.dev.answer_field):
