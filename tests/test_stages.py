@@ -438,3 +438,7 @@ def test_generate_emits_its_declared_schema_and_refuses_a_batch_without_question
     finally:
         stage.shutdown()
         loop.close()
+    # Shutdown closed the engine client's zmq sockets even though no loop was running: left open,
+    # a later garbage collection blocks the whole process in the zmq context's term().
+    resources = stage.llm.engine_core.resources
+    assert resources.output_socket.closed and resources.input_socket.closed

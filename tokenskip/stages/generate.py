@@ -53,6 +53,7 @@ samples per problem (the point of a correctness filter) are lost; it does run on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -197,6 +198,7 @@ class GenerateStage:
         self._accounted = self.occupancy.snapshot()  # engine steps already put on some batch's rows
         self.batches_in_flight = 0
         self.peak_batches_in_flight = 0  # how many batches were ever generating at once
+        self._serving_loop: asyncio.AbstractEventLoop | None = None  # the loop that ran the batches
 
     @staticmethod
     def map_batches_options(
@@ -239,6 +241,7 @@ class GenerateStage:
         )
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        self._serving_loop = asyncio.get_running_loop()  # where the engine's sockets live (see shutdown)
         sequences = batch.num_rows * self.sampling.n
         await self.gate.enter(sequences)  # first come, first served, as the admission rule allows
         returned = [0]
@@ -354,7 +357,19 @@ class GenerateStage:
             os._exit(1)
 
     def shutdown(self) -> None:
+        """Stop the engine core and close the client's zmq sockets now.
+
+        vLLM closes an async client's sockets with a callback posted to the event loop that served
+        it. When that loop is idle (a caller that drove batches with ``run_until_complete`` and
+        stopped), the callback would never run: the sockets stay open and, at some later garbage
+        collection, the zmq context's finaliser blocks the whole process in ``term()``. So an idle
+        serving loop is run until the posted close has happened."""
         self.llm.shutdown()
+        loop = self._serving_loop
+        if loop is not None and not loop.is_closed() and not loop.is_running():
+            # Two turns: one runs the posted close, the next lets the cancelled output task finish.
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(asyncio.sleep(0))
 
 
 def map_batches_args(config: PipelineConfig, progress: ProgressBoard | None = None) -> dict[str, Any]:
