@@ -202,14 +202,15 @@ def test_compressor_in_ray_data_map_batches(config, compressor, cots):
         ]
 
 
-def test_cli_main(tiny_classifier, tiny_causal_lm, cots, tmp_path, capsys):
-    from tokenskip.compress import main
+def test_cli_compress_with_llmlingua2_and_a_target_tokenizer(tiny_classifier, tiny_causal_lm, cots, tmp_path, capsys):
+    from tokenskip.cli import main
 
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in cots[:2]) + "\n")
     out_path = tmp_path / "out.parquet"
-    args = [str(src), str(out_path), "--cot-column", "response", "--ratios", "0.8,0.5"]
-    args += ["--scorer-model", str(tiny_classifier), "--target-tokenizer", str(tiny_causal_lm)]
+    args = ["compress", "--input", str(src), "--output", str(out_path), "--cot-field", "response"]
+    args += ["--ratios", "0.8,0.5", "--scorer", "llmlingua2", "--model", str(tiny_classifier)]
+    args += ["--target-tokenizer", str(tiny_causal_lm)]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_out"] == 2 and summary["errors"] == 0

@@ -163,6 +163,14 @@ def test_embedded_model_is_resolved_when_the_config_is_loaded(embedded_folder, t
     assert (elsewhere.content_hash(), elsewhere.generation_hash()) == (DEMO_CONTENT_HASH, generation_hash)
 
 
+def test_every_fetched_model_shares_the_one_cache(tmp_path, monkeypatch):
+    from tokenskip.scoring import ScorerConfig
+
+    monkeypatch.setenv("TOKENSKIP_CACHE", str(tmp_path / "cache"))
+    assert models.cache_dir() == tmp_path / "cache"
+    assert ScorerConfig().cache_dir == str(tmp_path / "cache" / "models")  # beside the embedded model
+
+
 def test_loading_a_config_downloads_nothing(tmp_path, monkeypatch):
     # A hub id stays a hub id (vLLM loads it on the worker) and a remote folder its URL (fetched on
     # the worker): loading, or --dry-run, never pulls weights onto the driver.

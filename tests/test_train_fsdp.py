@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tokenskip.exit_codes import ExitCode
 from tokenskip.train.config import TrainConfig
 
 
@@ -313,12 +314,21 @@ def test_tldr_fsdp_recipe_and_checkpoint_names_in_examples():
 
 
 def test_export_and_restore_refuse_what_is_not_their_checkpoint(tmp_path, capsys):
+    from tokenskip.cli import main
     from tokenskip.train.checkpoint import CheckpointMismatch, checkpoint_strategy
-    from tokenskip.train.export import main
 
-    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert main(["export-model", str(tmp_path / "missing"), str(tmp_path / "out")]) == ExitCode.USER_ERROR
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "not a tokenskip training checkpoint" in err and "\n" not in err
+    assert "not a tokenskip training checkpoint" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    # A folder with a training config but no weights is refused the same way, before any model loads.
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "train_config.json").write_text("{}")
+    assert main(["export-model", str(tmp_path / "weightless"), str(tmp_path / "out")]) == ExitCode.USER_ERROR
+    assert "neither sharded/ nor trainable.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --storage-options must be a JSON object
+        main(["export-model", str(tmp_path / "weightless"), str(tmp_path / "out"), "--storage-options", "[1]"])
+    assert "expects a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "ckpt" / "sharded").mkdir(parents=True)
     assert checkpoint_strategy(str(tmp_path / "ckpt")) == "fsdp"

@@ -1,4 +1,4 @@
-"""``tokenskip`` command line: run, refresh, compress, storage, show, train, evaluate, export."""
+"""``tokenskip`` command line: run, refresh, compress, storage, show, train, evaluate, export, export-model."""
 
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ COMMANDS = (
     ),
     Command(
         "export", "tokenskip.export", "a committed dataset's SFT mix as LLaMA-Factory alpaca JSON or chat JSONL"
+    ),
+    Command(
+        "export-model",
+        "tokenskip.train.export",
+        "a kept training checkpoint (ddp or fsdp, full or LoRA) as a Hugging Face model folder",
     ),
 )
 

@@ -25,7 +25,6 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -405,40 +404,3 @@ def compress_file(
         },
         "seconds": time.perf_counter() - started,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tokenskip.compress IN OUT --scorer-model M [...]``: prints the summary as JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("input", help="jsonl or parquet file (local path or fsspec URL)")
-    parser.add_argument("output", help="parquet file to write")
-    parser.add_argument("--cot-column", default="cot", help="column holding the CoT (cot_samples: response)")
-    parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5", help="comma-separated target ratios")
-    parser.add_argument("--scorer", default="llmlingua2", choices=["llmlingua2", "selfinfo"])
-    parser.add_argument("--scorer-model", default=ScorerConfig().model)
-    parser.add_argument("--target-tokenizer", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args(argv)
-    config = CompressConfig(
-        ratios=[float(r) for r in args.ratios.split(",") if r.strip()],
-        scorer=ScorerConfig(kind=args.scorer, model=args.scorer_model, device=args.device),
-        target_tokenizer=args.target_tokenizer,
-    )
-    summary = compress_file(
-        args.input,
-        args.output,
-        config,
-        cot_column=args.cot_column,
-        batch_size=args.batch_size,
-        limit=args.limit,
-    )
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

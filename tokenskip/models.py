@@ -37,6 +37,10 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
+    """The one local cache of tokenskip: ``models/`` (the converted embedded model, ``s3://`` scorer
+    models) and ``adapters/`` (fetched LoRA adapters). ``$TOKENSKIP_CACHE``, else
+    ``$XDG_CACHE_HOME/tokenskip`` (``~/.cache/tokenskip``); a multi-node cluster points it at shared
+    storage so the embedded model is converted once."""
     root = os.environ.get("TOKENSKIP_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenskip"
     )

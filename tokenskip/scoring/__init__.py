@@ -16,7 +16,6 @@ What pruning never drops (``force_tokens``, ``force_digits``, ``drop_consecutive
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenskip.models import ModelRef, fetch_folder
+from tokenskip.models import cache_dir as tokenskip_cache
 from tokenskip.pruning import ScoredChunk, keep_mask, reduce_rate_for, validate_ratios
 
 DEFAULT_LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
@@ -141,11 +141,10 @@ class ScorerConfig(BaseModel):
         "memory (quadratic attention); text beyond a window is scored in the next one.",
     )
     cache_dir: str = Field(
-        default_factory=lambda: os.environ.get(
-            "TOKENSKIP_MODEL_CACHE", str(Path.home() / ".cache" / "tokenskip" / "models")
-        ),
+        default_factory=lambda: str(tokenskip_cache() / "models"),
         description="Local folder where s3:// models are copied (reused while the remote folder is "
-        "unchanged; a changed one is copied again).",
+        "unchanged; a changed one is copied again). Default: models/ under the one tokenskip cache "
+        "($TOKENSKIP_CACHE, else ~/.cache/tokenskip), beside the embedded model and fetched adapters.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,

@@ -14,7 +14,7 @@ other configs can point at it) holds everything needed to continue exactly where
   onto another number of ranks too (the export loads it in one process); ``scheduler.pt`` beside it;
 * ``adapter/`` - the peft adapter (LoRA runs; loadable by vLLM and transformers), and, in the final
   checkpoint of a full fine-tune, ``model/``: the Hugging Face folder (:func:`export.save_hf_model`).
-  Any other kept checkpoint exports to one with ``python -m tokenskip.train.export``.
+  Any other kept checkpoint exports to one with ``tokenskip export-model``.
 
 Every rank reports the same folder name to Ray Train, which uploads each rank's files into it.
 """

@@ -1,5 +1,8 @@
-"""Hugging Face folders from training: the one writer (:func:`save_hf_model`) and the export of a kept
-checkpoint (:func:`export_checkpoint`, ``python -m tokenskip.train.export``).
+"""Export a kept training checkpoint (ddp or fsdp, full or LoRA) as a Hugging Face model folder
+(safetensors shards, config, tokenizer) that vLLM and transformers load.
+
+Hugging Face folders from training: the one writer (:func:`save_hf_model`) and the export of a kept
+checkpoint (:func:`export_checkpoint`, ``tokenskip export-model``).
 
 :func:`save_hf_model` is the seam for anything that needs the current weights as files (the final
 checkpoint's ``model/``, a LoRA checkpoint's ``adapter/``, a dev evaluation loading a just-saved
@@ -20,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 from typing import Any
 
@@ -112,6 +114,7 @@ def _export(checkpoint: str, out_dir: str, storage_options: dict[str, Any] | Non
         config_path = os.path.join(local, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{checkpoint} has no {CONFIG_FILE}: not a tokenskip training checkpoint")
+        strategy = checkpoint_strategy(local)  # before any model loads: a folder without weights fails at once
         with open(config_path, encoding="utf-8") as handle:
             config = TrainConfig.model_validate(json.load(handle))
         if model:
@@ -121,7 +124,7 @@ def _export(checkpoint: str, out_dir: str, storage_options: dict[str, Any] | Non
         optim = config.optim.model_copy(update={"gradient_checkpointing": False})
         config = config.model_copy(update={"optim": optim})
         rebuilt = load_model(config)
-        if checkpoint_strategy(local) == "fsdp":
+        if strategy == "fsdp":
             load_sharded_model_state(rebuilt, local, config)
         else:
             load_trainable_state(rebuilt, local)
@@ -134,12 +137,7 @@ def _export(checkpoint: str, out_dir: str, storage_options: dict[str, Any] | Non
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tokenskip.train.export",
-        description="Export a kept training checkpoint (ddp or fsdp, full or LoRA) as a Hugging Face "
-        "model folder (safetensors shards, config, tokenizer) that vLLM and transformers load.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint", help="checkpoint folder, local or URL (…/<run name>/checkpoint_step_000128)"
     )
@@ -150,19 +148,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--storage-options",
         default="{}",
+        type=_json_object,
         help="fsspec options for a URL as JSON, e.g. '{\"endpoint_url\": …}'",
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``tokenskip export-model``: prints the folder written. A folder that is not a kept checkpoint,
+    or one of another strategy, is a user error (exit 2) and writes nothing."""
+    from tokenskip.errors import UserError
+    from tokenskip.train.checkpoint import CheckpointMismatch
+
     try:
-        options = json.loads(args.storage_options)
-        out = export_checkpoint(args.checkpoint, args.out_dir, storage_options=options, model=args.model)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        out = export_checkpoint(
+            args.checkpoint, args.out_dir, storage_options=args.storage_options, model=args.model
+        )
+    except CheckpointMismatch as error:
+        raise UserError(str(error)) from error
     print(out)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expects a JSON object, got {text!r}")
+    return value

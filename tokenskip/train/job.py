@@ -302,10 +302,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print the final metrics and checkpoint as JSON, not a summary"
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO)
-    parser = argparse.ArgumentParser(prog="train_sft", description=__doc__)
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
