@@ -8,7 +8,7 @@ each ratio), grade rejects with their CoTs (~40% of graded samples), generation/
 through RunStore.write_shard WITH summaries, as the pipeline writes them. Then, in a fresh Python
 process per measurement (so nothing of the build is resident), it resets the kernel's peak-RSS mark
 (/proc/self/clear_refs), runs the real end-of-run code (pipeline.run_statistics, RunStore.commit,
-pipeline._write_report: report.json/txt/html) and reports the peak RSS added over the process's
+pipeline.write_report: report.json/txt/html) and reports the peak RSS added over the process's
 resident size just before. Separately: the peak RSS of iterating the whole largest run with
 storage.iter_batches (all columns), and, for reference, of the old way of getting the report's data
 (storage.read_table of original_tokens + compressions) on the smallest run.
@@ -212,9 +212,9 @@ def _measure(fn) -> dict:
 def measure_stats(root: str, problems: int) -> dict:
     import pyarrow as pa
 
-    import tokenskip.report  # noqa: F401  (imported by _write_report; not part of the measurement)
+    import tokenskip.report  # noqa: F401  (imported by write_report; not part of the measurement)
     from tokenskip.config import PipelineConfig
-    from tokenskip.pipeline import Plan, _write_report, run_statistics
+    from tokenskip.pipeline import Plan, run_statistics, write_report
     from tokenskip.run_report import AttemptReport, RunReport
     from tokenskip.schema import PROBLEM_SCHEMA
     from tokenskip.storage import RunStore, StorageConfig
@@ -242,7 +242,7 @@ def measure_stats(root: str, problems: int) -> dict:
         store.commit({"config": config.model_dump(mode="json"), "counts": counts.model_dump(mode="json")})
         report = RunReport(dataset=DATASET, run_id=RUN_ID, model="r1-distill-7b", config_hash="bench",
                            counts=counts, committed=True, attempt=AttemptReport())  # fmt: skip
-        _write_report(config, store, report)
+        write_report(config, store, report)
         html = store.read_file("report.html")
         return {"kept_samples": counts.kept_samples, "kept_problems": counts.kept_problems,
                 "charts": html.count(b'<svg class="chart"'), "report_html_bytes": len(html)}  # fmt: skip

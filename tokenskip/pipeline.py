@@ -428,7 +428,7 @@ def run_statistics(plan: Plan, store: RunStore, summary: ShardSummary | None = N
     )
 
 
-def _write_report(
+def write_report(
     config: PipelineConfig, store: RunStore, report: RunReport, summary: ShardSummary | None = None
 ) -> None:
     """report.json, report.txt and report.html next to the manifest, through the store, and for a
@@ -597,7 +597,7 @@ def _run_leased(
         report.stopped = stopped
         report.pending_shards = len({s.shard_id for s in plan.shards} - set(store.committed_shard_ids()))
         log_stage_event("stopped", run_id=plan.run_id, signal=stopped, shards_committed=stats.shards_committed)
-        _write_report(config, store, report)
+        write_report(config, store, report)
         raise RunStopped(stopped, report)
     if remaining:
         report.pending_shards = len(remaining)
@@ -606,7 +606,7 @@ def _run_leased(
     if refusal:
         report.refused = refusal
         log_stage_event("refused", run_id=plan.run_id, reason=refusal)
-        _write_report(config, store, report)
+        write_report(config, store, report)
         raise RunRefused(refusal, report)
     if heartbeat.lost:
         raise NotLockOwner(
@@ -624,7 +624,7 @@ def _run_leased(
     )
     attempt.commit_seconds = time.perf_counter() - commit_start
     report.committed = True
-    _write_report(config, store, report)
+    write_report(config, store, report)
     return report
 
 
