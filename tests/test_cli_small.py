@@ -55,6 +55,26 @@ def test_storage_runs_is_a_table_marking_latest_and_pins(tmp_path, capsys):
     )
 
 
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["storage", "runs", "--root", "{root}", "--dataset", DATASET],
+        ["show", "--root", "{root}", "--dataset", DATASET],
+        ["export", "--root", "{root}", "--dataset", DATASET, "--out", "{root}/export"],
+        ["export-model", "{root}/checkpoint", "{root}/model"],
+    ],
+    ids=lambda argv: argv[0],
+)
+@pytest.mark.parametrize("options", ["{not json", "[1]"])
+def test_storage_options_must_be_a_json_object_before_anything_runs(tmp_path, capsys, argv, options):
+    argv = [arg.format(root=tmp_path) for arg in argv] + ["--storage-options", options]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == ExitCode.USER_ERROR
+    assert "--storage-options" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
 def test_compress_checks_output_first_and_drops_a_stale_errors_file(tmp_path, tiny_causal_lm, capsys):
     cots = tmp_path / "cots.jsonl"
     cots.write_text(

@@ -29,6 +29,7 @@ from typing import IO, Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenskip.commands import json_object
 from tokenskip.sft import SFTMixConfig, SFTMixer, SFTMixError
 
 FORMATS = ("llamafactory", "messages")
@@ -268,7 +269,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="target model: its eos is the ratio delimiter")
     parser.add_argument("--name", default=None, help="file stem and LLaMA-Factory dataset name")
     parser.add_argument(
-        "--storage-options", default=None, help="fsspec options as JSON, e.g. an endpoint_url"
+        "--storage-options",
+        default=None,
+        type=json_object,
+        help="fsspec options as a JSON object, e.g. an endpoint_url",
     )
     parser.add_argument(
         "--set",
@@ -283,10 +287,6 @@ def run_command(args: argparse.Namespace) -> int:
     from tokenskip.config import apply_overrides, parse_overrides
     from tokenskip.preflight import UserError
 
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-    except ValueError as err:
-        raise UserError(f"--storage-options is not JSON ({err})") from None
     given = {
         "root": args.root,
         "dataset": args.dataset,
@@ -294,7 +294,7 @@ def run_command(args: argparse.Namespace) -> int:
         "output": args.out,
         "tokenizer": args.tokenizer,
         "name": args.name,
-        "storage_options": options,
+        "storage_options": args.storage_options,
     }
     given = {key: value for key, value in given.items() if value is not None}
     base = from_train_config(args.train_config) if args.train_config else {}

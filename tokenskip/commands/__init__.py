@@ -11,12 +11,26 @@ their exit codes. This module holds what several commands share.
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type for fsspec options given as JSON (``--storage-options``): a bad value stops
+    the command at parsing, before anything is read or written."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expects a JSON object, got {text!r}")
     return value
 
 

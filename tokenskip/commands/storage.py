@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from tokenskip.commands import json_object
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="output root: a local folder or s3://bucket/prefix")
     parser.add_argument("--dataset", required=True, help="dataset name (a folder below the root)")
     parser.add_argument("--run-id", help="the run to act on (set-latest, pin, unpin)")
-    parser.add_argument("--storage-options", default=None, help="fsspec options as JSON")
+    parser.add_argument(
+        "--storage-options", default="{}", type=json_object, help="fsspec options as a JSON object"
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
     from tokenskip import storage
     from tokenskip.preflight import UserError
 
-    config = storage.StorageConfig(root=args.root, storage_options=json.loads(args.storage_options or "{}"))
+    config = storage.StorageConfig(root=args.root, storage_options=args.storage_options)
     if args.storage_cmd in ("set-latest", "pin", "unpin") and not args.run_id:
         raise UserError(f"--run-id is required for {args.storage_cmd}")
     storage.require_dataset(config, args.dataset)

@@ -26,6 +26,8 @@ import os
 import tempfile
 from typing import Any
 
+from tokenskip.commands import json_object
+
 log = logging.getLogger(__name__)
 
 MAX_SHARD_SIZE = "5GB"  # safetensors shard size: what the hub's 7B-14B models use
@@ -148,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-options",
         default="{}",
-        type=_json_object,
+        type=json_object,
         help="fsspec options for a URL as JSON, e.g. '{\"endpoint_url\": …}'",
     )
 
@@ -167,13 +169,3 @@ def run_command(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from error
     print(out)
     return 0
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expects a JSON object, got {text!r}")
-    return value
